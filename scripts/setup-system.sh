@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# System prerequisites of statesync's tests and demo. As root: installs them.
+# Otherwise: says what is missing (the Python build still works without them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(redis-server memcached iperf3 sockperf iproute2 util-linux gcc python3-protobuf)
+STAMP=/var/tmp/statesync-system-ok
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+    [ ${#missing[@]} -eq 0 ] || echo "statesync setup: not root; missing Debian packages: ${missing[*]} (run 'make setup' as root, or apt-get install them)" >&2
+    bash scripts/install-criu.sh --check-only || echo "statesync setup: not root; CRIU >= 4 missing (run 'make setup' as root)" >&2
+    exit 0
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "statesync setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq || { echo "statesync setup: apt-get update failed" >&2; exit 1; }
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || { echo "statesync setup: apt-get install ${missing[*]} failed" >&2; exit 1; }
+    # Services are started by the tests themselves, on private ports and sockets.
+    for svc in redis-server memcached; do
+        systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
+    done
+fi
+bash scripts/install-criu.sh || { echo "statesync setup: CRIU installation failed" >&2; exit 1; }

@@ -1,0 +1,1 @@
+# Bindings for this area live here (see _core.pyx).

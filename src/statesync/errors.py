@@ -1,0 +1,110 @@
+"""statesync's exceptions.
+
+Every error a user can meet derives from :class:`StateSyncError`. Errors about a
+process carry its ``pid``; errors about a file carry ``path`` and, for parse
+errors, the byte ``offset``. Corruption/decoding errors also derive from
+``ValueError`` so generic callers can catch them as bad input.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class StateSyncError(Exception):
+    """Base class of every statesync error."""
+
+
+class ProcessError(StateSyncError):
+    """Something about a target process went wrong. ``pid`` names it."""
+
+    def __init__(self, pid: int, msg: str, cause: Optional[BaseException] = None):
+        self.pid = pid
+        self.cause = cause
+        super().__init__(f"pid {pid}: {msg}")
+
+
+class NoSuchProcess(ProcessError):
+    """The process does not exist (or exited)."""
+
+
+class AccessDenied(ProcessError):
+    """We may not read or trace the process (ptrace rights, Yama, capabilities)."""
+
+
+class ProcessGone(NoSuchProcess):
+    """The process exited or exec'd while we were working on it."""
+
+
+class TrackingError(StateSyncError):
+    """Dirty-page tracking failed."""
+
+
+class TrackerUnavailable(TrackingError):
+    """The requested tracking method does not work here; ``reason`` says why."""
+
+    def __init__(self, method: str, reason: str):
+        self.method = method
+        self.reason = reason
+        super().__init__(f"tracking method {method!r} is unavailable: {reason}")
+
+
+class CriuError(StateSyncError):
+    """A CRIU command failed. Carries the command, exit status and log tail."""
+
+    def __init__(self, msg: str, cmd=None, returncode: Optional[int] = None, log_tail: str = ""):
+        self.cmd = list(cmd) if cmd else []
+        self.returncode = returncode
+        self.log_tail = log_tail
+        full = msg
+        if cmd:
+            full += f"\n  command: {' '.join(map(str, cmd))}"
+        if returncode is not None:
+            full += f"\n  exit status: {returncode}"
+        if log_tail:
+            full += "\n  log tail:\n    " + "\n    ".join(log_tail.rstrip().splitlines())
+        super().__init__(full)
+
+
+class CriuImageError(StateSyncError, ValueError):
+    """A CRIU image file is malformed. ``path`` and ``offset`` locate the problem."""
+
+    def __init__(self, msg: str, path=None, offset: Optional[int] = None):
+        self.path = str(path) if path is not None else None
+        self.offset = offset
+        where = ""
+        if path is not None:
+            where = f"{path}"
+            if offset is not None:
+                where += f" at byte {offset}"
+            where += ": "
+        super().__init__(where + msg)
+
+
+class StreamError(StateSyncError, ValueError):
+    """A page stream is corrupt or inconsistent. ``offset`` and ``record`` locate it."""
+
+    def __init__(self, msg: str, offset: Optional[int] = None, record: Optional[int] = None):
+        self.offset = offset
+        self.record = record
+        where = []
+        if offset is not None:
+            where.append(f"byte {offset}")
+        if record is not None:
+            where.append(f"record {record}")
+        super().__init__((f"stream {', '.join(where)}: " if where else "stream: ") + msg)
+
+
+class MigrationError(StateSyncError):
+    """A migration aborted. ``phase`` names where; the source keeps running."""
+
+    def __init__(self, msg: str, phase: Optional[str] = None, report=None):
+        self.phase = phase
+        self.report = report
+        super().__init__(f"[{phase}] {msg}" if phase else msg)
+
+
+__all__ = [
+    "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone",
+    "TrackingError", "TrackerUnavailable", "CriuError", "CriuImageError", "StreamError",
+    "MigrationError",
+]

@@ -1,0 +1,62 @@
+"""Shared test prerequisites and fixtures.
+
+A test that needs something the machine lacks (root, CRIU, a kernel feature, a
+Debian service) calls :func:`require`. Off CI that skips with the reason; with
+``CI`` set it fails, so a green CI always means the real thing ran.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require(condition, reason: str) -> None:
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"prerequisite missing on CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def have_root() -> bool:
+    return os.geteuid() == 0
+
+
+def find_program(name: str):
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+@pytest.fixture
+def root():
+    require(have_root(), "needs root")
+
+
+@pytest.fixture
+def spawn_workload():
+    """Factory: ``spawn_workload(size=..., rate=..., **kw)``; every workload it starts
+    is killed at teardown."""
+    from statesync import workloads
+
+    started = []
+
+    def _spawn(*args, **kw):
+        wl = workloads.spawn(*args, **kw)
+        started.append(wl)
+        return wl
+
+    yield _spawn
+    for wl in started:
+        wl.kill()
+
+
+def run(cmd, **kw):
+    kw.setdefault("check", True)
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 120)
+    return subprocess.run(cmd, **kw)
