@@ -103,8 +103,40 @@ class MigrationError(StateSyncError):
         super().__init__(f"[{phase}] {msg}" if phase else msg)
 
 
+class KpiInputError(StateSyncError, ValueError):
+    """A target or observation given to a scheduler is invalid. ``field`` names it
+    (``"Observations.bandwidth_bytes_per_s"``)."""
+
+    def __init__(self, field: str, msg: str):
+        self.field = field
+        super().__init__(f"{field}: {msg}")
+
+
+class Infeasible(StateSyncError):
+    """The targets cannot be met under the current model. Raised by a scheduler's
+    ``plan``; never a silent fallback.
+
+    ``field`` names the target that cannot be met (``"Targets.max_downtime_s"``),
+    ``best_downtime_s`` / ``best_total_time_s`` are the best achievable values
+    (each minimised on its own), and ``best`` is the plan the scheduler would run
+    if the caller chooses to go on anyway (the Pareto choice for the objective).
+    A scheduler that raised keeps ``best`` as its current plan, so a caller that
+    catches this and proceeds gets consistent ``on_round`` decisions."""
+
+    def __init__(self, field: str, msg: str, best_downtime_s: float, best_total_time_s: float,
+                 best=None, pareto=()):
+        self.field = field
+        self.best_downtime_s = best_downtime_s
+        self.best_total_time_s = best_total_time_s
+        self.best = best
+        self.pareto = tuple(pareto)
+        super().__init__(
+            f"{field}: {msg} (best achievable: downtime {best_downtime_s:.3f} s, "
+            f"total time {best_total_time_s:.3f} s)")
+
+
 __all__ = [
     "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone",
     "TrackingError", "TrackerUnavailable", "CriuError", "CriuImageError", "StreamError",
-    "MigrationError",
+    "MigrationError", "KpiInputError", "Infeasible",
 ]
