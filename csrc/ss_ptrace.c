@@ -1,0 +1,401 @@
+/* System-call injection into a running x86_64 process. See ss_ptrace.h. */
+#include "ss_ptrace.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef PTRACE_EVENT_STOP
+#define PTRACE_EVENT_STOP 128
+#endif
+#ifndef PTRACE_GETSIGMASK
+#define PTRACE_GETSIGMASK 0x420a
+#define PTRACE_SETSIGMASK 0x420b
+#endif
+#ifndef __NR_pidfd_getfd
+#define __NR_pidfd_getfd 438
+#endif
+
+#if defined(__x86_64__)
+#define SS_HAVE_INJECT 1
+#define SS_USER_CS64 0x33
+#endif
+
+int ss_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr)
+{
+    uint8_t buf[4096 + 1];
+    if (end <= start || pid <= 0)
+        return -EINVAL;
+    uint64_t a = start;
+    while (a < end) {
+        size_t want = end - a > 4096 ? 4096 : (size_t)(end - a);
+        /* one extra byte, so a 0f 05 pair split across chunks is found too */
+        size_t extra = (end - a > want) ? 1 : 0;
+        struct iovec l = {.iov_base = buf, .iov_len = want + extra};
+        struct iovec r = {.iov_base = (void *)(uintptr_t)a, .iov_len = want + extra};
+        ssize_t got = process_vm_readv(pid, &l, 1, &r, 1, 0);
+        if (got < 0)
+            return -errno;
+        if (got < 2)
+            break;
+        for (ssize_t i = 0; i + 1 < got; i++)
+            if (buf[i] == 0x0f && buf[i + 1] == 0x05) {
+                *addr = a + (uint64_t)i;
+                return 0;
+            }
+        a += want;
+    }
+    return -ENOENT;
+}
+
+#ifdef SS_HAVE_INJECT
+
+static long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000L + ts.tv_nsec / 1000000L;
+}
+
+enum { CALL_PLAIN, CALL_UFFD };
+
+struct job {
+    int tid, tgid, pidfd, timeout_ms;
+    uint64_t syscall_addr;
+    int mode;
+    long nr;
+    uint64_t args[6];
+    int out_fd;
+    int rc;
+    struct ss_inject_info *info;
+};
+
+enum { ST_SEIZE = 1, ST_STOP, ST_REGS, ST_CALL, ST_GETFD, ST_CLOSE, ST_RESTOP, ST_RESTORE, ST_DONE };
+
+/* Wait for the next ptrace stop of tid. Returns 0 with *status, -ESRCH if it
+ * died, -ETIMEDOUT. */
+static int wait_stop(int tid, int timeout_ms, int *status)
+{
+    long deadline = now_ms() + timeout_ms;
+    for (;;) {
+        int st = 0;
+        pid_t r = waitpid(tid, &st, __WALL | WNOHANG);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno == -ECHILD ? -ESRCH : -errno;
+        }
+        if (r == tid) {
+            if (WIFEXITED(st) || WIFSIGNALED(st))
+                return -ESRCH;
+            if (WIFSTOPPED(st)) {
+                *status = st;
+                return 0;
+            }
+            continue;
+        }
+        if (now_ms() > deadline)
+            return -ETIMEDOUT;
+        struct timespec ts = {0, 200000}; /* 0.2 ms */
+        nanosleep(&ts, NULL);
+    }
+}
+
+static int is_stop_signal(int sig)
+{
+    return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
+}
+
+/* Resume with `how` and wait for a stop matching want (a WSTOPSIG value, or
+ * event<<8 for ptrace events). Signal-delivery stops met meanwhile are either
+ * passed through (before our calls: deliver) or, for a stop signal during
+ * our calls, held. */
+static int resume_until(struct job *j, int how, int want_sig, int want_event, int holding)
+{
+    int sig_to_pass = 0;
+    for (;;) {
+        if (ptrace(how, j->tid, 0, (void *)(long)sig_to_pass) < 0)
+            return -errno;
+        sig_to_pass = 0;
+        int st;
+        int r = wait_stop(j->tid, j->timeout_ms, &st);
+        if (r < 0)
+            return r;
+        int sig = WSTOPSIG(st), event = (unsigned)st >> 16;
+        if (event == want_event && sig == want_sig)
+            return 0;
+        if (event == PTRACE_EVENT_STOP) {
+            if (is_stop_signal(sig))
+                return -EAGAIN; /* job-control stop: leave it stopped */
+            continue;           /* a spurious trap: resume */
+        }
+        if (event == 0 && !(sig & 0x80)) {
+            /* signal-delivery-stop */
+            if (holding && is_stop_signal(sig)) {
+                j->info->held_stop = sig;
+            } else {
+                sig_to_pass = sig;
+                j->info->forwarded_signals++;
+            }
+            continue;
+        }
+        /* a syscall stop we did not ask for: keep going the same way */
+    }
+}
+
+/* Run one call: regs = base with ip at the syscall instruction. Called at a
+ * stop after which the thread returns to user mode. */
+static int run_call(struct job *j, const struct user_regs_struct *base, long nr,
+                    const uint64_t a[6], int64_t *ret)
+{
+    struct user_regs_struct r = *base;
+    r.rax = (uint64_t)nr;
+    r.orig_rax = (uint64_t)-1; /* not in a syscall: no restart adjustment */
+    r.rdi = a[0];
+    r.rsi = a[1];
+    r.rdx = a[2];
+    r.r10 = a[3];
+    r.r8 = a[4];
+    r.r9 = a[5];
+    r.rip = j->syscall_addr;
+    if (ptrace(PTRACE_SETREGS, j->tid, 0, &r) < 0)
+        return -errno;
+    int rc = resume_until(j, PTRACE_SYSCALL, SIGTRAP | 0x80, 0, 1); /* enter */
+    if (rc < 0)
+        return rc;
+    rc = resume_until(j, PTRACE_SYSCALL, SIGTRAP | 0x80, 0, 1); /* exit */
+    if (rc < 0)
+        return rc;
+    struct user_regs_struct out;
+    if (ptrace(PTRACE_GETREGS, j->tid, 0, &out) < 0)
+        return -errno;
+    *ret = (int64_t)out.rax;
+    if (j->info->ncalls < 4)
+        j->info->ret[j->info->ncalls] = *ret;
+    j->info->ncalls++;
+    return 0;
+}
+
+static void *inject_thread(void *arg)
+{
+    struct job *j = arg;
+    struct ss_inject_info *info = j->info;
+    struct user_regs_struct saved;
+    uint64_t saved_mask = 0, all = ~0ull;
+    int rc, st;
+
+    info->stage = ST_SEIZE;
+    if (ptrace(PTRACE_SEIZE, j->tid, 0, (void *)(long)PTRACE_O_TRACESYSGOOD) < 0) {
+        j->rc = -errno;
+        return NULL;
+    }
+    /* From here on, returning from this thread detaches (the kernel's
+     * exit_ptrace), whatever state the target is in. */
+    info->stage = ST_STOP;
+    if (ptrace(PTRACE_INTERRUPT, j->tid, 0, 0) < 0) {
+        j->rc = -errno;
+        return NULL;
+    }
+    for (;;) {
+        rc = wait_stop(j->tid, j->timeout_ms, &st);
+        if (rc < 0) {
+            j->rc = rc;
+            return NULL; /* thread exit detaches */
+        }
+        int sig = WSTOPSIG(st), event = (unsigned)st >> 16;
+        if (event == PTRACE_EVENT_STOP) {
+            if (is_stop_signal(sig)) {
+                ptrace(PTRACE_DETACH, j->tid, 0, 0);
+                j->rc = -EAGAIN;
+                return NULL;
+            }
+            break; /* our interrupt */
+        }
+        /* A signal arrived first: deliver it as if we were not here; the
+         * interrupt stays pending and traps right after. */
+        info->forwarded_signals++;
+        if (ptrace(PTRACE_CONT, j->tid, 0, (void *)(long)(event ? 0 : sig)) < 0) {
+            j->rc = -errno;
+            return NULL;
+        }
+    }
+
+    info->stage = ST_REGS;
+    if (ptrace(PTRACE_GETREGS, j->tid, 0, &saved) < 0) {
+        j->rc = -errno;
+        ptrace(PTRACE_DETACH, j->tid, 0, 0);
+        return NULL;
+    }
+    info->orig_syscall = (int64_t)saved.orig_rax;
+    info->orig_ret = (int64_t)saved.rax;
+    info->was_in_syscall = (int64_t)saved.orig_rax >= 0;
+    if (saved.cs != SS_USER_CS64) {
+        ptrace(PTRACE_DETACH, j->tid, 0, 0);
+        j->rc = -ENOEXEC;
+        return NULL;
+    }
+    if (ptrace(PTRACE_GETSIGMASK, j->tid, (void *)8, &saved_mask) < 0 ||
+        ptrace(PTRACE_SETSIGMASK, j->tid, (void *)8, &all) < 0) {
+        j->rc = -errno;
+        ptrace(PTRACE_DETACH, j->tid, 0, 0);
+        return NULL;
+    }
+
+    int64_t ret = 0;
+    info->stage = ST_CALL;
+    if (j->mode == CALL_UFFD) {
+        uint64_t a[6] = {j->args[0], 0, 0, 0, 0, 0};
+        rc = run_call(j, &saved, __NR_userfaultfd, a, &ret);
+        if (rc == 0 && ret >= 0) {
+            info->stage = ST_GETFD;
+            long fd = syscall(__NR_pidfd_getfd, j->pidfd, (int)ret, 0);
+            j->out_fd = fd < 0 ? -errno : (int)fd;
+            info->stage = ST_CLOSE;
+            uint64_t c[6] = {(uint64_t)ret, 0, 0, 0, 0, 0};
+            int64_t cret = 0;
+            rc = run_call(j, &saved, __NR_close, c, &cret);
+            if (rc == 0 && cret != 0)
+                rc = (int)cret;
+        }
+        if (rc == 0 && ret < 0)
+            rc = (int)ret;
+        if (rc == 0 && j->out_fd < 0)
+            rc = j->out_fd;
+    } else {
+        rc = run_call(j, &saved, j->nr, j->args, &ret);
+    }
+    if (rc == -ESRCH) {
+        j->rc = rc;
+        return NULL;
+    }
+
+    /* Put everything back at a PTRACE_EVENT_STOP inside get_signal(), where we
+     * found the thread: the kernel's syscall-restart logic then sees the
+     * interrupted call's own ax/orig_ax once we let go. */
+    info->stage = ST_RESTOP;
+    int rr = 0;
+    if (ptrace(PTRACE_INTERRUPT, j->tid, 0, 0) < 0)
+        rr = -errno;
+    if (rr == 0)
+        rr = resume_until(j, PTRACE_CONT, SIGTRAP, PTRACE_EVENT_STOP, 1);
+    info->stage = ST_RESTORE;
+    if (rr == 0 || rr == -EAGAIN) {
+        if (ptrace(PTRACE_SETREGS, j->tid, 0, &saved) < 0 && rr == 0)
+            rr = -errno;
+        if (ptrace(PTRACE_SETSIGMASK, j->tid, (void *)8, &saved_mask) < 0 && rr == 0)
+            rr = -errno;
+    }
+    ptrace(PTRACE_DETACH, j->tid, 0, 0);
+    if (info->held_stop)
+        syscall(SYS_tgkill, j->tgid, j->tid, info->held_stop);
+    info->stage = ST_DONE;
+    j->rc = rc ? rc : rr;
+    if (j->rc < 0 && j->out_fd >= 0 && j->mode == CALL_UFFD && rr < 0) {
+        /* keep the fd: the target is restored or gone either way */
+    }
+    return NULL;
+}
+
+static int run_job(struct job *j)
+{
+    pthread_t th;
+    int e = pthread_create(&th, NULL, inject_thread, j);
+    if (e)
+        return -e;
+    pthread_join(th, NULL);
+    return j->rc;
+}
+
+int ss_inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr, int uffd_flags,
+                          int timeout_ms, int *out_fd, struct ss_inject_info *info)
+{
+    struct ss_inject_info local;
+    struct job j;
+    memset(&j, 0, sizeof j);
+    if (!info)
+        info = &local;
+    memset(info, 0, sizeof *info);
+    info->orig_syscall = -1;
+    j.tid = tid;
+    j.tgid = pid;
+    j.pidfd = pidfd;
+    j.timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
+    j.syscall_addr = syscall_addr;
+    j.mode = CALL_UFFD;
+    j.args[0] = (uint64_t)(unsigned)uffd_flags;
+    j.out_fd = -1;
+    j.info = info;
+    int rc = run_job(&j);
+    if (rc < 0) {
+        if (j.out_fd >= 0)
+            close(j.out_fd);
+        return rc;
+    }
+    *out_fd = j.out_fd;
+    return 0;
+}
+
+int ss_inject_syscall(int tid, uint64_t syscall_addr, long nr, const uint64_t args[6],
+                      int timeout_ms, int64_t *ret, struct ss_inject_info *info)
+{
+    struct ss_inject_info local;
+    struct job j;
+    memset(&j, 0, sizeof j);
+    if (!info)
+        info = &local;
+    memset(info, 0, sizeof *info);
+    info->orig_syscall = -1;
+    j.tid = tid;
+    j.tgid = tid;
+    {
+        /* tgid for re-sending a held stop signal: from /proc/TID/status */
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/status", tid);
+        FILE *f = fopen(path, "re");
+        if (f) {
+            char line[256];
+            while (fgets(line, sizeof line, f))
+                if (sscanf(line, "Tgid: %d", &j.tgid) == 1)
+                    break;
+            fclose(f);
+        }
+    }
+    j.timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
+    j.syscall_addr = syscall_addr;
+    j.mode = CALL_PLAIN;
+    j.nr = nr;
+    memcpy(j.args, args, sizeof j.args);
+    j.out_fd = -1;
+    j.info = info;
+    int rc = run_job(&j);
+    if (rc < 0)
+        return rc;
+    *ret = info->ret[0];
+    return 0;
+}
+
+#else /* not x86_64 */
+
+int ss_inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr, int uffd_flags,
+                          int timeout_ms, int *out_fd, struct ss_inject_info *info)
+{
+    return -ENOSYS;
+}
+
+int ss_inject_syscall(int tid, uint64_t syscall_addr, long nr, const uint64_t args[6],
+                      int timeout_ms, int64_t *ret, struct ss_inject_info *info)
+{
+    return -ENOSYS;
+}
+
+#endif

@@ -1,0 +1,66 @@
+/* Running system calls inside an unmodified, running process (x86_64).
+ *
+ * The idea is CRIU compel's: stop one thread with PTRACE_SEIZE +
+ * PTRACE_INTERRUPT (no signal is sent, so the target's signal state is
+ * untouched), save its registers and signal mask, point its instruction pointer
+ * at an existing `syscall` instruction (found by the caller, e.g. in the vDSO:
+ * nothing in the target's memory is written), run the call between the
+ * syscall-enter and syscall-exit stops, and put everything back.
+ *
+ * Putting back is exact also for a thread that was blocked in a system call:
+ * the interrupted call's state (ax = -ERESTART*, orig_ax = its number) is
+ * restored at a PTRACE_EVENT_STOP inside get_signal(), the same place the first
+ * stop happened, so the kernel's own restart logic runs on it after we detach,
+ * just as if we had never been there. While our calls run, every signal is
+ * blocked (PTRACE_SETSIGMASK) and stays pending; a SIGSTOP that arrives in
+ * that window is held and sent again after detaching.
+ *
+ * All ptrace calls are made from a dedicated thread: if the target never stops
+ * (uninterruptible sleep) the thread gives up at the timeout and exits, and the
+ * kernel detaches a tracer thread's tracees when it exits. No attachment leaks.
+ */
+#ifndef SS_PTRACE_H
+#define SS_PTRACE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* What happened during an injection (for diagnostics and tests). */
+struct ss_inject_info {
+    int64_t ret[4];        /* return value of each injected call (or -errno) */
+    int ncalls;            /* calls actually run */
+    int was_in_syscall;    /* the thread was stopped inside a system call */
+    int64_t orig_syscall;  /* its number (orig_ax), -1 when not in a call */
+    int64_t orig_ret;      /* its ax at the stop (e.g. -512 = -ERESTARTSYS) */
+    int forwarded_signals; /* signals delivered through while waiting to stop */
+    int held_stop;         /* a stop signal held during the calls and re-sent */
+    int stage;             /* last stage reached (see ss_ptrace.c), for errors */
+};
+
+/* Find a `syscall` instruction (0f 05) in [start, end) of process pid's memory
+ * (read with process_vm_readv). *addr receives its address. Returns 0,
+ * -ENOENT when there is none, or -errno. */
+int ss_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr);
+
+/* Create a userfaultfd inside thread tid of process pid and move it to us:
+ * runs userfaultfd(uffd_flags) in the target, takes the new descriptor with
+ * pidfd_getfd(pidfd, ...), then runs close() on the target's copy. syscall_addr
+ * must point at a `syscall` instruction in an executable mapping of the target.
+ * *out_fd receives our descriptor (O_CLOEXEC). timeout_ms bounds each wait for
+ * the target to stop. Returns 0, or -errno:
+ *   -EPERM   no right to trace it (or already traced by someone else)
+ *   -ESRCH   it does not exist or exited meanwhile
+ *   -EAGAIN  it is stopped by job control (SIGSTOP): left as it was
+ *   -ETIMEDOUT it did not stop in time (uninterruptible): left as it was
+ *   -ENOEXEC not a 64-bit x86 thread
+ *   other    the error userfaultfd() itself returned inside the target
+ */
+int ss_inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr, int uffd_flags,
+                          int timeout_ms, int *out_fd, struct ss_inject_info *info);
+
+/* Run one system call nr(args[0..5]) in thread tid with the same machinery;
+ * *ret receives its return value. For tests and diagnostics. */
+int ss_inject_syscall(int tid, uint64_t syscall_addr, long nr, const uint64_t args[6],
+                      int timeout_ms, int64_t *ret, struct ss_inject_info *info);
+
+#endif

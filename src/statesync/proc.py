@@ -1,0 +1,328 @@
+"""The memory of a live process as /proc shows it: VMAs, pagemap entries, page contents.
+
+Nothing here stops or changes the target. Reading pagemap and page contents
+needs ptrace-read rights on it (same user without Yama restrictions, or
+CAP_SYS_PTRACE); the PFN field of pagemap reads as 0 without CAP_SYS_ADMIN.
+
+Errors: a pid that does not exist raises :class:`~statesync.errors.NoSuchProcess`,
+missing rights :class:`~statesync.errors.AccessDenied`; both carry ``pid``.
+Functions are thread-safe; the C parts release the GIL.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _core
+from .errors import AccessDenied, NoSuchProcess, ProcessGone, ProcessError
+from .workloads import PAGE_SIZE
+
+PROCFS = "/proc"
+
+# pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+PM_PRESENT = 1 << 63
+PM_SWAPPED = 1 << 62
+PM_FILE = 1 << 61          # file page or shared anonymous
+PM_UFFD_WP = 1 << 57
+PM_EXCLUSIVE = 1 << 56
+PM_SOFT_DIRTY = 1 << 55
+PM_PFN_MASK = (1 << 55) - 1
+
+#: Refuse pagemap() ranges bigger than this many pages (8 bytes each): 2 GiB of
+#: entries. Walk big ranges with present_pages(), whose memory follows the result.
+MAX_PAGEMAP_PAGES = 1 << 28
+
+
+def os_error(pid: int, exc: OSError, what: str, gone: bool = False) -> ProcessError:
+    """Turn an OSError about pid into statesync's error for it. ``gone`` says the
+    process existed when we started (so vanishing means it exited meanwhile)."""
+    e = exc.errno
+    if e in (errno.ENOENT, errno.ESRCH):
+        cls = ProcessGone if gone else NoSuchProcess
+        verb = "exited while we were working on it" if gone else "no such process"
+        return cls(pid, f"{what}: {verb}", exc)
+    if e in (errno.EACCES, errno.EPERM):
+        return AccessDenied(pid, f"{what}: permission denied (needs ptrace rights on the "
+                                 "process: same user, or root / CAP_SYS_PTRACE)", exc)
+    return ProcessError(pid, f"{what}: {exc.strerror or exc}", exc)
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One line of /proc/PID/maps: a virtual memory area [start, end)."""
+
+    start: int
+    end: int
+    perms: str        # "rwxp" style: r, w, x, then p (private) or s (shared)
+    offset: int       # file offset of start, bytes
+    dev: str          # "major:minor" of the backing file, "00:00" for none
+    inode: int
+    path: str         # file path, "[heap]", "[stack]", "[vdso]", "[anon:NAME]" or ""
+
+    @property
+    def size(self) -> int:
+        """Bytes."""
+        return self.end - self.start
+
+    @property
+    def npages(self) -> int:
+        return self.size // PAGE_SIZE
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0:1] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1:2] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2:3] == "x"
+
+    @property
+    def private(self) -> bool:
+        return self.perms[3:4] == "p"
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3:4] == "s"
+
+    @property
+    def special(self) -> bool:
+        """Kernel-provided areas ([vdso], [vvar], [vsyscall] ...), not process memory."""
+        return self.path in ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
+
+    @property
+    def anonymous(self) -> bool:
+        """Private or shared memory with no file behind it (heap, stacks, anon mmaps).
+        Shared anonymous memory shows as "/dev/zero (deleted)" with an inode."""
+        return self.inode == 0 and not self.special and (
+            self.path == "" or self.path.startswith("[heap]") or
+            self.path.startswith("[stack") or self.path.startswith("[anon:"))
+
+    def __contains__(self, addr: int) -> bool:
+        return self.start <= int(addr) < self.end
+
+
+def parse_maps(data: bytes) -> List[Vma]:
+    """Parse the bytes of a /proc/PID/maps file. Raises ValueError, naming the
+    line, on anything that is not a maps line."""
+    out: List[Vma] = []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw:
+            continue
+        parts = raw.split(None, 5)
+        try:
+            rng, perms, off, dev, ino = parts[:5]
+            lo, hi = rng.split(b"-")
+            start, end = int(lo, 16), int(hi, 16)
+            offset, inode = int(off, 16), int(ino)
+            perms_s = perms.decode("ascii")
+            dev_s = dev.decode("ascii")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"maps line {lineno}: not a VMA: {raw[:120]!r}") from exc
+        if (end < start or len(perms_s) != 4 or start % PAGE_SIZE or end % PAGE_SIZE or
+                start < 0 or end >= 1 << 64 or inode < 0 or dev_s.count(":") != 1):
+            raise ValueError(f"maps line {lineno}: not a VMA: {raw[:120]!r}")
+        path = parts[5].decode("utf-8", "surrogateescape").strip() if len(parts) > 5 else ""
+        out.append(Vma(start, end, perms_s, offset, dev_s, inode, path))
+    return out
+
+
+def read_maps(pid: int, procfs: str = PROCFS) -> List[Vma]:
+    """The VMAs of process pid, ascending. ``procfs`` lets tests point at fixtures."""
+    try:
+        with open(f"{procfs}/{int(pid)}/maps", "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise os_error(pid, exc, "read maps") from exc
+    return parse_maps(data)
+
+
+class PagemapEntries:
+    """Pagemap entries of the pages [start, start + n * page_size), as numpy arrays.
+
+    ``raw`` is the uint64 entry per page; the properties decode it (bool arrays,
+    ``pfn`` uint64, zero where not readable or not present).
+    """
+
+    __slots__ = ("start", "raw", "page_size")
+
+    def __init__(self, start: int, raw: np.ndarray, page_size: int = PAGE_SIZE):
+        self.start = int(start)
+        self.raw = raw
+        self.page_size = int(page_size)
+
+    def __len__(self) -> int:
+        return int(self.raw.size)
+
+    def _bit(self, mask: int) -> np.ndarray:
+        return (self.raw & np.uint64(mask)) != 0
+
+    @property
+    def addrs(self) -> np.ndarray:
+        return np.uint64(self.start) + np.arange(self.raw.size, dtype=np.uint64) * \
+            np.uint64(self.page_size)
+
+    @property
+    def present(self) -> np.ndarray:
+        return self._bit(PM_PRESENT)
+
+    @property
+    def swapped(self) -> np.ndarray:
+        return self._bit(PM_SWAPPED)
+
+    @property
+    def file_shared(self) -> np.ndarray:
+        """Page cache page or shared anonymous page."""
+        return self._bit(PM_FILE)
+
+    @property
+    def exclusive(self) -> np.ndarray:
+        return self._bit(PM_EXCLUSIVE)
+
+    @property
+    def soft_dirty(self) -> np.ndarray:
+        return self._bit(PM_SOFT_DIRTY)
+
+    @property
+    def uffd_wp(self) -> np.ndarray:
+        return self._bit(PM_UFFD_WP)
+
+    @property
+    def pfn(self) -> np.ndarray:
+        """Page frame numbers of present pages (0 without CAP_SYS_ADMIN)."""
+        return np.where(self.present, self.raw & np.uint64(PM_PFN_MASK), np.uint64(0))
+
+    def __repr__(self) -> str:
+        return (f"PagemapEntries(start={self.start:#x}, {len(self)} pages, "
+                f"{int(self.present.sum())} present)")
+
+
+def _open_pagemap(pid: int) -> int:
+    try:
+        return _core.pagemap_open(int(pid))
+    except OSError as exc:
+        raise os_error(pid, exc, "open pagemap") from exc
+
+
+def pagemap(pid: int, start: int, end: int) -> PagemapEntries:
+    """Pagemap entries for [start, end) (rounded out to pages) of process pid.
+    Unmapped pages read as 0. Raises ValueError for ranges over MAX_PAGEMAP_PAGES."""
+    ps = PAGE_SIZE
+    lo, hi = int(start) // ps * ps, -(-int(end) // ps) * ps
+    if hi < lo:
+        raise ValueError(f"pagemap range end {end:#x} < start {start:#x}")
+    n = (hi - lo) // ps
+    if n > MAX_PAGEMAP_PAGES:
+        raise ValueError(f"pagemap range of {n} pages is too big for one array "
+                         f"(max {MAX_PAGEMAP_PAGES}); use present_pages() or smaller ranges")
+    fd = _open_pagemap(pid)
+    try:
+        raw = _core.pagemap_read(fd, lo, n, ps)
+    except OSError as exc:
+        raise os_error(pid, exc, f"read pagemap {lo:#x}-{hi:#x}", gone=True) from exc
+    finally:
+        os.close(fd)
+    return PagemapEntries(lo, raw, ps)
+
+
+def present_pages(pid: int, vmas: Optional[Iterable[Vma]] = None, *,
+                  swapped: bool = True) -> np.ndarray:
+    """Sorted uint64 addresses of the pages of ``vmas`` (default: every VMA except
+    [vsyscall]-like special areas) that are present in RAM, or swapped out when
+    ``swapped`` is true. Memory use follows the number of pages found, not the
+    size of the VMAs."""
+    if vmas is None:
+        vmas = [v for v in read_maps(pid) if not v.special]
+    mask = PM_PRESENT | (PM_SWAPPED if swapped else 0)
+    fd = _open_pagemap(pid)
+    parts = []
+    try:
+        for v in sorted(vmas, key=lambda v: v.start):
+            a = _core.pagemap_select(fd, v.start, v.end, mask, PAGE_SIZE)
+            if a.size:
+                parts.append(a)
+    except OSError as exc:
+        raise os_error(pid, exc, "read pagemap", gone=True) from exc
+    finally:
+        os.close(fd)
+    if not parts:
+        return np.zeros(0, dtype=np.uint64)
+    out = np.concatenate(parts)
+    return np.unique(out) if len(parts) > 1 else out
+
+
+def read_pages(pid: int, addrs) -> Tuple[np.ndarray, np.ndarray]:
+    """Contents of process pid's pages at ``addrs`` (page-aligned addresses, any
+    order): returns ``(contents, ok)``, an (n, page_size) uint8 array and an (n,)
+    bool mask. Pages unmapped or unreadable meanwhile have ``ok`` False and zero
+    bytes; the read goes on past them. Copies with process_vm_readv in batches
+    (contiguous pages in one iovec), GIL released."""
+    a = np.ascontiguousarray(addrs, dtype=np.uint64)
+    if a.size and np.any(a % np.uint64(PAGE_SIZE)):
+        raise ValueError("read_pages: addresses must be page aligned")
+    try:
+        return _core.read_pages(int(pid), a, PAGE_SIZE)
+    except OSError as exc:
+        raise os_error(pid, exc, "read pages") from exc
+
+
+def hash_pages(pid: int, addrs) -> Tuple[np.ndarray, np.ndarray]:
+    """128-bit content hash of each page at ``addrs`` in process pid, read and
+    hashed in bounded batches in C: ``(hashes (n, 2) uint64, ok bool)``."""
+    a = np.ascontiguousarray(addrs, dtype=np.uint64)
+    if a.size and np.any(a % np.uint64(PAGE_SIZE)):
+        raise ValueError("hash_pages: addresses must be page aligned")
+    try:
+        return _core.hash_remote(int(pid), a, PAGE_SIZE)
+    except OSError as exc:
+        raise os_error(pid, exc, "read pages") from exc
+
+
+def status(pid: int, procfs: str = PROCFS) -> dict:
+    """/proc/PID/status as a dict of strings."""
+    try:
+        with open(f"{procfs}/{int(pid)}/status") as f:
+            text = f.read()
+    except OSError as exc:
+        raise os_error(pid, exc, "read status") from exc
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def threads(pid: int, procfs: str = PROCFS) -> List[int]:
+    """Thread ids of process pid, main thread first."""
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"{procfs}/{int(pid)}/task"))
+    except OSError as exc:
+        raise os_error(pid, exc, "list threads") from exc
+    if pid in tids:
+        tids.remove(pid)
+        tids.insert(0, pid)
+    return tids
+
+
+def exists(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        with open(f"{PROCFS}/{int(pid)}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def fd_count(pid: int) -> int:
+    """Number of open file descriptors of pid."""
+    try:
+        return len(os.listdir(f"{PROCFS}/{int(pid)}/fd"))
+    except OSError as exc:
+        raise os_error(pid, exc, "list fds") from exc
