@@ -335,12 +335,21 @@ class WorkloadClient:
     """Talks to a workload's control socket. One short connection per request, so no
     connection is open while the workload is dumped. Not thread-safe per instance."""
 
-    def __init__(self, address: str, timeout: float = 10.0):
+    def __init__(self, address: str, timeout: float = 10.0, netns: Optional[str] = None):
         self.address = address
         self.timeout = timeout
+        # Abstract socket names belong to a network namespace: a workload started in
+        # one (spawn(netns=...)) is reached by a socket created in that namespace.
+        self.netns = netns
+
+    def _socket(self) -> socket.socket:
+        if self.netns:
+            from .testbed import socket_in_netns
+            return socket_in_netns(self.netns, socket.AF_UNIX, socket.SOCK_STREAM)
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
     def _request(self, line: str):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = self._socket()
         s.settimeout(self.timeout)
         try:
             s.connect(_sock_addr(self.address))
@@ -412,10 +421,11 @@ class Workload:
     popen: subprocess.Popen
     own_pidns: bool
     args: List[str] = field(default_factory=list)
+    netns: Optional[str] = None
 
     @property
     def client(self) -> WorkloadClient:
-        return WorkloadClient(self.control)
+        return WorkloadClient(self.control, netns=self.netns)
 
     def alive(self) -> bool:
         try:
@@ -471,7 +481,9 @@ def spawn(size="64M", rate: float = 1000.0, *, pattern: str = "uniform", fill: s
     if own_pidns:
         cmd = ["unshare", "-p", "-f", "setsid"] + cmd
     if netns:
-        cmd = ["ip", "netns", "exec", netns] + cmd
+        # nsenter changes only the network namespace; `ip netns exec` would also
+        # unshare the mount namespace, which CRIU would then have to dump.
+        cmd = ["nsenter", f"--net=/run/netns/{netns}", "--"] + cmd
     env = dict(os.environ)
     # The child must import this same statesync, wherever it was imported from.
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -481,8 +493,14 @@ def spawn(size="64M", rate: float = 1000.0, *, pattern: str = "uniform", fill: s
     client = WorkloadClient(control)
     if netns:
         # The control socket is abstract, hence only reachable inside that netns.
-        wl = Workload(pid=-1, control=control, popen=popen, own_pidns=own_pidns, args=cmd)
+        wl = Workload(pid=-1, control=control, popen=popen, own_pidns=own_pidns, args=cmd,
+                      netns=netns)
         wl.pid = _wait_child_pid(popen, cmd, ready_timeout)
+        try:
+            WorkloadClient(control, netns=netns).wait_ready(ready_timeout)
+        except TimeoutError:
+            wl.kill()
+            raise
         return wl
     try:
         st = client.wait_ready(ready_timeout)

@@ -1,0 +1,1027 @@
+"""The live migration engine: a source agent and a destination agent over one
+authenticated TCP connection.
+
+::
+
+    report = statesync.migrate(pid, dest="HOST:PORT", strategy="auto", secret=...)
+    statesync.serve_destination(listen="HOST:PORT", images_dir=..., secret=...)
+
+Flow (strategy ``iterative``; ``precopy`` stops after round 0; ``cold`` has no rounds):
+
+1. Authenticate (:mod:`statesync.wire`); nothing of the process is sent before the
+   destination proved it holds the shared secret.
+2. Attach a dirty-page tracker; round 0 sends every page CRIU would dump while the
+   process runs; rounds 1..N send what the tracker reports written. The source keeps
+   a 128-bit hash of every page the destination holds. A stop rule (the scheduler)
+   decides after each round whether another round still lowers the downtime.
+3. Switch-over: detach the tracker, ``criu dump --leave-stopped`` into a local
+   directory (the process is frozen from here on), hash the dumped pages and send
+   only those whose content differs from what the destination holds, plus every
+   non-memory image. The content diff makes the final state exact whatever the
+   tracker said.
+4. The destination writes a complete image set (pages gathered from what it
+   received), atomically (temporary directory, fsync, rename), runs
+   ``criu restore`` and confirms that the restored process runs.
+5. Only then does the source kill its stopped copy. On any failure before that, the
+   source sends SIGCONT (the process resumes with its state intact), the destination
+   kills anything it restored and deletes its partial image set.
+
+Both agents run CRIU in the target's network namespace (``nsenter --net``) when it is
+not their own, so CRIU never tries to dump a network namespace.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import _criuimg, wire
+from .errors import CriuError, MigrationError, StateSyncError
+from .memsource import MemorySource
+from .pagetable import PageTable
+from .report import Report, RoundReport
+from .workloads import PAGE_SIZE
+
+STRATEGIES = ("auto", "cold", "precopy", "iterative")
+DEFAULT_PORT = 7411
+BATCH_PAGES = 1024             # pages per read/encode batch (4 MiB)
+MAX_BATCH_PAGES = 8192         # largest batch a destination accepts in one frame
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+# --------------------------------------------------------------------------- codec
+
+
+class PageCodec:
+    """Page frames: ``u8 encoding | u32 n | n x u64 addr (LE) | data``.
+
+    encoding 0: raw ``n * page_size`` bytes; 1: one LZ4 block of them. The frame MAC
+    (wire) guarantees integrity; here we only check lengths before allocating.
+    """
+
+    def __init__(self, compression: Optional[str] = None, page_size: int = PAGE_SIZE):
+        if compression not in (None, "none", "lz4"):
+            raise ValueError(f"unknown compression {compression!r} (none or lz4)")
+        self.compression = None if compression in (None, "none") else compression
+        self.page_size = page_size
+        if self.compression:
+            import lz4.block  # noqa: F401
+
+    @property
+    def name(self) -> str:
+        return self.compression or "raw"
+
+    def encode(self, addrs: np.ndarray, pages: np.ndarray) -> bytes:
+        hdr = struct.pack("!BI", 1 if self.compression else 0, addrs.size)
+        a = np.ascontiguousarray(addrs, dtype="<u8").tobytes()
+        if self.compression:
+            import lz4.block
+            data = lz4.block.compress(np.ascontiguousarray(pages), store_size=False)
+        else:
+            data = np.ascontiguousarray(pages).tobytes()
+        return hdr + a + data
+
+    def decode(self, payload: bytes) -> Tuple[np.ndarray, np.ndarray]:
+        if len(payload) < 5:
+            raise wire.ProtocolError("short page frame")
+        enc, n = struct.unpack_from("!BI", payload)
+        if n > MAX_BATCH_PAGES or 5 + 8 * n > len(payload):
+            raise wire.ProtocolError(f"page frame announces {n} pages, more than it holds "
+                                     f"or than the {MAX_BATCH_PAGES}-page limit")
+        addrs = np.frombuffer(payload, dtype="<u8", count=n, offset=5).astype(np.uint64)
+        if n and (addrs & np.uint64(self.page_size - 1)).any():
+            raise wire.ProtocolError("page frame holds an unaligned address")
+        data = memoryview(payload)[5 + 8 * n:]
+        size = n * self.page_size
+        if enc == 0:
+            if len(data) != size:
+                raise wire.ProtocolError(f"raw page frame holds {len(data)} bytes, "
+                                         f"expected {size}")
+            pages = np.frombuffer(data, dtype=np.uint8).reshape(n, self.page_size)
+        elif enc == 1:
+            import lz4.block
+            try:
+                raw = lz4.block.decompress(data, uncompressed_size=size)
+            except Exception as exc:
+                raise wire.ProtocolError(f"lz4 page frame does not decode: {exc}") from None
+            if len(raw) != size:
+                raise wire.ProtocolError("lz4 page frame decodes to the wrong size")
+            pages = np.frombuffer(raw, dtype=np.uint8).reshape(n, self.page_size)
+        else:
+            raise wire.ProtocolError(f"unknown page encoding {enc}")
+        return addrs, pages
+
+
+# --------------------------------------------------------------------------- CRIU
+
+
+def criu_binary() -> str:
+    env = os.environ.get("STATESYNC_CRIU")
+    if env:
+        return env
+    found = shutil.which("criu", path="/usr/local/sbin:/usr/local/bin:"
+                        + os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if not found:
+        raise CriuError("criu not found: run scripts/install-criu.sh as root, or set "
+                        "STATESYNC_CRIU")
+    return found
+
+
+def _netns_prefix(pid: int) -> List[str]:
+    """``nsenter --net`` into pid's network namespace if it is not ours."""
+    try:
+        if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
+            return []
+    except OSError:
+        return []
+    return ["nsenter", f"--net=/proc/{pid}/ns/net", "--"]
+
+
+def _log_tail(path: str, n: int = 12) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    errs = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return "\n".join((errs or lines)[-n:])
+
+
+def _run_criu(args: List[str], log: str, prefix: List[str], timeout: float,
+              what: str) -> None:
+    cmd = prefix + [criu_binary()] + args
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CriuError(f"{what} timed out after {timeout}s", cmd, None, _log_tail(log))
+    if r.returncode != 0:
+        raise CriuError(f"{what} failed", cmd, r.returncode,
+                        _log_tail(log) or r.stderr[-2000:])
+
+
+def _tree_pids(pid: int) -> List[int]:
+    """pid and all its descendants (threads are covered by their process)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _proc_state(pid: int) -> Optional[str]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _ns_pid(pid: int) -> int:
+    """pid as the innermost pid namespace sees it (CRIU names image files by it)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    return pid
+
+
+# --------------------------------------------------------------------------- stop rule
+
+
+@dataclass
+class CostModel:
+    """What the engine predicts the switch-over costs (seconds, bytes/s).
+
+    downtime = dump_fixed + state_bytes / dump_rate + final_bytes / link_rate
+               + restore_fixed + state_bytes / restore_rate
+    Defaults measured on this project's machines with CRIU 4.1 and tmpfs images;
+    ``calibrate`` replaces them from a finished migration's report.
+    """
+
+    dump_fixed_s: float = 0.045
+    dump_rate_Bps: float = 1.0e9
+    restore_fixed_s: float = 0.14
+    restore_rate_Bps: float = 1.2e9
+    compression_ratio: float = 1.0
+
+    def downtime(self, state_bytes: float, final_bytes: float, link_Bps: float) -> float:
+        return (self.dump_fixed_s + state_bytes / self.dump_rate_Bps
+                + final_bytes * self.compression_ratio / max(link_Bps, 1.0)
+                + self.restore_fixed_s + state_bytes / self.restore_rate_Bps)
+
+
+class _BuiltinStopRule:
+    """Used when :mod:`statesync.scheduler` is not available: continue while the dirty
+    set still shrinks by >= 10% per round and the predicted downtime is above the
+    target; never more than ``max_rounds``."""
+
+    name = "builtin"
+
+    def __init__(self, max_rounds: int, max_downtime_s: float):
+        self.max_rounds = max_rounds
+        self.max_downtime_s = max_downtime_s
+        self.prev_dirty: Optional[int] = None
+
+    def should_stop(self, rnd: RoundReport, predicted_s: float, rounds_done: int) -> str:
+        d = rnd.dirty_pages_after
+        try:
+            if rounds_done >= self.max_rounds:
+                return "max rounds"
+            if predicted_s <= self.max_downtime_s:
+                return "predicted downtime within target"
+            if d == 0:
+                return "nothing dirty"
+            if self.prev_dirty is not None and d > 0.9 * self.prev_dirty:
+                return "dirty set no longer shrinks"
+            return ""
+        finally:
+            self.prev_dirty = d
+
+
+# --------------------------------------------------------------------------- source
+
+
+def _parse_hostport(text: str, default_host: str = "127.0.0.1") -> Tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep:
+        host, port = text, str(DEFAULT_PORT)
+    host = host.strip("[]") or default_host
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"not HOST:PORT: {text!r}") from None
+    if not 0 <= p < 65536:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, p
+
+
+class _SourceAgent:
+    def __init__(self, pid: int, dest: str, secret: bytes, strategy: str,
+                 tracker: str, compression: Optional[str], max_rounds: int,
+                 max_downtime_s: float, work_dir: Optional[str], io_timeout: float,
+                 progress: Optional[Callable[[dict], None]], criu_args: List[str],
+                 link_rate_Bps: Optional[float], model: CostModel, scheduler,
+                 netns: Optional[str] = None):
+        self.pid = pid
+        self.netns = netns
+        self.dest = dest
+        self.secret = secret
+        self.strategy = strategy
+        self.tracker_method = tracker
+        self.codec = PageCodec(compression)
+        self.max_rounds = max_rounds
+        self.max_downtime_s = max_downtime_s
+        self.work_dir = work_dir
+        self.io_timeout = io_timeout
+        self.progress = progress or (lambda ev: None)
+        self.criu_args = list(criu_args)
+        self.link_rate_Bps = link_rate_Bps
+        self.model = model
+        self.scheduler = scheduler
+        self.mem = MemorySource(pid)
+        self.shadow = PageTable(2, np.uint64)     # hash of each page the destination holds
+        self.report = Report(pid=pid, dest=dest, strategy=strategy, codec=self.codec.name,
+                             memory_backend=self.mem.backend)
+        self.chan: Optional[wire.Channel] = None
+        self.stopped_pids: List[int] = []
+        self.committed = False
+
+    def _emit(self, kind: str, **kw) -> None:
+        try:
+            self.progress({"event": kind, **kw})
+        except Exception:
+            pass
+
+    async def _send_pages(self, addrs: np.ndarray, reader) -> Tuple[int, int]:
+        """Read (``reader(addrs) -> (pages, ok)``), hash, encode and send; returns
+        (pages sent, wire bytes)."""
+        from . import _core
+        sent = 0
+        b0 = self.chan.bytes_sent
+        for i in range(0, addrs.size, BATCH_PAGES):
+            a = addrs[i:i + BATCH_PAGES]
+
+            def work(a=a):
+                pages, ok = reader(a)
+                a2, p2 = a[ok], np.ascontiguousarray(pages[ok])
+                h = _core.hash_pages(p2) if a2.size else np.zeros((0, 2), np.uint64)
+                return a2, h, self.codec.encode(a2, p2)
+
+            a2, h, payload = await asyncio.to_thread(work)
+            if a2.size == 0:
+                continue
+            await self.chan.send(wire.PAGES, payload)
+            self.shadow.put(a2, h)
+            sent += int(a2.size)
+        return sent, self.chan.bytes_sent - b0
+
+    async def _connect(self, host: str, port: int):
+        if not self.netns:
+            return await asyncio.open_connection(host, port, limit=wire.MAX_FRAME + 1024)
+        from .testbed import socket_in_netns
+        sock = socket_in_netns(self.netns)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, limit=wire.MAX_FRAME + 1024)
+
+    async def _round(self, index: int, addrs: np.ndarray) -> RoundReport:
+        t0 = time.monotonic()
+        n, nbytes = await self._send_pages(addrs, self.mem.read)
+        await self.chan.send_json(wire.ROUND_END, {"round": index, "pages": n})
+        _, payload = await self.chan.expect(wire.ROUND_ACK)
+        ack, _ = wire.unpack_json(payload)
+        if ack.get("held_pages", -1) != len(self.shadow):
+            raise MigrationError(f"destination holds {ack.get('held_pages')} pages after round "
+                                 f"{index}, source sent {len(self.shadow)}", "precopy")
+        dt = time.monotonic() - t0
+        return RoundReport(index=index, pages=n, bytes_raw=n * PAGE_SIZE, bytes_wire=nbytes,
+                           duration_s=dt)
+
+    def _link_Bps(self) -> float:
+        if self.link_rate_Bps:
+            return self.link_rate_Bps
+        rs = [r for r in self.report.rounds if r.duration_s > 0 and r.bytes_wire > (1 << 20)]
+        if rs:
+            return sum(r.bytes_wire for r in rs) / sum(r.duration_s for r in rs)
+        return 12.5e6  # nothing measured yet: assume 100 Mbit/s
+
+    def _predict(self, dirty_pages: int, state_pages: int) -> float:
+        return self.model.downtime(state_pages * PAGE_SIZE, dirty_pages * PAGE_SIZE,
+                                   self._link_Bps())
+
+    async def _precopy(self) -> None:
+        rounds_allowed = 1 if self.strategy == "precopy" else self.max_rounds
+        method = await asyncio.to_thread(self.mem.attach_tracker, self.tracker_method)
+        self.report.tracker = method
+        addrs = await asyncio.to_thread(self.mem.present_pages)
+        state_pages = int(addrs.size)
+        index = 0
+        while True:
+            rnd = await self._round(index, addrs)
+            self.report.rounds.append(rnd)
+            dirty = await asyncio.to_thread(self.mem.collect)
+            rnd.dirty_pages_after = int(dirty.size)
+            rnd.predicted_downtime_s = self._predict(dirty.size, state_pages)
+            if self.scheduler is not None:
+                reason = self.scheduler.should_stop(rnd, rnd.predicted_downtime_s, index + 1)
+            else:
+                reason = "precopy" if index + 1 >= rounds_allowed else ""
+            if index + 1 >= rounds_allowed and not reason:
+                reason = "max rounds"
+            rnd.decision = reason or "continue"
+            self._emit("round", round=index, pages=rnd.pages, bytes_wire=rnd.bytes_wire,
+                       duration_s=rnd.duration_s, mbps=rnd.mbps, dirty_pages=rnd.dirty_pages_after,
+                       predicted_downtime_s=rnd.predicted_downtime_s, decision=rnd.decision)
+            if reason:
+                break
+            index += 1
+            addrs = dirty
+        self.report.predicted_downtime_s = self.report.rounds[-1].predicted_downtime_s
+        self.mem.detach()
+
+    async def run(self) -> Report:
+        host, port = _parse_hostport(self.dest)
+        t_start = time.monotonic()
+        phase = "connect"
+        try:
+            try:
+                reader, writer = await asyncio.wait_for(self._connect(host, port),
+                                                        self.io_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise MigrationError(f"cannot connect to destination {host}:{port}: {exc}",
+                                     phase) from None
+            phase = "authenticate"
+            self.chan = await wire.Channel.client(reader, writer, self.secret, self.io_timeout)
+            await self.chan.send_json(wire.BEGIN, {"pid": self.pid, "page_size": PAGE_SIZE,
+                                                   "strategy": self.strategy,
+                                                   "codec": self.codec.name})
+            await self.chan.expect(wire.READY)
+            if self.strategy != "cold":
+                phase = "precopy"
+                await self._precopy()
+            phase = "switchover"
+            await self._switchover(t_start)
+            self.report.ok = True
+        except BaseException as exc:
+            self.report.ok = False
+            self.report.failed_phase = getattr(exc, "phase", None) or phase
+            self.report.error = str(exc)
+            await self._abort(exc)
+            if isinstance(exc, (StateSyncError, OSError, asyncio.TimeoutError)):
+                raise MigrationError(f"migration of pid {self.pid} aborted: {exc}",
+                                     self.report.failed_phase, self.report) from exc
+            raise
+        finally:
+            self.report.total_s = time.monotonic() - t_start
+            if self.chan is not None:
+                self.report.bytes_wire_total = self.chan.bytes_sent
+                self.chan.close()
+        return self.report
+
+    async def _abort(self, exc: BaseException) -> None:
+        try:
+            self.mem.detach()
+        except Exception:
+            pass
+        if self.chan is not None:
+            try:
+                await asyncio.wait_for(self.chan.send_json(wire.ABORT, {"reason": str(exc)[:500]}),
+                                       2.0)
+            except BaseException:
+                pass
+        if self.stopped_pids and not self.committed:
+            for p in self.stopped_pids:
+                try:
+                    os.kill(p, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+            st = _proc_state(self.pid)
+            self.report.source_resumed = st is not None and st not in ("T", "t", "Z", "X")
+        elif not self.committed:
+            st = _proc_state(self.pid)
+            self.report.source_resumed = st is not None and st not in ("T", "t", "Z", "X")
+
+    async def _switchover(self, t_start: float) -> None:
+        rep = self.report
+        base = self.work_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+        tmp = tempfile.mkdtemp(prefix=f"statesync-dump-{self.pid}-", dir=base)
+        try:
+            await self._switchover_in(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    async def _switchover_in(self, tmp: str) -> None:
+        from . import _core
+        rep = self.report
+        pids = _tree_pids(self.pid)
+        vpid = _ns_pid(self.pid)
+        prefix = _netns_prefix(self.pid)
+        self._emit("phase", phase="dump")
+        t0 = time.monotonic()
+        try:
+            await asyncio.to_thread(
+                _run_criu, ["dump", "-t", str(self.pid), "-D", tmp, "-o", "dump.log", "-v2",
+                            "--leave-stopped"] + self.criu_args,
+                os.path.join(tmp, "dump.log"), prefix, 300.0, f"criu dump of pid {self.pid}")
+        except CriuError as exc:
+            # CRIU resumes the tree itself when a dump fails; make sure.
+            self.stopped_pids = pids
+            raise MigrationError(str(exc), "dump") from exc
+        t_dumped = time.monotonic()
+        self.stopped_pids = pids
+        rep.criu_dump_stats = _criuimg.read_stats(os.path.join(tmp, "stats-dump"))
+        # Freeze starts inside the dump; CRIU's own stats say how long after its start.
+        frozen_us = rep.criu_dump_stats.get("frozen_time_us")
+        dump_wall = t_dumped - t0
+        t_freeze = t_dumped - frozen_us / 1e6 if frozen_us else t0
+        rep.phases["freeze"] = rep.criu_dump_stats.get("freezing_time_us", 0) / 1e6
+        rep.phases["dump"] = t_dumped - t_freeze
+        self._emit("phase", phase="final transfer", dump_s=dump_wall)
+
+        t1 = time.monotonic()
+        main_pm = f"pagemap-{vpid}.img"
+        if not os.path.exists(os.path.join(tmp, main_pm)):
+            raise MigrationError(f"dump of pid {self.pid} has no {main_pm}", "dump")
+        pages_id, addrs = _criuimg.read_pagemap(os.path.join(tmp, main_pm))
+        pages_file = f"pages-{pages_id}.img"
+        pages_path = os.path.join(tmp, pages_file)
+        if os.path.getsize(pages_path) != addrs.size * PAGE_SIZE:
+            raise MigrationError(f"{pages_path} holds {os.path.getsize(pages_path)} bytes, "
+                                 f"pagemap says {addrs.size} pages", "dump")
+        rep.state_pages = int(addrs.size)
+        # Zero-copy view of the dumped pages (the dump directory is on tmpfs by default).
+        dumped = (np.memmap(pages_path, dtype=np.uint8, mode="r", shape=(addrs.size, PAGE_SIZE))
+                  if addrs.size else np.zeros((0, PAGE_SIZE), np.uint8))
+
+        def diff():
+            h = _core.hash_pages(dumped) if addrs.size else np.zeros((0, 2), np.uint64)
+            slots, found = self.shadow.lookup(addrs)
+            need = ~found
+            if found.any():
+                need[found] = (self.shadow.rows[slots[found]] != h[found]).any(axis=1)
+            return np.flatnonzero(need)
+
+        need_idx = await asyncio.to_thread(diff)
+        rep.phases["final_diff"] = time.monotonic() - t1
+        t2 = time.monotonic()
+        # Non-memory images first (pagemap included), then the pages the destination lacks.
+        images_bytes = 0
+        for name in sorted(os.listdir(tmp)):
+            if name == pages_file or name in ("dump.log", "stats-dump"):
+                continue
+            path = os.path.join(tmp, name)
+            if not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            for off in range(0, max(len(data), 1), 8 << 20):
+                piece = data[off:off + (8 << 20)]
+                await self.chan.send(wire.IMAGE, struct.pack("!H", len(name)) + name.encode()
+                                     + struct.pack("!Q", off) + piece)
+            images_bytes += len(data)
+        rep.images_bytes = images_bytes
+        b0 = self.chan.bytes_sent
+        sel_addrs = addrs[need_idx]
+        n_final, _ = await self._send_pages(
+            sel_addrs, lambda a, idx=need_idx: (dumped[idx[np.searchsorted(sel_addrs, a)]],
+                                                np.ones(a.size, dtype=bool)))
+        rep.final_pages = n_final
+        rep.final_bytes_wire = self.chan.bytes_sent - b0
+        await self.chan.send_json(wire.FINAL, {"pages_file": pages_file, "count": int(addrs.size),
+                                               "images_bytes": images_bytes},
+                                  np.ascontiguousarray(addrs, dtype="<u8").tobytes())
+        t3 = time.monotonic()
+        rep.phases["final_transfer"] = t3 - t2
+        self._emit("phase", phase="restore", final_pages=n_final)
+        mtype, payload = await self.chan.expect(wire.RESTORED, wire.FAILED,
+                                                timeout=max(self.io_timeout, 120.0))
+        info, _ = wire.unpack_json(payload)
+        t4 = time.monotonic()
+        if mtype == wire.FAILED:
+            raise MigrationError(f"destination could not restore: {info.get('error')}",
+                                 "restore")
+        rep.phases["restore"] = t4 - t3
+        for k in ("assemble_s", "restore_s"):
+            if isinstance(info.get(k), (int, float)):
+                rep.phases["  dest " + k[:-2]] = float(info[k])
+        rep.restored_pid = info.get("pid")
+        rep.criu_restore_stats = info.get("stats", {})
+        rep.downtime_s = t4 - t_freeze
+        # The destination runs the service: now the stopped source copy goes.
+        for p in reversed(self.stopped_pids):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.committed = True
+        await self.chan.send_json(wire.COMMIT, {})
+        try:
+            await self.chan.expect(wire.DONE, timeout=10.0)
+        except StateSyncError as exc:
+            rep.notes.append(f"destination did not acknowledge the commit: {exc}")
+        self._emit("done")
+
+
+# --------------------------------------------------------------------------- destination
+
+
+class _DestinationSession:
+    def __init__(self, chan: wire.Channel, images_dir: str, restore: bool, keep_images: bool,
+                 log: Callable[[str], None]):
+        self.chan = chan
+        self.images_dir = images_dir
+        self.restore = restore
+        self.keep_images = keep_images
+        self.log = log
+        self.store = PageTable(PAGE_SIZE, np.uint8)
+        self.codec = PageCodec(None)
+        self.tmp: Optional[str] = None
+        self.final_dir: Optional[str] = None
+        self.restored_pid: Optional[int] = None
+        self.image_names: Dict[str, int] = {}
+        self.result: dict = {"ok": False}
+
+    def _codec_for(self, name: str) -> PageCodec:
+        return PageCodec(None if name == "raw" else name)
+
+    async def run(self) -> dict:
+        try:
+            await self._run()
+        except BaseException as exc:
+            self.result["error"] = str(exc)
+            self._cleanup_failed()
+            if not isinstance(exc, (StateSyncError, OSError, asyncio.TimeoutError)):
+                raise
+        return self.result
+
+    def _cleanup_failed(self) -> None:
+        if self.restored_pid:
+            for p in _tree_pids(self.restored_pid):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.log(f"killed restored pid {self.restored_pid}")
+            self.restored_pid = None
+        for d in (self.tmp, self.final_dir):
+            if d and os.path.exists(d):
+                shutil.rmtree(d, ignore_errors=True)
+
+    async def _run(self) -> None:
+        _, payload = await self.chan.expect(wire.BEGIN)
+        begin, _ = wire.unpack_json(payload)
+        if int(begin.get("page_size", 0)) != PAGE_SIZE:
+            await self.chan.send_json(wire.ERROR, {"error": f"page size {begin.get('page_size')} "
+                                                             f"!= {PAGE_SIZE} here"})
+            raise MigrationError("page size mismatch", "begin")
+        self.codec = self._codec_for(str(begin.get("codec", "raw")))
+        os.makedirs(self.images_dir, exist_ok=True)
+        # The agent's own pid is in the name so a later agent can sweep what a killed
+        # one left (see DestinationServer.start); ".incoming-" is never a usable set.
+        self.tmp = tempfile.mkdtemp(prefix=f".incoming-{os.getpid()}-{int(begin.get('pid', 0))}-",
+                                    dir=self.images_dir)
+        self.result["source_pid"] = begin.get("pid")
+        await self.chan.send_json(wire.READY, {})
+        while True:
+            mtype, payload = await self.chan.recv()
+            if mtype == wire.PAGES:
+                addrs, pages = await asyncio.to_thread(self.codec.decode, payload)
+                self.store.put(addrs, pages)
+            elif mtype == wire.ROUND_END:
+                await self.chan.send_json(wire.ROUND_ACK, {"held_pages": len(self.store)})
+            elif mtype == wire.IMAGE:
+                self._write_image_piece(payload)
+            elif mtype == wire.FINAL:
+                info, tail = wire.unpack_json(payload)
+                await self._finish(info, tail)
+                return
+            elif mtype == wire.ABORT:
+                info, _ = wire.unpack_json(payload)
+                raise MigrationError(f"source aborted: {info.get('reason')}", "abort")
+            else:
+                raise wire.ProtocolError(f"unexpected {wire.NAMES.get(mtype, mtype)}")
+
+    def _check_name(self, name: str) -> str:
+        if not _NAME_RE.fullmatch(name) or name in (".", ".."):
+            raise wire.ProtocolError(f"refusing image file name {name!r}")
+        return name
+
+    def _write_image_piece(self, payload: bytes) -> None:
+        if len(payload) < 2:
+            raise wire.ProtocolError("short image frame")
+        (ln,) = struct.unpack_from("!H", payload)
+        if 2 + ln + 8 > len(payload):
+            raise wire.ProtocolError("image frame name past its end")
+        name = self._check_name(payload[2:2 + ln].decode("ascii", "replace"))
+        (off,) = struct.unpack_from("!Q", payload, 2 + ln)
+        data = payload[2 + ln + 8:]
+        if off != self.image_names.get(name, 0):
+            raise wire.ProtocolError(f"image {name}: piece at offset {off}, expected "
+                                     f"{self.image_names.get(name, 0)}")
+        with open(os.path.join(self.tmp, name), "ab" if off else "wb") as f:
+            f.write(data)
+        self.image_names[name] = off + len(data)
+
+    async def _finish(self, info: dict, tail: bytes) -> None:
+        t0 = time.monotonic()
+        pages_file = self._check_name(str(info.get("pages_file", "")))
+        count = int(info.get("count", -1))
+        if count < 0 or count * 8 != len(tail):
+            raise wire.ProtocolError(f"FINAL lists {len(tail)} address bytes for {count} pages")
+        addrs = np.frombuffer(tail, dtype="<u8").astype(np.uint64)
+
+        def assemble():
+            try:
+                pages = self.store.get(addrs)
+            except KeyError as exc:
+                raise MigrationError(f"cannot assemble {pages_file}: {exc.args[0]}",
+                                     "assemble") from None
+            with open(os.path.join(self.tmp, pages_file), "wb") as f:
+                f.write(pages.data if pages.flags.c_contiguous else pages.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            for name in self.image_names:
+                fd = os.open(os.path.join(self.tmp, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            final = os.path.join(self.images_dir,
+                                 os.path.basename(self.tmp).replace(".incoming-", "migrated-", 1))
+            os.rename(self.tmp, final)
+            return final
+
+        self.final_dir = await asyncio.to_thread(assemble)
+        self.tmp = None
+        t1 = time.monotonic()
+        self.result["assemble_s"] = t1 - t0
+        if not self.restore:
+            await self.chan.send_json(wire.RESTORED, {"pid": None, "images": self.final_dir})
+            self.result.update(ok=True, images=self.final_dir)
+            await self._wait_commit()
+            return
+        pidfile = os.path.join(self.final_dir, "restored.pid")
+        try:
+            await asyncio.to_thread(
+                _run_criu, ["restore", "-D", self.final_dir, "-o", "restore.log", "-v2", "-d",
+                            "--pidfile", pidfile],
+                os.path.join(self.final_dir, "restore.log"), [], 300.0, "criu restore")
+            with open(pidfile) as f:
+                self.restored_pid = int(f.read().strip())
+            st = _proc_state(self.restored_pid)
+            if st is None or st in ("Z", "X", "T", "t"):
+                raise MigrationError(f"restored pid {self.restored_pid} is not running "
+                                     f"(state {st})", "restore")
+        except (CriuError, OSError, ValueError, MigrationError) as exc:
+            await self.chan.send_json(wire.FAILED, {"error": str(exc)[-3000:]})
+            raise MigrationError(f"restore failed: {exc}", "restore") from exc
+        t2 = time.monotonic()
+        stats = _criuimg.read_stats(os.path.join(self.final_dir, "stats-restore"))
+        self.result.update(restore_s=t2 - t1, pid=self.restored_pid)
+        await self.chan.send_json(wire.RESTORED, {"pid": self.restored_pid, "stats": stats,
+                                                  "assemble_s": t1 - t0, "restore_s": t2 - t1})
+        await self._wait_commit()
+
+    async def _wait_commit(self) -> None:
+        try:
+            mtype, payload = await self.chan.expect(wire.COMMIT, wire.ABORT)
+        except StateSyncError as exc:
+            # The source may already have killed its copy: keeping ours is the only way
+            # not to lose the service. Say so loudly.
+            self.log(f"no commit from the source ({exc}); keeping restored pid "
+                     f"{self.restored_pid}: check that the source copy is gone")
+            self.result.update(ok=True, uncommitted=True)
+            self.restored_pid = None
+            return
+        if mtype == wire.ABORT:
+            raise MigrationError("source aborted after restore", "commit")
+        self.result.update(ok=True)
+        self.restored_pid = None       # committed: no longer ours to kill
+        try:
+            await self.chan.send_json(wire.DONE, {})
+        except StateSyncError:
+            pass
+        if not self.keep_images and self.final_dir:
+            shutil.rmtree(self.final_dir, ignore_errors=True)
+
+
+class DestinationServer:
+    """A running destination agent (see :func:`serve_destination`)."""
+
+    def __init__(self, listen: str, images_dir: str, secret, *, once: bool = True,
+                 restore: bool = True, keep_images: bool = False, io_timeout: float = 30.0,
+                 log: Optional[Callable[[str], None]] = None):
+        self.host, self.port = _parse_hostport(listen)
+        self.images_dir = images_dir
+        self.secret = wire.load_secret(secret)
+        self.once = once
+        self.restore = restore
+        self.keep_images = keep_images
+        self.io_timeout = io_timeout
+        self.log = log or (lambda msg: print(f"statesync receive: {msg}", file=sys.stderr,
+                                             flush=True))
+        self.results: List[dict] = []
+        self._done: Optional[asyncio.Event] = None
+        self._busy = False
+        self.server = None
+
+    def sweep_stale(self) -> List[str]:
+        """Remove partial image sets left by destination agents that were killed."""
+        removed = []
+        try:
+            names = os.listdir(self.images_dir)
+        except FileNotFoundError:
+            return removed
+        for name in names:
+            m = re.fullmatch(r"\.incoming-(\d+)-\d+-\w+", name)
+            if m and int(m.group(1)) != os.getpid() and _proc_state(int(m.group(1))) is None:
+                shutil.rmtree(os.path.join(self.images_dir, name), ignore_errors=True)
+                removed.append(name)
+        if removed:
+            self.log(f"removed partial image sets of dead agents: {', '.join(removed)}")
+        return removed
+
+    async def start(self):
+        self.sweep_stale()
+        self._done = asyncio.Event()
+        self.server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                 limit=wire.MAX_FRAME + 1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            chan = await wire.Channel.server(reader, writer, self.secret, self.io_timeout)
+        except wire.ProtocolError as exc:
+            self.log(f"refused {peer}: {exc}")
+            writer.close()
+            return
+        if self._busy:
+            await chan.send_json(wire.ERROR, {"error": "destination busy with another migration"})
+            chan.close()
+            return
+        self._busy = True
+        try:
+            self.log(f"authenticated source {peer}")
+            result = await _DestinationSession(chan, self.images_dir, self.restore,
+                                               self.keep_images, self.log).run()
+            self.results.append(result)
+            self.log(("migration done: " if result.get("ok") else "migration failed: ")
+                     + json.dumps(result))
+        finally:
+            self._busy = False
+            chan.close()
+        if self.once:
+            self._done.set()
+
+    async def serve(self, timeout: Optional[float] = None) -> List[dict]:
+        try:
+            if timeout is None:
+                await self._done.wait()
+            else:
+                await asyncio.wait_for(self._done.wait(), timeout)
+        finally:
+            self.server.close()
+            await self.server.wait_closed()
+        return self.results
+
+
+def serve_destination(listen: str = f"127.0.0.1:{DEFAULT_PORT}", images_dir: str = ".",
+                      secret=None, *, once: bool = True, restore: bool = True,
+                      keep_images: bool = False, io_timeout: float = 30.0,
+                      timeout: Optional[float] = None,
+                      ready: Optional[Callable[[int], None]] = None) -> List[dict]:
+    """Run a destination agent until one migration finished (``once``) or forever.
+
+    Listens on ``listen`` (``HOST:PORT``; loopback unless told otherwise), accepts
+    only peers that prove they hold ``secret`` (bytes, str, or ``"@PATH"``), writes
+    the received image set under ``images_dir`` and restores it with CRIU in this
+    process's network namespace. Returns one result dict per migration attempt
+    (``ok``, ``pid`` of the restored process, ``error``...). ``ready(port)`` is called
+    once listening.
+    """
+    async def main():
+        srv = await DestinationServer(listen, images_dir, secret, once=once, restore=restore,
+                                      keep_images=keep_images, io_timeout=io_timeout).start()
+        if ready:
+            ready(srv.port)
+        return await srv.serve(timeout)
+
+    return asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=None, *,
+            tracker: str = "auto", compression: Optional[str] = None, max_rounds: int = 8,
+            work_dir: Optional[str] = None, io_timeout: float = 30.0,
+            progress: Optional[Callable[[dict], None]] = None, criu_args=(),
+            link_rate: Optional[float] = None, scheduler: Optional[str] = None,
+            model: Optional[CostModel] = None, netns: Optional[str] = None) -> Report:
+    """Live-migrate process ``pid`` (and its children) to the destination agent at
+    ``dest`` (``HOST:PORT``). Returns a :class:`~statesync.report.Report`.
+
+    ``strategy``: ``cold`` (dump, send all, restore), ``precopy`` (one round while
+    running), ``iterative`` (rounds until the stop rule says the downtime will not
+    improve), ``auto`` (iterative). ``compression``: ``None`` or ``"lz4"``.
+    ``tracker``: a :class:`statesync.Tracker` method (``auto``, ``uffd``, ``hash``).
+    ``targets``: a :class:`statesync.kpi.Targets` (its max downtime bounds the stop
+    rule). ``link_rate`` (bits/s) overrides the bandwidth measured in round 0 for
+    predictions. ``io_timeout`` (s) bounds every wait on the peer. ``netns``: make
+    the connection from this named network namespace (/run/netns/NAME) instead of
+    the caller's, as the two-host testbed does.
+
+    On failure raises :class:`MigrationError` (``.phase``, ``.report``); the process
+    then runs on at the source with its state intact (``report.source_resumed``).
+    Must be run as root (ptrace, CRIU). Blocking; runs its own event loop.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if not os.path.exists(f"/proc/{int(pid)}"):
+        from .errors import NoSuchProcess
+        raise NoSuchProcess(int(pid), "no such process: nothing to migrate")
+    key = wire.load_secret(secret)
+    strat = "iterative" if strategy == "auto" else strategy
+    max_down = float("inf")
+    if targets is not None:
+        for attr in ("max_downtime_s", "max_downtime"):
+            if getattr(targets, attr, None):
+                max_down = float(getattr(targets, attr))
+                break
+    rule = _BuiltinStopRule(max_rounds if strat == "iterative" else 1,
+                            max_down if math.isfinite(max_down) else 0.0)
+    agent = _SourceAgent(int(pid), dest, key, strat, tracker, compression,
+                         max_rounds if strat == "iterative" else 1, max_down, work_dir,
+                         io_timeout, progress, list(criu_args),
+                         link_rate / 8 if link_rate else None, model or CostModel(),
+                         rule if strat == "iterative" else None, netns)
+    agent.report.scheduler = rule.name if strat == "iterative" else ""
+    return asyncio.run(agent.run())
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _print_progress(ev: dict) -> None:
+    if ev["event"] == "round":
+        pd = ev["predicted_downtime_s"]
+        print(f"round {ev['round']:3d}: {ev['pages']:8d} pages {ev['bytes_wire'] / 1e6:9.2f} MB "
+              f"in {ev['duration_s']:6.2f} s ({ev['mbps']:7.1f} MB/s); "
+              f"{ev['dirty_pages']} dirty; predicted downtime "
+              f"{pd * 1e3:.0f} ms -> {ev['decision']}", flush=True)
+    elif ev["event"] == "phase":
+        print(f"switch-over: {ev['phase']}", flush=True)
+
+
+def _secret_arg(a) -> bytes:
+    if a.secret_file:
+        return wire.load_secret("@" + a.secret_file)
+    env = os.environ.get("STATESYNC_SECRET")
+    if env:
+        return wire.load_secret(env)
+    raise SystemExit("statesync: a shared secret is required: --secret-file PATH or "
+                     "STATESYNC_SECRET")
+
+
+def _cmd_migrate(a) -> int:
+    report = None
+    try:
+        report = migrate(a.pid, a.to, strategy=a.strategy, secret=_secret_arg(a),
+                         tracker=a.tracker, compression=a.compression,
+                         max_rounds=a.max_rounds, io_timeout=a.io_timeout,
+                         progress=None if a.quiet else _print_progress,
+                         link_rate=a.link_rate, work_dir=a.work_dir)
+        rc = 0
+    except MigrationError as exc:
+        report = exc.report
+        print(f"statesync: error: {exc}", file=sys.stderr)
+        rc = 1
+    if report is not None:
+        if a.json:
+            with open(a.json, "w") as f:
+                f.write(report.to_json())
+        if a.metrics_file:
+            report.write_prometheus(a.metrics_file)
+        print(report.table())
+    return rc
+
+
+def _cmd_receive(a) -> int:
+    def ready(port):
+        print(f"listening on {a.listen.rpartition(':')[0] or '127.0.0.1'}:{port}", flush=True)
+    results = serve_destination(a.listen, a.images_dir, _secret_arg(a), once=not a.forever,
+                                restore=not a.no_restore, keep_images=a.keep_images,
+                                io_timeout=a.io_timeout, ready=ready)
+    for r in results:
+        print(json.dumps(r))
+    return 0 if results and results[-1].get("ok") else 1
+
+
+def cli_register(sub) -> None:
+    p = sub.add_parser("migrate", help="live-migrate a process to a destination agent")
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--to", required=True, metavar="HOST:PORT")
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto")
+    p.add_argument("--tracker", default="auto", help="auto, uffd, hash (dirty-page tracker)")
+    p.add_argument("--compression", choices=["none", "lz4"], default=None)
+    p.add_argument("--max-rounds", type=int, default=8)
+    p.add_argument("--link-rate", type=float, default=None,
+                   help="link rate in bits/s for predictions (default: measured)")
+    p.add_argument("--secret-file", help="file holding the shared secret "
+                   "(or STATESYNC_SECRET in the environment)")
+    p.add_argument("--io-timeout", type=float, default=30.0)
+    p.add_argument("--work-dir", help="where the local CRIU dump goes (default /dev/shm)")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.add_argument("--metrics-file", help="write Prometheus metrics (text format) here")
+    p.add_argument("--quiet", action="store_true", help="no per-round progress")
+    p.set_defaults(func=_cmd_migrate)
+
+    r = sub.add_parser("receive", help="run a destination agent that restores migrated processes")
+    r.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT")
+    r.add_argument("--images-dir", default=".", help="where received image sets are written")
+    r.add_argument("--secret-file")
+    r.add_argument("--forever", action="store_true", help="serve migrations until killed")
+    r.add_argument("--no-restore", action="store_true",
+                   help="only write the image set (no criu restore)")
+    r.add_argument("--keep-images", action="store_true")
+    r.add_argument("--io-timeout", type=float, default=30.0)
+    r.set_defaults(func=_cmd_receive)
+
+
+class _CallableModule(type(sys)):
+    """``statesync.migrate`` is both this module and the function: importing the module
+    (as the CLI does) rebinds the package attribute to it, and it must stay callable."""
+
+    def __call__(self, *args, **kwargs) -> Report:
+        return migrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
