@@ -1,0 +1,498 @@
+"""statesync.stream: exact round trips, every target, many rounds over one
+connection, and every class of bad input (clean StreamError, target unchanged)."""
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+
+import numpy as np
+import pytest
+
+from statesync import _core, stream as S
+from statesync.errors import StreamError
+
+PS = 4096
+
+
+def make_pages(n=600, seed=1, base_page=0x1000):
+    """Pages with zero pages, duplicates, low-entropy and random content."""
+    rng = np.random.default_rng(seed)
+    addrs = (np.sort(rng.choice(n * 4, n, replace=False)).astype(np.uint64) + base_page) * PS
+    pages = rng.integers(0, 4, (n, PS), dtype=np.uint8)
+    pages[::5] = 0
+    pages[3::11] = pages[2]
+    pages[7::13] = rng.integers(0, 256, (len(pages[7::13]), PS), dtype=np.uint8)
+    return addrs, pages
+
+
+def modify(pages, seed=2, frac=0.3):
+    rng = np.random.default_rng(seed)
+    new = pages.copy()
+    idx = rng.choice(len(pages), int(len(pages) * frac), replace=False)
+    for i in idx:
+        off = int(rng.integers(0, PS - 16))
+        new[i, off:off + 8] = rng.integers(0, 256, 8, dtype=np.uint8)
+    return new
+
+
+def store_from(addrs, pages):
+    return S.MemoryPageStore(PS, addrs.copy(), pages.copy())
+
+
+def snapshot(store):
+    return store.addrs.copy(), store.pages.copy()
+
+
+def assert_same(store, snap):
+    assert np.array_equal(store.addrs, snap[0]) and np.array_equal(store.pages, snap[1])
+
+
+# ------------------------------------------------------------------ round trips
+
+
+@pytest.mark.parametrize("compression", ["lz4", None])
+@pytest.mark.parametrize("xor,dedup", [(True, True), (False, False), (True, False), (False, True)])
+def test_round_trip_every_option(compression, xor, dedup):
+    addrs, pages = make_pages()
+    enc = S.Encoder(compression=compression, xor=xor, dedup=dedup, block_pages=64)
+    store = S.MemoryPageStore(PS)
+    st = S.apply(enc.encode(addrs, pages), store)
+    assert np.array_equal(store.addrs, addrs) and np.array_equal(store.pages, pages)
+    assert st.total_pages == len(addrs) and st.bytes_out == pages.nbytes
+    assert st.pages["zero"] > 0
+    assert (st.pages["dup"] > 0) == dedup
+    # round 2 against the receiver's copy
+    new = modify(pages)
+    st2 = S.apply(enc.encode(addrs, new, previous=store), store)
+    assert np.array_equal(store.pages, new)
+    assert (st2.pages["xor"] > 0) == xor
+    assert st2.pages["dup"] > 0 or not (dedup or True)  # unchanged pages: DUP to themselves
+    assert enc.last_stats.bytes_in == st2.bytes_in
+
+
+def test_second_round_is_small_and_chunking_is_free():
+    addrs, pages = make_pages(800)
+    full = S.encode(addrs, pages)
+    store = S.MemoryPageStore(PS)
+    # the same stream fed 1 byte, 7 bytes and 1 MiB at a time decodes identically
+    for step in (1, 7, 1 << 20):
+        s = S.MemoryPageStore(PS)
+        chunks = (full[i:i + step] for i in range(0, len(full), step))
+        st = S.apply(chunks, s)
+        assert np.array_equal(s.pages, pages) and st.bytes_in == len(full)
+    S.apply([bytearray(full)], store)
+    new = modify(pages, frac=0.05)
+    delta = S.encode(addrs, new, previous=pages)
+    assert len(delta) < 0.05 * len(full)
+    S.apply([memoryview(delta)], store)
+    assert np.array_equal(store.pages, new)
+
+
+def test_empty_stream_and_single_pages():
+    store = S.MemoryPageStore(PS)
+    st = S.apply(S.encode(np.empty(0, np.uint64), np.empty((0, PS), np.uint8)), store)
+    assert st.total_pages == 0 and len(store) == 0
+    # the highest page of the address space and page 0
+    top = np.array([0, (2 ** 64 - PS)], dtype=np.uint64)
+    pg = np.zeros((2, PS), np.uint8)
+    pg[1, -1] = 9
+    S.apply(S.encode(top, pg), store)
+    assert np.array_equal(store.pages, pg)
+
+
+def test_dedup_is_exact_even_when_hashes_collide():
+    """The sender confirms hash matches with memcmp; a DUP record is only emitted for
+    byte-identical pages (checked by decoding: the receiver verifies every hash too)."""
+    addrs, pages = make_pages(300)
+    enc = S.Encoder()
+    data = b"".join(enc.encode(addrs, pages))
+    assert enc.last_encoder_stats["hash_collisions"] == 0
+    s = S.MemoryPageStore(PS)
+    st = S.apply([data], s)
+    uniq = len(np.unique(pages[~np.all(pages == 0, axis=1)], axis=0))
+    assert st.pages["raw"] == uniq and np.array_equal(s.pages, pages)
+
+
+def test_bad_encoder_input():
+    enc = S.Encoder()
+    with pytest.raises(ValueError, match="strictly increasing"):
+        list(enc.encode(np.array([PS, PS], np.uint64), np.zeros((2, PS), np.uint8)))
+    with pytest.raises(ValueError, match="aligned"):
+        list(enc.encode(np.array([5], np.uint64), np.zeros((1, PS), np.uint8)))
+    with pytest.raises(ValueError):
+        S.Encoder(page_size=3000)
+    with pytest.raises(ValueError):
+        S.Encoder(compression="gzip")
+
+
+# ------------------------------------------------------------------ targets
+
+
+def test_file_page_store_round_trip_and_atomicity(tmp_path):
+    addrs, pages = make_pages(400)
+    path = tmp_path / "store.pages"
+    fs = S.FilePageStore(path)
+    S.apply(S.Encoder(block_pages=50).encode(addrs, pages), fs)
+    got, ok = S.FilePageStore(path).get(addrs)
+    assert ok.all() and np.array_equal(got, pages)
+    # round 2: changed pages plus brand-new addresses, XOR against the stored copy
+    new = modify(pages)
+    extra_a = addrs[-1] + np.arange(1, 40, dtype=np.uint64) * PS
+    extra_p = np.random.default_rng(5).integers(0, 256, (39, PS), dtype=np.uint8)
+    a2 = np.concatenate([addrs, extra_a])
+    p2 = np.concatenate([new, extra_p])
+    prev, ok = fs.get(a2)
+    stream = S.encode(a2, p2, previous=prev, previous_mask=ok, block_pages=50)
+    before = path.read_bytes()
+    # a corrupt copy of it fails and leaves the file byte-identical, no temp files left
+    bad = bytearray(stream)
+    bad[len(bad) // 2] ^= 0x40
+    with pytest.raises(StreamError):
+        S.apply([bytes(bad)], fs)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["store.pages"]
+    st = S.apply([stream], fs)
+    assert st.pages["xor"] > 0
+    got, ok = S.FilePageStore(path).get(a2)
+    assert ok.all() and np.array_equal(got, p2)
+
+
+def test_plain_file_target(tmp_path):
+    base = 0x7F0000000000
+    img = np.random.default_rng(3).integers(0, 256, (64, PS), dtype=np.uint8)
+    img[10:20] = 0
+    path = tmp_path / "mem.img"
+    path.write_bytes(img.tobytes())
+    target = S.FileTarget(path, base=base)
+    new = img.copy()
+    new[5, 100:110] = 7
+    new[40] = new[41]
+    new[63, :] = 0
+    addrs = base + np.array([5, 40, 63, 64, 65], np.uint64) * PS
+    rows = np.concatenate([new[[5, 40, 63]], np.full((2, PS), 3, np.uint8)])
+    st = S.apply(S.encode(addrs, rows, previous=target_read(path, base, addrs),
+                          previous_mask=np.array([1, 1, 1, 0, 0], bool)), target)
+    assert st.pages["xor"] >= 1
+    out = np.frombuffer(path.read_bytes(), np.uint8).reshape(-1, PS)
+    assert out.shape[0] == 66
+    assert np.array_equal(out[:64], new) and np.all(out[64:] == 3)
+    # an XOR against a page past the end of the file: refused, file unchanged
+    before = path.read_bytes()
+    far = np.array([base + 100 * PS], np.uint64)
+    one = np.zeros((1, PS), np.uint8)
+    one[0, 9] = 1
+    s = S.encode(far, one, previous=np.zeros((1, PS), np.uint8))
+    with pytest.raises(StreamError, match="does not hold"):
+        S.apply([s], target)
+    assert path.read_bytes() == before
+
+
+def target_read(path, base, addrs):
+    data = np.frombuffer(open(path, "rb").read(), np.uint8).reshape(-1, PS)
+    idx = ((addrs - np.uint64(base)) // np.uint64(PS)).astype(np.int64)
+    out = np.zeros((len(addrs), PS), np.uint8)
+    ok = idx < len(data)
+    out[ok] = data[idx[ok]]
+    return out
+
+
+def test_many_rounds_over_one_socket():
+    """One stream per round on one connection; StreamReader applies them in turn."""
+    addrs, pages = make_pages(300)
+    rounds = [pages]
+    for r in range(1, 4):
+        rounds.append(modify(rounds[-1], seed=r, frac=0.1))
+    a, b = socket.socketpair()
+    store = S.MemoryPageStore(PS)
+    results = []
+
+    def receive():
+        reader = S.StreamReader(b)
+        while True:
+            st = reader.apply(store)
+            if st is None:
+                break
+            results.append((st.round, st.pages.copy(), store.pages.copy()))
+
+    t = threading.Thread(target=receive)
+    t.start()
+    mirror = None
+    for r, content in enumerate(rounds):
+        enc = S.Encoder(round=r, block_pages=32)
+        for chunk in enc.encode(addrs, content, previous=mirror):
+            a.sendall(chunk)
+        mirror = content
+    a.shutdown(socket.SHUT_WR)
+    t.join(30)
+    a.close()
+    b.close()
+    assert [r[0] for r in results] == [0, 1, 2, 3]
+    for (_, counts, got), want in zip(results, rounds):
+        assert np.array_equal(got, want)
+    assert results[1][1]["xor"] > 0 and results[1][1]["raw"] == 0
+
+
+def test_cli_stats(tmp_path):
+    addrs, pages = make_pages(200)
+    f = tmp_path / "s.ssps"
+    f.write_bytes(S.encode(addrs, pages) + S.encode(addrs, modify(pages), previous=pages))
+    out = subprocess.run([sys.executable, "-m", "statesync", "stream", "stats", str(f)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("stream ") >= 2 and "xor" in out.stdout and "zero" in out.stdout
+    bad = f.read_bytes()[:-10]
+    f.write_bytes(bad)
+    out = subprocess.run([sys.executable, "-m", "statesync", "stream", "stats", str(f)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "truncated" in out.stderr
+
+
+# ------------------------------------------------------------------ bad input
+# A tiny stream builder for hostile inputs with *valid* checksums, so the checks
+# behind the checksums are reached.
+
+
+def header(version=S.VERSION, ps=PS, flags=S.FLAG_LZ4 | S.FLAG_XOR | S.FLAG_DEDUP, block_pages=8):
+    b = S.HEADER.pack(S.MAGIC, version, 48, ps, flags, block_pages, 0, b"\1" * 16, 0, 0)[:-4]
+    return b + struct.pack("<I", zlib.crc32(b))
+
+
+class Forge:
+    def __init__(self, **kw):
+        self.head = header(**kw)
+        self.chain = _core.hash128(self.head, 0)
+        self.parts = [self.head]
+        self.counts = [0] * 8  # blocks, records, pages, zero, raw, dup, xor, payload
+
+    def block(self, payload, nrec, npages, kinds=(), codec=S.CODEC_NONE, stored=None):
+        stored = payload if stored is None else stored
+        h = S.BLOCK.pack(S.KIND_DATA, codec, 0, len(stored), len(payload), nrec,
+                         _core.hash128(stored)[0], npages, 0)[:-4]
+        h += struct.pack("<I", zlib.crc32(h))
+        self.chain = _core.hash128(h, self.chain[0])
+        self.parts.append(h + stored)
+        c = self.counts
+        c[0] += 1
+        c[1] += nrec
+        c[2] += npages
+        for k, n in kinds:
+            c[2 + k] += n
+        c[7] += len(payload)
+        return self
+
+    def end(self):
+        body = S.END_BODY.pack(*self.counts, *self.chain)
+        h = S.BLOCK.pack(S.KIND_END, 0, 0, 80, 80, 0, _core.hash128(body)[0], 0, 0)[:-4]
+        h += struct.pack("<I", zlib.crc32(h))
+        self.parts.append(h + body)
+        return b"".join(self.parts)
+
+
+def uleb(v):
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def test_forge_matches_encoder():
+    # the test's forger writes the same bytes as the encoder: the checks below are real
+    pg = np.zeros((1, PS), np.uint8)
+    f = Forge(block_pages=8).block(bytes([1]) + uleb(16) + uleb(1), 1, 1, [(1, 1)]).end()
+    got = S.encode(np.array([16 * PS], np.uint64), pg, block_pages=8,
+                   stream_id=b"\1" * 16)
+    assert got == f
+
+
+def expect_error(data, store, match=None, **kw):
+    snap = snapshot(store)
+    with pytest.raises(StreamError, match=match) as ei:
+        S.apply([data], store, **kw)
+    assert_same(store, snap)
+    e = ei.value
+    assert e.offset is not None and e.record is not None
+    assert f"byte {e.offset}" in str(e)
+    return e
+
+
+def test_truncated_anywhere():
+    addrs, pages = make_pages(120)
+    data = S.encode(addrs, pages, block_pages=16)
+    store = store_from(addrs[:10], pages[:10] ^ 1)
+    cuts = sorted(set(list(range(0, 120)) + list(range(0, len(data), 97)) +
+                      [len(data) - k for k in range(1, 100)]))
+    for cut in cuts:
+        e = expect_error(data[:cut], store)
+        assert e.offset <= cut
+
+
+def test_flipped_bit_anywhere():
+    addrs, pages = make_pages(40)
+    new = modify(pages, frac=0.5)
+    store = store_from(addrs, pages)
+    data = S.encode(addrs, new, previous=pages, block_pages=8)
+    rng = np.random.default_rng(0)
+    positions = sorted(set(range(len(data))) if len(data) < 6000 else
+                       set(rng.choice(len(data), 3000, replace=False).tolist()) |
+                       set(range(0, 200)) | set(range(len(data) - 200, len(data))))
+    for pos in positions:
+        bad = bytearray(data)
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        expect_error(bytes(bad), store)
+    S.apply([data], store)
+    assert np.array_equal(store.pages, new)
+
+
+def test_wrong_version_and_magic():
+    store = S.MemoryPageStore(PS)
+    good = Forge().end()
+    S.apply([good], store)
+    e = expect_error(Forge(version=2).end(), store, match="version 2 is not supported")
+    assert e.offset == 4 and e.record == 0
+    expect_error(b"GZIP" + good[4:], store, match="not a statesync page stream")
+    expect_error(Forge(ps=8192).end(), S.MemoryPageStore(PS), match="page size 8192")
+
+
+def test_reference_to_missing_page():
+    store = S.MemoryPageStore(PS, np.array([0x10 * PS], np.uint64), np.ones((1, PS), np.uint8))
+    page = np.ones((1, PS), np.uint8)
+    page[0, 5] = 2
+    # XOR against a page the receiver lacks
+    s = S.encode(np.array([0x20 * PS], np.uint64), page, previous=np.ones((1, PS), np.uint8))
+    e = expect_error(s, store, match="XOR record refers to page 0x20000, which the receiver")
+    assert e.record == 0
+    # DUP of a page the receiver lacks (forged: the encoder never does this)
+    h = _core.hash128(page[0])
+    payload = bytes([3]) + uleb(0x30) + uleb(1) + uleb(0x31) + struct.pack("<QQ", *h)
+    s = Forge().block(payload, 1, 1, [(3, 1)]).end()
+    expect_error(s, store, match="DUP record refers to page 0x31000")
+    # DUP of a page the receiver holds but with other content: hash mismatch
+    payload = bytes([3]) + uleb(0x30) + uleb(1) + uleb(0x10) + struct.pack("<QQ", *h)
+    expect_error(Forge().block(payload, 1, 1, [(3, 1)]).end(), store, match="differs")
+    # XOR against a base that changed since the sender read it
+    assumed = np.ones((1, PS), np.uint8)
+    assumed[0, 7] = 3
+    stale = S.encode(np.array([0x10 * PS], np.uint64), page, previous=assumed)
+    expect_error(stale, store, match="differs")
+
+
+def test_absurd_lengths():
+    store = store_from(*make_pages(20))
+    # a record claiming 2^40 zero pages in a block of 8
+    p = bytes([1]) + uleb(5) + uleb(1 << 40)
+    expect_error(Forge().block(p, 1, 8).end(), store, match="more pages than the block")
+    # block header claiming a 4 GiB payload / stored length
+    f = Forge()
+    h = S.BLOCK.pack(S.KIND_DATA, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF, 1, 0, 1, 0)[:-4]
+    h += struct.pack("<I", zlib.crc32(h))
+    expect_error(f.head + h, store, match="payload length")
+    # more pages than the header's block size
+    h = S.BLOCK.pack(S.KIND_DATA, 0, 0, 10, 10, 1, 0, 1 << 30, 0)[:-4]
+    expect_error(f.head + h + struct.pack("<I", zlib.crc32(h)), store, match="invalid")
+    # a block size beyond what this receiver accepts
+    expect_error(Forge(block_pages=60000).end(), store, match="receiver's limit")
+    # gaps that overflow the 64-bit page space
+    p = bytes([1]) + uleb(2 ** 64 - 2) + uleb(1) + bytes([1]) + uleb(5) + uleb(1)
+    expect_error(Forge().block(p, 2, 2).end(), store, match="page numbers")
+    # XOR delta length past the payload; RAW with fewer bytes than a page
+    p = bytes([4]) + uleb(3) + uleb(1) + uleb(3000) + bytes(8) + b"ab"
+    expect_error(Forge().block(p, 1, 1).end(), store, match="malformed")
+    p = bytes([2]) + uleb(3) + uleb(1) + bytes(100)
+    expect_error(Forge().block(p, 1, 1).end(), store, match="malformed")
+    # an LZ4 frame inflating beyond the declared payload length (a zip bomb)
+    import lz4.frame
+    bomb = lz4.frame.compress(bytes(64 << 20), store_size=True, content_checksum=True)
+    p = bytes([1]) + uleb(3) + uleb(1)
+    expect_error(Forge().block(p, 1, 1, codec=S.CODEC_LZ4, stored=bomb).end(), store,
+                 match="block stored length|does not decode")
+    small_bomb = lz4.frame.compress(bytes(200000), store_size=True)
+    expect_error(Forge().block(bytes(3000), 1, 1, codec=S.CODEC_LZ4, stored=small_bomb).end(),
+                 store, match="exactly")
+
+
+def test_endless_stream_is_cut_off_with_bounded_memory():
+    """A sender that never ends: the receiver stops at max_pages with a clean error,
+    its memory bounded (it never buffers more than a block)."""
+    code = r"""
+import resource, struct, zlib, sys
+import numpy as np
+from statesync import stream as S, _core
+from statesync.errors import StreamError
+PS = 4096
+def gen():
+    h = S.HEADER.pack(S.MAGIC, 1, 48, PS, 0, 256, 0, bytes(16), 0, 0)[:-4]
+    yield h + struct.pack("<I", zlib.crc32(h))
+    page = 0
+    while True:   # endless: 256-page zero runs, forever
+        p = bytes([1]) + bytes([0]) + bytes([0x80, 0x02])
+        blk = S.BLOCK.pack(S.KIND_DATA, 0, 0, len(p), len(p), 1, _core.hash128(p)[0], 256, 0)[:-4]
+        yield blk + struct.pack("<I", zlib.crc32(blk)) + p
+class Null:
+    def begin(self, ps): return self
+    def read(self, a): return np.zeros((len(a), PS), np.uint8), np.zeros(len(a), bool)
+    def write(self, a, p): pass
+    def commit(self): raise SystemExit("committed an endless stream")
+    def abort(self): pass
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    S.apply(gen(), Null(), max_pages=1 << 20)   # 4 GiB worth of pages
+except StreamError as e:
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print("ERR", e.record, grown)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    tag, rec, grown_kib = out.stdout.split()
+    assert tag == "ERR" and int(rec) == (1 << 20) // 256
+    assert int(grown_kib) < 64 * 1024  # < 64 MiB growth while "receiving" 4 GiB
+
+
+def test_trailing_garbage_and_unknown_blocks():
+    store = S.MemoryPageStore(PS)
+    good = Forge().end()
+    expect_error(good + b"x", store, match="after the END")
+    f = Forge()
+    h = S.BLOCK.pack(0x51, 0, 0, 1, 1, 1, _core.hash128(b"a")[0], 1, 0)[:-4]
+    expect_error(f.head + h + struct.pack("<I", zlib.crc32(h)) + b"a", store, match="kind")
+    # an empty data block and a block whose header counts lie
+    expect_error(Forge().block(b"", 0, 0).end(), store)
+    p = bytes([1]) + uleb(3) + uleb(2)
+    expect_error(Forge().block(p, 1, 1).end(), store, match="header says")
+    # END counts that do not match (a block was dropped)
+    s = Forge().block(bytes([1]) + uleb(3) + uleb(1), 1, 1, [(1, 1)])
+    s.counts[2] += 1
+    expect_error(s.end(), store, match="END counts")
+
+
+def test_real_process_memory_round_trip(spawn_workload):
+    """Pages read from a live process (/proc/PID/mem) round-trip exactly, and the
+    second read after writes travels as a small delta."""
+    wl = spawn_workload(size="8M", rate=0, paused=True)
+    c = wl.client
+    st = c.status()
+    base, npages = st["addr"], st["npages"]
+    addrs = base + np.arange(npages, dtype=np.uint64) * PS
+
+    def read():
+        with open(f"/proc/{wl.pid}/mem", "rb", buffering=0) as f:
+            f.seek(base)
+            return np.frombuffer(f.read(npages * PS), np.uint8).reshape(npages, PS).copy()
+
+    v1 = read()
+    store = S.MemoryPageStore(PS)
+    st1 = S.apply(S.Encoder().encode(addrs, v1), store)
+    assert np.array_equal(store.pages, v1)
+    c.write(list(range(0, npages, 7)))
+    v2 = read()
+    assert not np.array_equal(v1, v2)
+    enc = S.Encoder()
+    st2 = S.apply(enc.encode(addrs, v2, previous=store), store)
+    assert np.array_equal(store.pages, v2)
+    assert st2.pages["xor"] >= npages // 7 - 1
+    assert st2.bytes_in < st1.bytes_in / 5
