@@ -314,6 +314,7 @@ class Pagemap:
         offsets = np.zeros(n, dtype=np.int64)
         mask = page_size - 1
         prev_end = 0
+        self.wide = False   # nr_pages in field 5 (CRIU >= 4.2) rather than field 2
         for i in range(n):
             off = img.entries[i + 1][0]
             va = nr32 = nr64 = fl = None
@@ -334,6 +335,8 @@ class Pagemap:
             if va is None:
                 raise CriuImageError(f"pagemap entry {i} lacks vaddr", path, off)
             count = nr64 if nr64 is not None else nr32
+            if nr64 is not None:
+                self.wide = True
             if count is None:
                 raise CriuImageError(f"pagemap entry {i} lacks nr_pages", path, off)
             if fl is None:
@@ -374,15 +377,20 @@ class Pagemap:
 
 
 def encode_pagemap(pages_id: int, vaddr: np.ndarray, nr_pages: np.ndarray,
-                   flags: np.ndarray) -> bytes:
-    """A pagemap image: head then one entry per run, fields written the way CRIU 4
-    writes them (vaddr, nr_pages as field 2, flags; no in_parent)."""
+                   flags: np.ndarray, wide: bool = False) -> bytes:
+    """A pagemap image: head then one entry per run, fields in the order CRIU writes
+    them. ``wide=False``: vaddr, nr_pages (field 2, u32), flags, as CRIU <= 4.1 writes
+    and reads. ``wide=True``: vaddr, compat_nr_pages = 0, flags, nr_pages (field 5,
+    u64), as CRIU >= 4.2 writes (it reads both). No in_parent (CRIU >= 1.x uses flags)."""
     parts = [_U32.pack(IMG_COMMON_MAGIC), _U32.pack(PAGEMAP_MAGIC)]
     head = enc_field_varint(1, int(pages_id))
     parts += [_U32.pack(len(head)), head]
-    k1, k2, k4 = enc_varint(1 << 3), enc_varint(2 << 3), enc_varint(4 << 3)
+    k1, k2, k4, k5 = (enc_varint(f << 3) for f in (1, 2, 4, 5))
     for va, nr, fl in zip(vaddr.tolist(), nr_pages.tolist(), flags.tolist()):
-        msg = k1 + enc_varint(va) + k2 + enc_varint(nr) + k4 + enc_varint(fl)
+        if wide:
+            msg = k1 + enc_varint(va) + k2 + b"\x00" + k4 + enc_varint(fl) + k5 + enc_varint(nr)
+        else:
+            msg = k1 + enc_varint(va) + k2 + enc_varint(nr) + k4 + enc_varint(fl)
         parts.append(_U32.pack(len(msg)))
         parts.append(msg)
     return b"".join(parts)
@@ -753,7 +761,8 @@ def copy_non_memory(src_dir: str, dst_dir: str) -> None:
 def write_pagemap_and_pages(out_dir: str, name: str, pages_id: int, addrs: np.ndarray,
                             in_parent: np.ndarray, lazy: np.ndarray, key: np.ndarray,
                             sources: list, src: np.ndarray, row: np.ndarray,
-                            page_size: int, chunk_pages: int = 2048) -> Tuple[int, int]:
+                            page_size: int, chunk_pages: int = 2048,
+                            wide: bool = False) -> Tuple[int, int]:
     """Write name (a pagemap) and pages-<pages_id>.img into out_dir.
 
     Page i at addrs[i] is written PE_PARENT when in_parent[i], else PE_PRESENT with
@@ -772,7 +781,7 @@ def write_pagemap_and_pages(out_dir: str, name: str, pages_id: int, addrs: np.nd
         lens = np.diff(np.append(brk, addrs.size))
     flags = np.where(in_parent[brk], PE_PARENT, PE_PRESENT).astype(np.uint32)
     flags |= np.where(lazy[brk], PE_LAZY, 0).astype(np.uint32)
-    data = encode_pagemap(pages_id, addrs[brk], lens.astype(np.uint64), flags)
+    data = encode_pagemap(pages_id, addrs[brk], lens.astype(np.uint64), flags, wide)
     _fsync_write(os.path.join(out_dir, name), [data])
     sel = np.flatnonzero(~in_parent)
     s_src, s_row = src[sel], row[sel]

@@ -439,7 +439,7 @@ def _write(base: ImageSet, out_dir, parent: Optional[ImageSet],
             if pt is not None:
                 in_parent = ~_changed_pages(tt, pt, ps, _core)
             e, w = _img.write_pagemap_and_pages(ad.tmp, n, pm.pages_id, addrs, in_parent, lazy,
-                                                key, sources, src, row, ps)
+                                                key, sources, src, row, ps, wide=pm.wide)
             total_e += e
             total_w += w
             total_p += int(in_parent.sum())
