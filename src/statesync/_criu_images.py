@@ -60,7 +60,9 @@ def _varint(buf: bytes, pos: int, end: int, path, base: int) -> Tuple[int, int]:
         pos += 1
         result |= (b & 0x7F) << shift
         if b < 0x80:
-            return result, pos
+            # Protobuf keeps the low 64 bits of an over-long varint; so do we, so a
+            # value never overflows the uint64 arrays it goes into.
+            return result & 0xFFFFFFFFFFFFFFFF, pos
         shift += 7
         if shift >= 70:
             raise CriuImageError("varint longer than 10 bytes", path, base + start)
