@@ -59,7 +59,9 @@ def test_bad_targets_name_the_field(kw, fld):
 
 def test_bad_round_stats_and_codec():
     with pytest.raises(KpiInputError, match="RoundStats.duration_s"):
-        RoundStats(0, 0.0, 1, 1, 1)
+        RoundStats(0, -1.0, 1, 1, 1)
+    with pytest.raises(KpiInputError, match="RoundStats.dirty_pages: is NaN"):
+        RoundStats(0, 1.0, 1, 1, math.nan)
     with pytest.raises(KpiInputError, match="RoundStats.transfer_s"):
         RoundStats(0, 1.0, 1, 1, 1, transfer_s=2.0)
     with pytest.raises(KpiInputError, match="Codec.ratio"):
@@ -123,16 +125,29 @@ def test_working_set_bounds_the_dirty_set():
 
 def test_dirty_curve_calibrates_from_rounds():
     m = CostModel(obs())
-    m.observe_round(RoundStats(0, 1.0, 1000, 4096000, 300, transfer_s=1.0), "none")
-    # anchored on the measurement: 300 pages in 1 s; exponent = prior local slope at t=1
-    z = 0.1
-    slope = z * math.exp(-z) / (1 - math.exp(-z))
-    assert m.dirty_pages(1.0) == pytest.approx(300)
-    assert m.dirty_pages(0.5) == pytest.approx(300 * 0.5 ** slope)
-    # the next round is half as long but dirties as much: a saturated hot set (b = 0)
+    # prior: 100 writes/s over 1000 pages -> 95.16 pages in 1 s, 181.3 in 2 s
+    assert m.dirty_pages(2.0) == pytest.approx(1000 * (1 - math.exp(-0.2)))
+    # round 0: 2 s dirtied 300 pages, more than the prior says: the rate is refitted to
+    # d = -1000 ln(1 - 0.3) / 2 = 178.34 /s and the curve passes through the point
+    m.observe_round(RoundStats(0, 2.0, 1000, 4096000, 300, transfer_s=2.0), "none")
+    d = -1000 * math.log(0.7) / 2
+    assert m.dirty_rate == pytest.approx(d)
+    p1 = 1000 * (1 - math.exp(-d / 1000))  # 163.3 pages in 1 s
+    assert m.dirty_pages(2.0) == pytest.approx(300)
+    assert m.dirty_pages(1.0) == pytest.approx(p1)
+    # in between: linear in log-log
+    slope = math.log(300 / p1) / math.log(2)
+    assert m.dirty_pages(1.5) == pytest.approx(p1 * 1.5 ** slope)
+    assert m.dirty_pages(4.0) == pytest.approx(300 * 2 ** slope)
+    # round 1: half a second dirtied 300 pages as well: a saturated hot set; the 1 s point
+    # (fewer pages over a longer window) contradicts it and goes, the curve is flat
     m.observe_round(RoundStats(1, 0.5, 300, 300 * 4096, 300, transfer_s=0.3), "none")
-    b = (slope + 0.0) / 2
-    assert m.dirty_pages(0.25) == pytest.approx(300 * 0.5 ** b)
+    assert m.dirty_pages(1.0) == pytest.approx(300)
+    assert m.dirty_pages(0.25) == pytest.approx(300)
+    # round 2: a writer that speeds up: 0.3 s dirtied 400 pages; older points contradict it
+    m.observe_round(RoundStats(2, 0.3, 300, 300 * 4096, 400, transfer_s=0.3), "none")
+    assert m.dirty_pages(0.3) == pytest.approx(400)
+    assert m.dirty_pages(0.6) >= 400
 
 
 def test_bandwidth_ratio_and_round_cost_calibrate():

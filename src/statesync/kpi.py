@@ -46,11 +46,11 @@ def _num(owner: str, name: str, value, *, positive=False, nonneg=False, allow_in
                 raise TypeError
         except TypeError:
             raise KpiInputError(where, f"must be a number (got {type(value).__name__} {value!r})") from None
-    if integer and not float(value).is_integer():
-        raise KpiInputError(where, f"must be a whole number (got {value!r})")
     v = float(value)
     if math.isnan(v):
         raise KpiInputError(where, "is NaN; pass a measured value")
+    if integer and math.isfinite(v) and not v.is_integer():
+        raise KpiInputError(where, f"must be a whole number (got {value!r})")
     if math.isinf(v) and not allow_inf:
         raise KpiInputError(where, f"must be finite (got {v})")
     if positive and not v > 0:
@@ -244,7 +244,7 @@ class RoundStats:
     def __post_init__(self):
         o = "RoundStats"
         _num(o, "index", self.index, nonneg=True, integer=True)
-        _num(o, "duration_s", self.duration_s, positive=True)
+        _num(o, "duration_s", self.duration_s, nonneg=True)
         _num(o, "pages_sent", self.pages_sent, nonneg=True, integer=True)
         _num(o, "bytes_sent", self.bytes_sent, nonneg=True, integer=True)
         _num(o, "dirty_pages", self.dirty_pages, nonneg=True, integer=True)
@@ -312,6 +312,7 @@ class Option:
     total_time_s: float
     wire_bytes: float
     final_pages: float
+    final_copy_s: float = 0.0   # the part of downtime_s that scales with final_pages (dump + transfer)
 
 
 # --------------------------------------------------------------------------- the model
@@ -363,8 +364,12 @@ class CostModel:
         self.codecs: Dict[str, List[float]] = {NO_CODEC: [1.0, math.inf, math.inf]}
         for c in obs.codecs:
             self.codecs[c.name] = [float(c.ratio), float(c.encode_bytes_per_s), float(c.decode_bytes_per_s)]
-        self._anchor: Optional[Tuple[float, float]] = None  # (t_m, x_m)
-        self._exponent: Optional[float] = None
+        # measured (window seconds, distinct dirty pages), sorted by window; starts with
+        # the prior curve's value at 1 s (what the probe measured) as a pseudo-point
+        self._points: List[Tuple[float, float]] = []
+        if self.dirty_rate > 0:
+            self._points.append((1.0, self._prior(1.0)))
+        self.measured_rounds = 0
         self._dump_samples: List[Tuple[float, float]] = []
         self._restore_samples: List[Tuple[float, float]] = []
 
@@ -374,14 +379,7 @@ class CostModel:
         ratio, enc, dec = self.codecs[codec]
         return min(bandwidth * ratio, enc, dec)
 
-    def dirty_pages(self, t: float) -> float:
-        """Predicted distinct pages written during a window of ``t`` seconds."""
-        if t <= 0:
-            return 0.0
-        if self._anchor is not None:
-            tm, xm = self._anchor
-            b = self._exponent if self._exponent is not None else self._prior_slope(tm)
-            return min(xm * (t / tm) ** b, float(self.state_pages))
+    def _prior(self, t: float) -> float:
         w, d = self.working_set, self.dirty_rate
         return -w * math.expm1(-d * t / w)
 
@@ -393,6 +391,32 @@ class CostModel:
         if z > 50:
             return 0.0
         return z * math.exp(-z) / -math.expm1(-z)
+
+    def dirty_pages(self, t: float) -> float:
+        """Predicted distinct pages written during a window of ``t`` seconds."""
+        if t <= 0:
+            return 0.0
+        pts = self._points
+        if self.measured_rounds == 0 or not pts:
+            return self._prior(t)
+        cap = self.working_set
+        if len(pts) == 1:
+            (t0, x0), = pts
+            return min(x0 * (t / t0) ** self._prior_slope(t0), max(cap, x0))
+        lt = math.log(t)
+        if t <= pts[0][0]:
+            (ta, xa), (tb, xb) = pts[0], pts[1]
+            anchor_t, anchor_x = ta, xa
+        elif t >= pts[-1][0]:
+            (ta, xa), (tb, xb) = pts[-2], pts[-1]
+            anchor_t, anchor_x = tb, xb
+        else:
+            i = next(i for i in range(1, len(pts)) if pts[i][0] >= t)
+            (ta, xa), (tb, xb) = pts[i - 1], pts[i]
+            anchor_t, anchor_x = ta, xa
+        slope = math.log(xb / xa) / math.log(tb / ta)
+        slope = min(1.0, max(0.0, slope))   # a dirty set grows with the window, at most linearly
+        return min(anchor_x * math.exp(slope * (lt - math.log(anchor_t))), max(cap, pts[-1][1]))
 
     def round_time(self, pages: float, codec: str, bandwidth: float) -> float:
         return self.round_fixed + self.rtt + pages * self.page_size / self.throughput(codec, bandwidth)
@@ -418,9 +442,9 @@ class CostModel:
         pages at time ``elapsed_s`` with ``sent_bytes`` already on the wire. Stops
         early once rounds no longer shrink the dirty set (later options are dominated) or
         the rounds alone overrun ``time_limit_s``."""
-        out = [Option(0, self.downtime(pending, codec, bandwidth),
-                      elapsed_s + self.downtime(pending, codec, bandwidth),
-                      sent_bytes + self.wire_bytes(pending, codec), pending)]
+        fixed = self.downtime(0.0, codec, bandwidth)
+        dt0 = self.downtime(pending, codec, bandwidth)
+        out = [Option(0, dt0, elapsed_s + dt0, sent_bytes + self.wire_bytes(pending, codec), pending, dt0 - fixed)]
         x, t_acc, b_acc = float(pending), float(elapsed_s), float(sent_bytes)
         for j in range(1, max_rounds + 1):
             t = self.round_time(x, codec, bandwidth)
@@ -430,7 +454,7 @@ class CostModel:
                 break
             nx = self.dirty_pages(t)
             dt = self.downtime(nx, codec, bandwidth)
-            out.append(Option(j, dt, t_acc + dt, b_acc + self.wire_bytes(nx, codec), nx))
+            out.append(Option(j, dt, t_acc + dt, b_acc + self.wire_bytes(nx, codec), nx, dt - fixed))
             if nx >= x * 0.999 and j > 1:
                 break
             x = nx
@@ -456,16 +480,38 @@ class CostModel:
                 self.bandwidth = max(self.bandwidth, wire_rate)
             overhead = max(0.0, r.duration_s - r.transfer_s - self.rtt)
             self.round_fixed = (1 - a) * self.round_fixed + a * overhead
-        t, x = float(r.duration_s), float(r.dirty_pages)
-        if self._anchor is not None:
-            tm, xm = self._anchor
-            if xm > 0 and x > 0 and abs(math.log(t / tm)) > 0.1:
-                b = min(1.0, max(0.0, math.log(x / xm) / math.log(t / tm)))
-                prev = self._exponent if self._exponent is not None else self._prior_slope(tm)
-                self._exponent = (1 - a) * prev + a * b
-        elif t > 0:
-            self._exponent = self._prior_slope(t)
-        self._anchor = (t, x)
+        if r.duration_s > 0:  # an empty round (nothing to send, no fixed cost) says nothing
+            self._add_point(float(r.duration_s), float(r.dirty_pages))
+            self.measured_rounds += 1
+
+    def _add_point(self, t: float, x: float) -> None:
+        """Add a measured (window, dirty pages) point. Older points that contradict it
+        (a longer window with fewer pages, a shorter one with more, or about the same
+        window) are dropped: the newest measurement wins, so a rate that rises or bursts
+        is followed instead of averaged away."""
+        x = max(x, 0.5)
+        if self.measured_rounds == 0:
+            self._refit_prior(t, x)
+        keep = []
+        for tp, xp in self._points:
+            if abs(math.log(tp / t)) < 0.05 or (tp < t and xp > x) or (tp > t and xp < x):
+                continue
+            keep.append((tp, xp))
+        keep.append((t, x))
+        keep.sort()
+        self._points = keep[-8:] if len(keep) > 8 else keep
+
+    def _refit_prior(self, t: float, x: float) -> None:
+        """First measured round: if it dirtied more than the prior curve predicts, the
+        writer is faster than the probe saw; refit the rate so the curve passes through
+        (t, x). Fewer pages than predicted is not refitted into a smaller working set:
+        a saturated set and a hot/cold split look the same after one round and call for
+        opposite decisions, so the next round's measurement settles it (the exponent)."""
+        w, d = self.working_set, self.dirty_rate
+        pred = -w * math.expm1(-d * t / w) if d > 0 else 0.0
+        if x > 1.05 * pred:
+            self.dirty_rate = (-w * math.log1p(-x / w) / t) if x < w else 50.0 * w / t
+            self._points = [(1.0, self._prior(1.0))]
 
     @staticmethod
     def _fit(samples, fixed, per_byte):

@@ -107,6 +107,7 @@ class BaseScheduler:
         self.elapsed_s = 0.0
         self.sent_bytes = 0.0
         self.rounds = []
+        self._waited = 0
 
     def _adopt(self, p: Plan) -> None:
         self.current = p
@@ -308,8 +309,12 @@ class AdaptiveScheduler(BaseScheduler):
     name = "adaptive"
 
     def __init__(self, min_gain_s: float = 0.002, min_gain_fraction: float = 0.02, margin: float = 0.05,
-                 max_rounds: int = 30, abort_when_infeasible: bool = False, codecs: bool = True):
+                 risk: float = 0.25, max_rounds: int = 30, max_wait_rounds: int = 8,
+                 abort_when_infeasible: bool = False, codecs: bool = True):
         super().__init__()
+        self.risk = float(risk)
+        self.max_wait_rounds = int(max_wait_rounds)
+        self._waited = 0
         self.min_gain_s = float(min_gain_s)
         self.min_gain_fraction = float(min_gain_fraction)
         self.margin = float(margin)
@@ -341,18 +346,31 @@ class AdaptiveScheduler(BaseScheduler):
         t = self.targets
         ok = [(c, o) for c, o in cands if self._meets(o, exact_first and o.rounds == 0)]
         key_tie = lambda co: (co[1].rounds, co[1].wire_bytes, co[0])  # noqa: E731
+
+        def least_downtime(pool):
+            # the copy part of a downtime is the uncertain part (link, CRIU per-MiB cost):
+            # compare options as if it were `risk` longer, so a near-tie goes to the safer one
+            rdt = {id(co): co[1].downtime_s + self.risk * co[1].final_copy_s for co in pool}
+            best = min(rdt.values())
+            safe = min(co[1].downtime_s for co in pool) <= t.max_downtime_s * (1 - self.margin)
+            # a gain too small to pay for a round is still worth it near or over the target
+            tol = max(self.min_gain_s, self.min_gain_fraction * best) if safe else 1e-4
+            return min((co for co in pool if rdt[id(co)] <= best + tol), key=key_tie)
+
         if ok:
             obj = t.objective
             if obj == "min_downtime":
-                best = min(o.downtime_s for _, o in ok)
-                tol = max(self.min_gain_s, self.min_gain_fraction * best)
-                near = [co for co in ok if co[1].downtime_s <= best + tol]
-                return min(near, key=key_tie) + (True,)
+                return least_downtime(ok) + (True,)
             if obj == "min_resources":
                 return min(ok, key=lambda co: (co[1].wire_bytes, co[1].rounds, co[0])) + (True,)
             w = obj
             return min(ok, key=lambda co: (w.cost(co[1].downtime_s, co[1].total_time_s, co[1].wire_bytes),)
                        + key_tie(co)) + (True,)
+        if t.objective == "min_downtime":
+            # downtime comes first: the least one within max total time, else the least one
+            in_time = [co for co in cands if co[1].total_time_s <= t.max_total_time_s * (1 - self.margin)]
+            return least_downtime(in_time or cands) + (False,)
+
         def overrun(co):
             o = co[1]
             return max(o.downtime_s / t.max_downtime_s, o.total_time_s / t.max_total_time_s)
@@ -426,10 +444,39 @@ class AdaptiveScheduler(BaseScheduler):
             return Decision(ABORT, f"targets unreachable: best predicted downtime {opt.downtime_s:.3f} s, "
                                    f"total {opt.total_time_s:.3f} s", **kw)
         tag = "" if ok else "infeasible, least overrun: "
+        if opt.rounds == 0 and len(self.rounds) < self.max_rounds:
+            wait = self._quieter_phase(x, codec, min(bw, m.bandwidth), opt)
+            if wait is not None:
+                return self._continue(wait, **kw)
         if opt.rounds == 0 or len(self.rounds) >= self.max_rounds:
             return self._stop(f"{tag}stop now: {int(x)} pages, predicted downtime {opt.downtime_s:.3f} s", **kw)
         return self._continue(f"{tag}{opt.rounds} more round(s) lower predicted downtime to "
                               f"{opt.downtime_s:.3f} s", **kw)
+
+
+    def _quieter_phase(self, x: float, codec: str, bw: float, now: Option) -> Optional[str]:
+        """A bursty writer: the model (fitted to the latest rounds) says stop, but an earlier
+        live round left far fewer dirty pages. If time allows, one more round may land in a
+        quieter phase; a steadily rising writer (the dirty set grew over the last rounds)
+        is not waited for. Only for objectives that value downtime."""
+        t = self.targets
+        if t.objective == "min_resources" or len(self.rounds) < 3 or self._waited >= self.max_wait_rounds:
+            return None
+        seen = [r.dirty_pages for r in self.rounds[1:]]
+        best = min(seen)
+        last3 = [r.dirty_pages for r in self.rounds[-3:]]
+        if last3[0] < last3[1] < last3[2]:
+            return None  # rising
+        m = self.model
+        gain = now.downtime_s - m.downtime(best, codec, bw)
+        if gain <= max(self.min_gain_s, self.min_gain_fraction * now.downtime_s):
+            return None
+        worst_end = self.elapsed_s + m.round_time(x, codec, bw) + now.downtime_s
+        if worst_end > t.max_total_time_s * (1 - self.margin):
+            return None
+        self._waited += 1
+        return (f"waiting for a quieter phase: {int(x)} dirty pages now, {best} after an earlier round "
+                f"(downtime {now.downtime_s:.3f} s vs {now.downtime_s - gain:.3f} s)")
 
 
 def _pareto(opts: List[Option]) -> Tuple[Option, ...]:
