@@ -155,12 +155,9 @@ class MemorySource:
         self.tracker = None
 
     def present_pages(self) -> np.ndarray:
-        if self._proc is not None:
-            try:
-                vmas = self._proc.read_maps(self.pid)
-                return np.asarray(self._proc.present_pages(self.pid, vmas), dtype=np.uint64)
-            except (AttributeError, TypeError):
-                pass
+        """The pages CRIU would dump (present or swapped, anonymous, in private
+        mappings): what round 0 sends. Page-cache pages of mapped files are left out,
+        as CRIU leaves them out."""
         return present_pages_fallback(self.pid)
 
     def read(self, addrs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

@@ -206,57 +206,25 @@ def _ns_pid(pid: int) -> int:
     return pid
 
 
-# --------------------------------------------------------------------------- stop rule
+# --------------------------------------------------------------------------- costs
 
 
 @dataclass
-class CostModel:
-    """What the engine predicts the switch-over costs (seconds, bytes/s).
+class CriuCosts:
+    """Prior switch-over costs handed to the scheduler's model (it recalibrates the
+    link and the dirty rate from the rounds). ``dump``: CRIU's frozen dump plus the
+    engine's content diff of the dump; ``restore``: assembling the image set at the
+    destination plus ``criu restore`` until the process runs. Defaults measured with
+    CRIU 4.1 on this project's machines (2 cores, images on tmpfs); see the benchmark."""
 
-    downtime = dump_fixed + state_bytes / dump_rate + final_bytes / link_rate
-               + restore_fixed + state_bytes / restore_rate
-    Defaults measured on this project's machines with CRIU 4.1 and tmpfs images;
-    ``calibrate`` replaces them from a finished migration's report.
-    """
-
-    dump_fixed_s: float = 0.045
-    dump_rate_Bps: float = 1.0e9
-    restore_fixed_s: float = 0.14
-    restore_rate_Bps: float = 1.2e9
-    compression_ratio: float = 1.0
-
-    def downtime(self, state_bytes: float, final_bytes: float, link_Bps: float) -> float:
-        return (self.dump_fixed_s + state_bytes / self.dump_rate_Bps
-                + final_bytes * self.compression_ratio / max(link_Bps, 1.0)
-                + self.restore_fixed_s + state_bytes / self.restore_rate_Bps)
+    dump_fixed_s: float = 0.03
+    dump_s_per_mib: float = 0.0014
+    restore_fixed_s: float = 0.10
+    restore_s_per_mib: float = 0.0012
 
 
-class _BuiltinStopRule:
-    """Used when :mod:`statesync.scheduler` is not available: continue while the dirty
-    set still shrinks by >= 10% per round and the predicted downtime is above the
-    target; never more than ``max_rounds``."""
-
-    name = "builtin"
-
-    def __init__(self, max_rounds: int, max_downtime_s: float):
-        self.max_rounds = max_rounds
-        self.max_downtime_s = max_downtime_s
-        self.prev_dirty: Optional[int] = None
-
-    def should_stop(self, rnd: RoundReport, predicted_s: float, rounds_done: int) -> str:
-        d = rnd.dirty_pages_after
-        try:
-            if rounds_done >= self.max_rounds:
-                return "max rounds"
-            if predicted_s <= self.max_downtime_s:
-                return "predicted downtime within target"
-            if d == 0:
-                return "nothing dirty"
-            if self.prev_dirty is not None and d > 0.9 * self.prev_dirty:
-                return "dirty set no longer shrinks"
-            return ""
-        finally:
-            self.prev_dirty = d
+_KPI_CODEC = {"raw": "none", "lz4": "lz4"}
+_ENGINE_CODEC = {"none": None, "lz4": "lz4"}
 
 
 # --------------------------------------------------------------------------- source
@@ -278,27 +246,30 @@ def _parse_hostport(text: str, default_host: str = "127.0.0.1") -> Tuple[str, in
 
 class _SourceAgent:
     def __init__(self, pid: int, dest: str, secret: bytes, strategy: str,
-                 tracker: str, compression: Optional[str], max_rounds: int,
-                 max_downtime_s: float, work_dir: Optional[str], io_timeout: float,
+                 tracker: str, compression: str, max_rounds: int, targets,
+                 scheduler_name: str, work_dir: Optional[str], io_timeout: float,
                  progress: Optional[Callable[[dict], None]], criu_args: List[str],
-                 link_rate_Bps: Optional[float], model: CostModel, scheduler,
+                 link_rate_Bps: Optional[float], costs: "CriuCosts",
                  netns: Optional[str] = None):
         self.pid = pid
         self.netns = netns
         self.dest = dest
         self.secret = secret
-        self.strategy = strategy
+        self.strategy = strategy            # as asked
+        self.mode = strategy                # what runs: cold / precopy / iterative
         self.tracker_method = tracker
-        self.codec = PageCodec(compression)
+        self.compression = compression      # "auto" (scheduler picks), "none", "lz4"
+        self.codec = PageCodec(None if compression in ("auto", "none") else compression)
         self.max_rounds = max_rounds
-        self.max_downtime_s = max_downtime_s
+        self.targets = targets
+        self.scheduler_name = scheduler_name
+        self.sched = None
         self.work_dir = work_dir
         self.io_timeout = io_timeout
         self.progress = progress or (lambda ev: None)
         self.criu_args = list(criu_args)
         self.link_rate_Bps = link_rate_Bps
-        self.model = model
-        self.scheduler = scheduler
+        self.costs = costs
         self.mem = MemorySource(pid)
         self.shadow = PageTable(2, np.uint64)     # hash of each page the destination holds
         self.report = Report(pid=pid, dest=dest, strategy=strategy, codec=self.codec.name,
@@ -306,6 +277,8 @@ class _SourceAgent:
         self.chan: Optional[wire.Channel] = None
         self.stopped_pids: List[int] = []
         self.committed = False
+        self.state_addrs = np.zeros(0, dtype=np.uint64)
+        self.t_start = 0.0
 
     def _emit(self, kind: str, **kw) -> None:
         try:
@@ -362,51 +335,121 @@ class _SourceAgent:
         return RoundReport(index=index, pages=n, bytes_raw=n * PAGE_SIZE, bytes_wire=nbytes,
                            duration_s=dt)
 
-    def _link_Bps(self) -> float:
-        if self.link_rate_Bps:
-            return self.link_rate_Bps
-        rs = [r for r in self.report.rounds if r.duration_s > 0 and r.bytes_wire > (1 << 20)]
-        if rs:
-            return sum(r.bytes_wire for r in rs) / sum(r.duration_s for r in rs)
-        return 12.5e6  # nothing measured yet: assume 100 Mbit/s
+    def _sample_codec(self):
+        """Measure lz4 on up to 256 of the process's pages: a kpi.Codec."""
+        import lz4.block
+        from . import kpi
+        n = self.state_addrs.size
+        if n == 0:
+            return None
+        take = np.unique(self.state_addrs[np.linspace(0, n - 1, min(n, 256)).astype(np.int64)])
+        pages, ok = self.mem.read(take)
+        raw = np.ascontiguousarray(pages[ok]).tobytes()
+        if not raw:
+            return None
+        t0 = time.perf_counter()
+        comp = lz4.block.compress(raw, store_size=False)
+        t1 = time.perf_counter()
+        lz4.block.decompress(comp, uncompressed_size=len(raw))
+        t2 = time.perf_counter()
+        return kpi.Codec("lz4", len(raw) / max(len(comp), 1), len(raw) / max(t1 - t0, 1e-6),
+                         len(raw) / max(t2 - t1, 1e-6))
 
-    def _predict(self, dirty_pages: int, state_pages: int) -> float:
-        return self.model.downtime(state_pages * PAGE_SIZE, dirty_pages * PAGE_SIZE,
-                                   self._link_Bps())
+    async def _plan(self) -> None:
+        """Observe (state size, dirty rate, codec), ask the scheduler for a plan."""
+        from . import kpi, scheduler
+        from .errors import Infeasible
+        rep = self.report
+        self.state_addrs = await asyncio.to_thread(self.mem.present_pages)
+        rate = 0.0
+        if self.strategy != "cold":
+            rep.tracker = await asyncio.to_thread(self.mem.attach_tracker, self.tracker_method)
+            t0 = time.monotonic()
+            await asyncio.sleep(0.1)
+            probe = await asyncio.to_thread(self.mem.collect)
+            rate = probe.size / max(time.monotonic() - t0, 1e-3)
+        codecs = ()
+        if self.compression in ("auto", "lz4"):
+            c = await asyncio.to_thread(self._sample_codec)
+            codecs = (c,) if c is not None else ()
+        obs = kpi.Observations(
+            state_bytes=max(1, int(self.state_addrs.size)) * PAGE_SIZE,
+            dirty_rate_pages_per_s=rate,
+            bandwidth_bytes_per_s=self.link_rate_Bps or 12.5e6,
+            dump_fixed_s=self.costs.dump_fixed_s, dump_s_per_mib=self.costs.dump_s_per_mib,
+            restore_fixed_s=self.costs.restore_fixed_s,
+            restore_s_per_mib=self.costs.restore_s_per_mib,
+            rtt_s=0.001, codecs=codecs)
+        targets = self.targets or kpi.Targets(max_downtime_s=1.0)
+        self.sched = scheduler.get(self.scheduler_name)
+        rep.scheduler = getattr(self.sched, "name", self.scheduler_name)
+        try:
+            plan = self.sched.plan(obs, targets)
+        except Infeasible as exc:
+            plan = exc.best
+            rep.notes.append(f"targets not achievable ({exc}); running the best plan")
+        if self.strategy == "auto":
+            self.mode = "iterative" if plan.strategy == "precopy" else "cold"
+        if self.compression == "auto":
+            self.codec = PageCodec(_ENGINE_CODEC.get(plan.codec, None))
+        rep.codec = self.codec.name
+        rep.strategy = self.mode if self.strategy == self.mode else f"{self.strategy}->{self.mode}"
+        if self.mode == "cold":
+            if self.mem.tracker is not None:
+                self.mem.detach()
+                rep.tracker = ""
+            model = kpi.CostModel(obs)
+            rep.predicted_downtime_s = model.downtime(self.state_addrs.size,
+                                                      _KPI_CODEC[self.codec.name], obs.bandwidth_bytes_per_s)
+        self._emit("plan", strategy=self.mode, codec=self.codec.name, state_pages=int(self.state_addrs.size),
+                   dirty_rate_pages_per_s=rate, predicted_downtime_s=plan.predicted_downtime_s,
+                   reason=plan.reason)
 
     async def _precopy(self) -> None:
-        rounds_allowed = 1 if self.strategy == "precopy" else self.max_rounds
-        method = await asyncio.to_thread(self.mem.attach_tracker, self.tracker_method)
-        self.report.tracker = method
-        addrs = await asyncio.to_thread(self.mem.present_pages)
-        state_pages = int(addrs.size)
+        from . import kpi
+        rep = self.report
+        addrs = self.state_addrs
         index = 0
         while True:
             rnd = await self._round(index, addrs)
-            self.report.rounds.append(rnd)
+            rep.rounds.append(rnd)
             dirty = await asyncio.to_thread(self.mem.collect)
             rnd.dirty_pages_after = int(dirty.size)
-            rnd.predicted_downtime_s = self._predict(dirty.size, state_pages)
-            if self.scheduler is not None:
-                reason = self.scheduler.should_stop(rnd, rnd.predicted_downtime_s, index + 1)
+            kcodec = _KPI_CODEC[self.codec.name]
+            d = self.sched.on_round(kpi.RoundStats(
+                index=index, duration_s=max(rnd.duration_s, 1e-6), pages_sent=rnd.pages,
+                bytes_sent=rnd.bytes_wire, dirty_pages=rnd.dirty_pages_after,
+                transfer_s=max(rnd.duration_s, 1e-6), elapsed_s=time.monotonic() - self.t_start,
+                codec=kcodec))
+            m = self.sched.model
+            rnd.predicted_downtime_s = m.downtime(dirty.size, kcodec, m.bandwidth)
+            if d.action is kpi.ABORT:
+                raise MigrationError(f"scheduler {rep.scheduler} aborted: {d.reason}", "precopy")
+            if self.mode == "precopy":
+                reason = "precopy: one round"
+            elif d.action is not kpi.CONTINUE:
+                reason = d.reason or "scheduler: stop and copy"
+            elif index + 1 >= self.max_rounds:
+                reason = f"max rounds ({self.max_rounds})"
             else:
-                reason = "precopy" if index + 1 >= rounds_allowed else ""
-            if index + 1 >= rounds_allowed and not reason:
-                reason = "max rounds"
-            rnd.decision = reason or "continue"
+                reason = ""
+            rnd.decision = reason or f"continue: {d.reason}"
             self._emit("round", round=index, pages=rnd.pages, bytes_wire=rnd.bytes_wire,
                        duration_s=rnd.duration_s, mbps=rnd.mbps, dirty_pages=rnd.dirty_pages_after,
                        predicted_downtime_s=rnd.predicted_downtime_s, decision=rnd.decision)
             if reason:
                 break
+            if self.compression == "auto" and d.codec in _ENGINE_CODEC:
+                self.codec = PageCodec(_ENGINE_CODEC[d.codec])
+                rep.codec = self.codec.name
             index += 1
             addrs = dirty
-        self.report.predicted_downtime_s = self.report.rounds[-1].predicted_downtime_s
+        rep.predicted_downtime_s = rep.rounds[-1].predicted_downtime_s
         self.mem.detach()
 
     async def run(self) -> Report:
         host, port = _parse_hostport(self.dest)
-        t_start = time.monotonic()
+        t_start = self.t_start = time.monotonic()
         phase = "connect"
         try:
             try:
@@ -421,7 +464,9 @@ class _SourceAgent:
                                                    "strategy": self.strategy,
                                                    "codec": self.codec.name})
             await self.chan.expect(wire.READY)
-            if self.strategy != "cold":
+            phase = "plan"
+            await self._plan()
+            if self.mode != "cold":
                 phase = "precopy"
                 await self._precopy()
             phase = "switchover"
@@ -881,23 +926,27 @@ def serve_destination(listen: str = f"127.0.0.1:{DEFAULT_PORT}", images_dir: str
 
 
 def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=None, *,
-            tracker: str = "auto", compression: Optional[str] = None, max_rounds: int = 8,
-            work_dir: Optional[str] = None, io_timeout: float = 30.0,
-            progress: Optional[Callable[[dict], None]] = None, criu_args=(),
-            link_rate: Optional[float] = None, scheduler: Optional[str] = None,
-            model: Optional[CostModel] = None, netns: Optional[str] = None) -> Report:
+            tracker: str = "auto", compression: Optional[str] = "auto", max_rounds: int = 10,
+            scheduler: str = "adaptive", work_dir: Optional[str] = None,
+            io_timeout: float = 30.0, progress: Optional[Callable[[dict], None]] = None,
+            criu_args=(), link_rate: Optional[float] = None,
+            costs: Optional[CriuCosts] = None, netns: Optional[str] = None) -> Report:
     """Live-migrate process ``pid`` (and its children) to the destination agent at
     ``dest`` (``HOST:PORT``). Returns a :class:`~statesync.report.Report`.
 
-    ``strategy``: ``cold`` (dump, send all, restore), ``precopy`` (one round while
-    running), ``iterative`` (rounds until the stop rule says the downtime will not
-    improve), ``auto`` (iterative). ``compression``: ``None`` or ``"lz4"``.
+    ``strategy``: ``cold`` (dump, send everything, restore), ``precopy`` (one live
+    round, then switch over), ``iterative`` (live rounds until the scheduler says stop,
+    at most ``max_rounds``), ``auto`` (the scheduler's plan decides cold or iterative).
+    ``targets``: a :class:`statesync.kpi.Targets` (default: max downtime 1 s).
+    ``scheduler``: a name for :func:`statesync.scheduler.get` (default ``adaptive``).
+    ``compression``: ``"auto"`` (the scheduler picks from the link rate and a
+    measured lz4 sample), ``None``/``"none"``, or ``"lz4"``.
     ``tracker``: a :class:`statesync.Tracker` method (``auto``, ``uffd``, ``hash``).
-    ``targets``: a :class:`statesync.kpi.Targets` (its max downtime bounds the stop
-    rule). ``link_rate`` (bits/s) overrides the bandwidth measured in round 0 for
-    predictions. ``io_timeout`` (s) bounds every wait on the peer. ``netns``: make
+    ``link_rate`` (bits/s): the link's rate if known (else 100 Mbit/s until round 0
+    measured it). ``io_timeout`` (s) bounds every wait on the peer. ``netns``: make
     the connection from this named network namespace (/run/netns/NAME) instead of
-    the caller's, as the two-host testbed does.
+    the caller's, as the two-host testbed does; CRIU always runs in the target's
+    network namespace.
 
     On failure raises :class:`MigrationError` (``.phase``, ``.report``); the process
     then runs on at the source with its state intact (``report.source_resumed``).
@@ -905,25 +954,18 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if compression not in (None, "none", "auto", "lz4"):
+        raise ValueError(f"unknown compression {compression!r} (auto, none, lz4)")
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
     if not os.path.exists(f"/proc/{int(pid)}"):
         from .errors import NoSuchProcess
         raise NoSuchProcess(int(pid), "no such process: nothing to migrate")
     key = wire.load_secret(secret)
-    strat = "iterative" if strategy == "auto" else strategy
-    max_down = float("inf")
-    if targets is not None:
-        for attr in ("max_downtime_s", "max_downtime"):
-            if getattr(targets, attr, None):
-                max_down = float(getattr(targets, attr))
-                break
-    rule = _BuiltinStopRule(max_rounds if strat == "iterative" else 1,
-                            max_down if math.isfinite(max_down) else 0.0)
-    agent = _SourceAgent(int(pid), dest, key, strat, tracker, compression,
-                         max_rounds if strat == "iterative" else 1, max_down, work_dir,
-                         io_timeout, progress, list(criu_args),
-                         link_rate / 8 if link_rate else None, model or CostModel(),
-                         rule if strat == "iterative" else None, netns)
-    agent.report.scheduler = rule.name if strat == "iterative" else ""
+    agent = _SourceAgent(int(pid), dest, key, strategy, tracker, compression or "none",
+                         max_rounds, targets, scheduler, work_dir, io_timeout, progress,
+                         list(criu_args), link_rate / 8 if link_rate else None,
+                         costs or CriuCosts(), netns)
     return asyncio.run(agent.run())
 
 
@@ -931,7 +973,11 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
 
 
 def _print_progress(ev: dict) -> None:
-    if ev["event"] == "round":
+    if ev["event"] == "plan":
+        print(f"plan: {ev['strategy']}, codec {ev['codec']}, {ev['state_pages']} pages of state, "
+              f"dirty rate {ev['dirty_rate_pages_per_s']:.0f} pages/s, predicted downtime "
+              f"{ev['predicted_downtime_s'] * 1e3:.0f} ms ({ev['reason']})", flush=True)
+    elif ev["event"] == "round":
         pd = ev["predicted_downtime_s"]
         print(f"round {ev['round']:3d}: {ev['pages']:8d} pages {ev['bytes_wire'] / 1e6:9.2f} MB "
               f"in {ev['duration_s']:6.2f} s ({ev['mbps']:7.1f} MB/s); "
@@ -954,9 +1000,15 @@ def _secret_arg(a) -> bytes:
 def _cmd_migrate(a) -> int:
     report = None
     try:
+        targets = None
+        if a.max_downtime or a.max_time:
+            from .kpi import Targets
+            targets = Targets(max_downtime_s=a.max_downtime or 1.0,
+                              max_total_time_s=a.max_time or math.inf)
         report = migrate(a.pid, a.to, strategy=a.strategy, secret=_secret_arg(a),
-                         tracker=a.tracker, compression=a.compression,
+                         tracker=a.tracker, compression=a.compression, targets=targets,
                          max_rounds=a.max_rounds, io_timeout=a.io_timeout,
+                         scheduler=a.scheduler,
                          progress=None if a.quiet else _print_progress,
                          link_rate=a.link_rate, work_dir=a.work_dir)
         rc = 0
@@ -991,8 +1043,13 @@ def cli_register(sub) -> None:
     p.add_argument("--to", required=True, metavar="HOST:PORT")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto")
     p.add_argument("--tracker", default="auto", help="auto, uffd, hash (dirty-page tracker)")
-    p.add_argument("--compression", choices=["none", "lz4"], default=None)
-    p.add_argument("--max-rounds", type=int, default=8)
+    p.add_argument("--compression", choices=["auto", "none", "lz4"], default="auto")
+    p.add_argument("--max-rounds", type=int, default=10)
+    p.add_argument("--scheduler", default="adaptive", help="scheduler name (statesync.scheduler)")
+    p.add_argument("--max-downtime", type=float, default=None,
+                   help="target: longest acceptable downtime, seconds")
+    p.add_argument("--max-time", type=float, default=None,
+                   help="target: longest acceptable total migration time, seconds")
     p.add_argument("--link-rate", type=float, default=None,
                    help="link rate in bits/s for predictions (default: measured)")
     p.add_argument("--secret-file", help="file holding the shared secret "
