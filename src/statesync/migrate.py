@@ -270,6 +270,7 @@ class _SourceAgent:
         self.criu_args = list(criu_args)
         self.link_rate_Bps = link_rate_Bps
         self.costs = costs
+        self.dump_retries = 2
         self.mem = MemorySource(pid)
         self.shadow = PageTable(2, np.uint64)     # hash of each page the destination holds
         self.report = Report(pid=pid, dest=dest, strategy=strategy, codec=self.codec.name,
@@ -529,15 +530,32 @@ class _SourceAgent:
         prefix = _netns_prefix(self.pid)
         self._emit("phase", phase="dump")
         t0 = time.monotonic()
-        try:
-            await asyncio.to_thread(
-                _run_criu, ["dump", "-t", str(self.pid), "-D", tmp, "-o", "dump.log", "-v2",
-                            "--leave-stopped"] + self.criu_args,
-                os.path.join(tmp, "dump.log"), prefix, 300.0, f"criu dump of pid {self.pid}")
-        except CriuError as exc:
-            # CRIU resumes the tree itself when a dump fails; make sure.
-            self.stopped_pids = pids
-            raise MigrationError(str(exc), "dump") from exc
+        for attempt in range(self.dump_retries + 1):
+            t0 = time.monotonic()
+            try:
+                await asyncio.to_thread(
+                    _run_criu, ["dump", "-t", str(self.pid), "-D", tmp, "-o", "dump.log", "-v2",
+                                "--leave-stopped"] + self.criu_args,
+                    os.path.join(tmp, "dump.log"), prefix, 300.0, f"criu dump of pid {self.pid}")
+                break
+            except CriuError as exc:
+                # CRIU resumes the tree itself when a dump fails. A client connection in
+                # flight at the instant CRIU collects sockets fails a dump ("half of
+                # stream unix connection"): a later attempt usually finds none.
+                self.stopped_pids = pids
+                if attempt == self.dump_retries or not os.path.exists(f"/proc/{self.pid}"):
+                    raise MigrationError(str(exc), "dump") from exc
+                for p in pids:  # as after any failed dump: make sure nothing stays stopped
+                    try:
+                        os.kill(p, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
+                self.stopped_pids = []
+                rep.notes.append(f"dump attempt {attempt + 1} failed, retried: "
+                                 f"{str(exc).splitlines()[-1].strip()}")
+                for name in os.listdir(tmp):
+                    os.unlink(os.path.join(tmp, name))
+                await asyncio.sleep(0.02 * (attempt + 1))
         t_dumped = time.monotonic()
         self.stopped_pids = pids
         rep.criu_dump_stats = _criuimg.read_stats(os.path.join(tmp, "stats-dump"))
@@ -930,7 +948,8 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
             scheduler: str = "adaptive", work_dir: Optional[str] = None,
             io_timeout: float = 30.0, progress: Optional[Callable[[dict], None]] = None,
             criu_args=(), link_rate: Optional[float] = None,
-            costs: Optional[CriuCosts] = None, netns: Optional[str] = None) -> Report:
+            costs: Optional[CriuCosts] = None, netns: Optional[str] = None,
+            dump_retries: int = 2) -> Report:
     """Live-migrate process ``pid`` (and its children) to the destination agent at
     ``dest`` (``HOST:PORT``). Returns a :class:`~statesync.report.Report`.
 
@@ -946,7 +965,8 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     measured it). ``io_timeout`` (s) bounds every wait on the peer. ``netns``: make
     the connection from this named network namespace (/run/netns/NAME) instead of
     the caller's, as the two-host testbed does; CRIU always runs in the target's
-    network namespace.
+    network namespace. ``dump_retries``: further dump attempts when ``criu dump`` fails
+    (e.g. a client connection in flight when CRIU collected sockets).
 
     On failure raises :class:`MigrationError` (``.phase``, ``.report``); the process
     then runs on at the source with its state intact (``report.source_resumed``).
@@ -966,6 +986,7 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
                          max_rounds, targets, scheduler, work_dir, io_timeout, progress,
                          list(criu_args), link_rate / 8 if link_rate else None,
                          costs or CriuCosts(), netns)
+    agent.dump_retries = max(0, int(dump_retries))
     return asyncio.run(agent.run())
 
 
