@@ -45,34 +45,48 @@ def test_pagetable_put_get_overwrite():
         t.get(np.array([0x4000], np.uint64))
 
 
-@pytest.mark.parametrize("compression", [None, "lz4"])
-def test_codec_round_trip_and_rejects_lies(compression):
-    c = PageCodec(compression)
-    addrs = np.arange(5, dtype=np.uint64) * np.uint64(4096) + np.uint64(1 << 30)
-    pages = np.random.default_rng(1).integers(0, 4, size=(5, 4096), dtype=np.uint8)
-    a2, p2 = c.decode(c.encode(addrs, pages))
-    assert np.array_equal(a2, addrs) and np.array_equal(p2, pages)
+@pytest.mark.parametrize("compression,xor", [(None, False), ("lz4", False), ("lz4", True)])
+def test_page_streams_round_trip_and_reject_corruption(compression, xor):
+    from statesync.errors import StreamError
+    from statesync.migrate import decode_pages
+
+    c = PageCodec(compression, xor=xor)
+    addrs = np.arange(6, dtype=np.uint64) * np.uint64(4096) + np.uint64(1 << 30)
+    pages = np.random.default_rng(1).integers(0, 4, size=(6, 4096), dtype=np.uint8)
+    pages[2] = 0
+    table = PageTable(4096)
+    assert decode_pages(c.encode(addrs, pages), table) == 6
+    assert np.array_equal(table.get(addrs), pages)
+    # A second version against what the receiver holds (XOR / unchanged pages).
+    new = pages.copy()
+    new[1, 100:140] ^= 0xFF
+    assert decode_pages(c.encode(addrs, new, pages, np.ones(6, bool)), table) == 6
+    assert np.array_equal(table.get(addrs), new)
     frame = bytearray(c.encode(addrs, pages))
-    frame[1:5] = (10**6).to_bytes(4, "big")  # claims a million pages
-    with pytest.raises(wire.ProtocolError):
-        c.decode(bytes(frame))
-    with pytest.raises(wire.ProtocolError):
-        c.decode(c.encode(addrs, pages)[:-7])
+    frame[len(frame) // 2] ^= 0x01
+    with pytest.raises(StreamError):
+        decode_pages(bytes(frame), table)
+    assert np.array_equal(table.get(addrs), new), "a corrupt stream changed the pages"
 
 
-def test_codec_decode_fuzz():
+def test_page_stream_decode_fuzz():
     from hypothesis import given, settings, strategies as st
+    from statesync.errors import StreamError
+    from statesync.migrate import decode_pages
 
-    c = PageCodec("lz4")
+    good = PageCodec("lz4").encode(np.array([4096, 8192], np.uint64),
+                                   np.full((2, 4096), 7, np.uint8))
 
     @settings(max_examples=200, deadline=None)
-    @given(st.binary(max_size=600))
-    def fuzz(data):
-        try:
-            a, p = c.decode(data)
-        except wire.ProtocolError:
-            return
-        assert p.shape == (a.size, 4096)
+    @given(st.binary(max_size=300), st.integers(0, len(good) - 1), st.integers(1, 255))
+    def fuzz(junk, pos, flip):
+        t = PageTable(4096)
+        for data in (junk, good[:pos], good[:pos] + bytes([good[pos] ^ flip]) + good[pos + 1:]):
+            try:
+                decode_pages(data, t)
+            except StreamError:
+                pass
+        assert len(t) in (0, 2)
 
     fuzz()
 
@@ -223,7 +237,14 @@ STRATEGY_CASES = [
     ("precopy", None),
     ("iterative", None),
     ("iterative", "lz4"),
+    ("iterative", "lz4+xor"),
 ]
+
+
+def _codec_kw(compression):
+    if compression == "lz4+xor":
+        return {"compression": "lz4", "xor": True}
+    return {"compression": compression}
 
 
 @pytest.mark.parametrize("strategy,compression", STRATEGY_CASES)
@@ -237,8 +258,8 @@ def test_migrate_workload_every_strategy(bed, strategy, compression):
         src = bed.client("a")
         box = {}
         t0 = time.monotonic()
-        rep = bed.migrate(strategy=strategy, compression=compression,
-                          progress=_pause_at_dump(src, box))
+        rep = bed.migrate(strategy=strategy, progress=_pause_at_dump(src, box),
+                          **_codec_kw(compression))
         bed.restored.append(rep.restored_pid)
         assert obs.wait_for_beats(5), "restored workload sends no heartbeats"
         gap = obs.max_gap(t0, time.monotonic())
@@ -446,7 +467,7 @@ def test_migrate_redis_under_write_load(bed, strategy, compression):
         time.sleep(0.3)
         t0 = time.monotonic()
         try:
-            rep = bed.migrate(srv.pid, strategy=strategy, compression=compression)
+            rep = bed.migrate(srv.pid, strategy=strategy, **_codec_kw(compression))
         finally:
             time.sleep(0.3)
             prober.stop()

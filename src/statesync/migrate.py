@@ -67,63 +67,96 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 class PageCodec:
-    """Page frames: ``u8 encoding | u32 n | n x u64 addr (LE) | data``.
+    """How pages travel: one :mod:`statesync.stream` stream per batch of at most
+    ``BATCH_PAGES`` pages, carried in one authenticated PAGES frame.
 
-    encoding 0: raw ``n * page_size`` bytes; 1: one LZ4 block of them. The frame MAC
-    (wire) guarantees integrity; here we only check lengths before allocating.
+    ``compression``: ``None`` or ``"lz4"``; ``xor``: XBZRLE deltas against the
+    destination's current copy (the source then keeps a mirror of every page it sent,
+    one page of memory per page of state); ``dedup``: DUP records (default: with
+    compression). All-zero pages always travel as ZERO records.
     """
 
-    def __init__(self, compression: Optional[str] = None, page_size: int = PAGE_SIZE):
+    def __init__(self, compression: Optional[str] = None, xor: bool = False,
+                 dedup: Optional[bool] = None, page_size: int = PAGE_SIZE):
+        from . import stream
         if compression not in (None, "none", "lz4"):
             raise ValueError(f"unknown compression {compression!r} (none or lz4)")
-        self.compression = None if compression in (None, "none") else compression
+        self.compression = None if compression in (None, "none") else "lz4"
+        self.xor = bool(xor)
+        self.dedup = (self.compression is not None) if dedup is None else bool(dedup)
         self.page_size = page_size
-        if self.compression:
-            import lz4.block  # noqa: F401
+        self.encoder = stream.Encoder(page_size, compression=self.compression, xor=self.xor,
+                                      dedup=self.dedup)
 
     @property
     def name(self) -> str:
-        return self.compression or "raw"
+        parts = [self.compression or "none"] + (["xor"] if self.xor else [])
+        return "+".join(parts)
 
-    def encode(self, addrs: np.ndarray, pages: np.ndarray) -> bytes:
-        hdr = struct.pack("!BI", 1 if self.compression else 0, addrs.size)
-        a = np.ascontiguousarray(addrs, dtype="<u8").tobytes()
-        if self.compression:
-            import lz4.block
-            data = lz4.block.compress(np.ascontiguousarray(pages), store_size=False)
-        else:
-            data = np.ascontiguousarray(pages).tobytes()
-        return hdr + a + data
+    def encode(self, addrs: np.ndarray, pages: np.ndarray, previous=None,
+               previous_mask=None) -> bytes:
+        return b"".join(self.encoder.encode(addrs, pages, previous=previous,
+                                            previous_mask=previous_mask))
 
-    def decode(self, payload: bytes) -> Tuple[np.ndarray, np.ndarray]:
-        if len(payload) < 5:
-            raise wire.ProtocolError("short page frame")
-        enc, n = struct.unpack_from("!BI", payload)
-        if n > MAX_BATCH_PAGES or 5 + 8 * n > len(payload):
-            raise wire.ProtocolError(f"page frame announces {n} pages, more than it holds "
-                                     f"or than the {MAX_BATCH_PAGES}-page limit")
-        addrs = np.frombuffer(payload, dtype="<u8", count=n, offset=5).astype(np.uint64)
-        if n and (addrs & np.uint64(self.page_size - 1)).any():
-            raise wire.ProtocolError("page frame holds an unaligned address")
-        data = memoryview(payload)[5 + 8 * n:]
-        size = n * self.page_size
-        if enc == 0:
-            if len(data) != size:
-                raise wire.ProtocolError(f"raw page frame holds {len(data)} bytes, "
-                                         f"expected {size}")
-            pages = np.frombuffer(data, dtype=np.uint8).reshape(n, self.page_size)
-        elif enc == 1:
-            import lz4.block
-            try:
-                raw = lz4.block.decompress(data, uncompressed_size=size)
-            except Exception as exc:
-                raise wire.ProtocolError(f"lz4 page frame does not decode: {exc}") from None
-            if len(raw) != size:
-                raise wire.ProtocolError("lz4 page frame decodes to the wrong size")
-            pages = np.frombuffer(raw, dtype=np.uint8).reshape(n, self.page_size)
-        else:
-            raise wire.ProtocolError(f"unknown page encoding {enc}")
-        return addrs, pages
+
+class _TableTarget:
+    """statesync.stream target over a :class:`PageTable` (amortised growth: a round
+    of many streams costs no whole-store copies). Pages of a stream are staged and
+    land in the table only at commit."""
+
+    def __init__(self, table: PageTable):
+        self.table = table
+
+    def begin(self, page_size: int):
+        if page_size != self.table.width:
+            from .errors import StreamError
+            raise StreamError(f"stream page size {page_size} differs from ours "
+                              f"({self.table.width})", offset=8)
+        return _TableTxn(self.table)
+
+
+class _TableTxn:
+    def __init__(self, table: PageTable):
+        self.table = table
+        self.addrs: List[np.ndarray] = []
+        self.pages: List[np.ndarray] = []
+
+    def read(self, addrs):
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        slots, ok = self.table.lookup(addrs)
+        out = np.zeros((addrs.size, self.table.width), dtype=np.uint8)
+        if ok.any():
+            out[ok] = self.table.rows[slots[ok]]
+        for a, p in zip(self.addrs, self.pages):   # earlier pages of this stream
+            if a.size == 0:
+                continue
+            pos = np.minimum(np.searchsorted(a, addrs), a.size - 1)
+            hit = a[pos] == addrs
+            if hit.any():
+                out[hit] = p[pos[hit]]
+                ok = ok | hit
+        return out, ok
+
+    def write(self, addrs, pages):
+        self.addrs.append(np.asarray(addrs, dtype=np.uint64))
+        self.pages.append(np.asarray(pages, dtype=np.uint8).reshape(-1, self.table.width))
+
+    def commit(self):
+        for a, p in zip(self.addrs, self.pages):
+            self.table.put(a, p)
+        self.abort()
+
+    def abort(self):
+        self.addrs, self.pages = [], []
+
+
+def decode_pages(payload: bytes, table: PageTable) -> int:
+    """Apply one page stream (a PAGES frame's payload) into ``table``; returns the
+    number of pages. Raises StreamError; the table is unchanged then."""
+    from . import stream
+    st = stream.apply([payload], _TableTarget(table), max_block_pages=MAX_BATCH_PAGES,
+                      max_pages=MAX_BATCH_PAGES)
+    return int(st.total_pages)
 
 
 # --------------------------------------------------------------------------- CRIU
@@ -223,8 +256,6 @@ class CriuCosts:
     restore_s_per_mib: float = 0.0012
 
 
-_KPI_CODEC = {"raw": "none", "lz4": "lz4"}
-_ENGINE_CODEC = {"none": None, "lz4": "lz4"}
 
 
 # --------------------------------------------------------------------------- source
@@ -250,7 +281,7 @@ class _SourceAgent:
                  scheduler_name: str, work_dir: Optional[str], io_timeout: float,
                  progress: Optional[Callable[[dict], None]], criu_args: List[str],
                  link_rate_Bps: Optional[float], costs: "CriuCosts",
-                 netns: Optional[str] = None):
+                 netns: Optional[str] = None, xor: bool = False):
         self.pid = pid
         self.netns = netns
         self.dest = dest
@@ -259,7 +290,8 @@ class _SourceAgent:
         self.mode = strategy                # what runs: cold / precopy / iterative
         self.tracker_method = tracker
         self.compression = compression      # "auto" (scheduler picks), "none", "lz4"
-        self.codec = PageCodec(None if compression in ("auto", "none") else compression)
+        self.xor = xor
+        self.codec = self._make_codec("none" if compression in ("auto", "none") else compression)
         self.max_rounds = max_rounds
         self.targets = targets
         self.scheduler_name = scheduler_name
@@ -273,6 +305,7 @@ class _SourceAgent:
         self.dump_retries = 2
         self.mem = MemorySource(pid)
         self.shadow = PageTable(2, np.uint64)     # hash of each page the destination holds
+        self.mirror = PageTable(PAGE_SIZE)        # contents the destination holds (xor only)
         self.report = Report(pid=pid, dest=dest, strategy=strategy, codec=self.codec.name,
                              memory_backend=self.mem.backend)
         self.chan: Optional[wire.Channel] = None
@@ -293,14 +326,26 @@ class _SourceAgent:
         from . import _core
         sent = 0
         b0 = self.chan.bytes_sent
+        codec = self.codec
         for i in range(0, addrs.size, BATCH_PAGES):
             a = addrs[i:i + BATCH_PAGES]
 
             def work(a=a):
                 pages, ok = reader(a)
                 a2, p2 = a[ok], np.ascontiguousarray(pages[ok])
-                h = _core.hash_pages(p2) if a2.size else np.zeros((0, 2), np.uint64)
-                return a2, h, self.codec.encode(a2, p2)
+                if a2.size == 0:
+                    return a2, None, b""
+                h = _core.hash_pages(p2)
+                prev = mask = None
+                if codec.xor:
+                    slots, mask = self.mirror.lookup(a2)
+                    prev = np.zeros_like(p2)
+                    if mask.any():
+                        prev[mask] = self.mirror.rows[slots[mask]]
+                payload = codec.encode(a2, p2, prev, mask)
+                if codec.xor:
+                    self.mirror.put(a2, p2)
+                return a2, h, payload
 
             a2, h, payload = await asyncio.to_thread(work)
             if a2.size == 0:
@@ -336,6 +381,12 @@ class _SourceAgent:
         return RoundReport(index=index, pages=n, bytes_raw=n * PAGE_SIZE, bytes_wire=nbytes,
                            duration_s=dt)
 
+    def _make_codec(self, kpi_name: str) -> PageCodec:
+        """The engine codec for a kpi codec name (``none``/``lz4``)."""
+        if kpi_name == "lz4":
+            return PageCodec("lz4", xor=self.xor)
+        return PageCodec(None, xor=False)
+
     def _sample_codec(self):
         """Measure lz4 on up to 256 of the process's pages: a kpi.Codec."""
         import lz4.block
@@ -345,16 +396,17 @@ class _SourceAgent:
             return None
         take = np.unique(self.state_addrs[np.linspace(0, n - 1, min(n, 256)).astype(np.int64)])
         pages, ok = self.mem.read(take)
-        raw = np.ascontiguousarray(pages[ok]).tobytes()
-        if not raw:
+        p = np.ascontiguousarray(pages[ok])
+        if p.size == 0:
             return None
+        codec = PageCodec("lz4", xor=False)
         t0 = time.perf_counter()
-        comp = lz4.block.compress(raw, store_size=False)
+        payload = codec.encode(take[ok], p)
         t1 = time.perf_counter()
-        lz4.block.decompress(comp, uncompressed_size=len(raw))
+        decode_pages(payload, PageTable(PAGE_SIZE))
         t2 = time.perf_counter()
-        return kpi.Codec("lz4", len(raw) / max(len(comp), 1), len(raw) / max(t1 - t0, 1e-6),
-                         len(raw) / max(t2 - t1, 1e-6))
+        return kpi.Codec("lz4", p.nbytes / max(len(payload), 1), p.nbytes / max(t1 - t0, 1e-6),
+                         p.nbytes / max(t2 - t1, 1e-6))
 
     async def _plan(self) -> None:
         """Observe (state size, dirty rate, codec), ask the scheduler for a plan."""
@@ -392,7 +444,7 @@ class _SourceAgent:
         if self.strategy == "auto":
             self.mode = "iterative" if plan.strategy == "precopy" else "cold"
         if self.compression == "auto":
-            self.codec = PageCodec(_ENGINE_CODEC.get(plan.codec, None))
+            self.codec = self._make_codec(plan.codec)
         rep.codec = self.codec.name
         rep.strategy = self.mode if self.strategy == self.mode else f"{self.strategy}->{self.mode}"
         if self.mode == "cold":
@@ -400,8 +452,9 @@ class _SourceAgent:
                 self.mem.detach()
                 rep.tracker = ""
             model = kpi.CostModel(obs)
-            rep.predicted_downtime_s = model.downtime(self.state_addrs.size,
-                                                      _KPI_CODEC[self.codec.name], obs.bandwidth_bytes_per_s)
+            rep.predicted_downtime_s = model.downtime(
+                self.state_addrs.size, "lz4" if self.codec.compression and codecs else "none",
+                obs.bandwidth_bytes_per_s)
         self._emit("plan", strategy=self.mode, codec=self.codec.name, state_pages=int(self.state_addrs.size),
                    dirty_rate_pages_per_s=rate, predicted_downtime_s=plan.predicted_downtime_s,
                    reason=plan.reason)
@@ -416,7 +469,7 @@ class _SourceAgent:
             rep.rounds.append(rnd)
             dirty = await asyncio.to_thread(self.mem.collect)
             rnd.dirty_pages_after = int(dirty.size)
-            kcodec = _KPI_CODEC[self.codec.name]
+            kcodec = "lz4" if self.codec.compression else "none"
             d = self.sched.on_round(kpi.RoundStats(
                 index=index, duration_s=max(rnd.duration_s, 1e-6), pages_sent=rnd.pages,
                 bytes_sent=rnd.bytes_wire, dirty_pages=rnd.dirty_pages_after,
@@ -440,8 +493,8 @@ class _SourceAgent:
                        predicted_downtime_s=rnd.predicted_downtime_s, decision=rnd.decision)
             if reason:
                 break
-            if self.compression == "auto" and d.codec in _ENGINE_CODEC:
-                self.codec = PageCodec(_ENGINE_CODEC[d.codec])
+            if self.compression == "auto" and d.codec in ("none", "lz4"):
+                self.codec = self._make_codec(d.codec)
                 rep.codec = self.codec.name
             index += 1
             addrs = dirty
@@ -663,15 +716,11 @@ class _DestinationSession:
         self.keep_images = keep_images
         self.log = log
         self.store = PageTable(PAGE_SIZE, np.uint8)
-        self.codec = PageCodec(None)
         self.tmp: Optional[str] = None
         self.final_dir: Optional[str] = None
         self.restored_pid: Optional[int] = None
         self.image_names: Dict[str, int] = {}
         self.result: dict = {"ok": False}
-
-    def _codec_for(self, name: str) -> PageCodec:
-        return PageCodec(None if name == "raw" else name)
 
     async def run(self) -> dict:
         try:
@@ -703,7 +752,6 @@ class _DestinationSession:
             await self.chan.send_json(wire.ERROR, {"error": f"page size {begin.get('page_size')} "
                                                              f"!= {PAGE_SIZE} here"})
             raise MigrationError("page size mismatch", "begin")
-        self.codec = self._codec_for(str(begin.get("codec", "raw")))
         os.makedirs(self.images_dir, exist_ok=True)
         # The agent's own pid is in the name so a later agent can sweep what a killed
         # one left (see DestinationServer.start); ".incoming-" is never a usable set.
@@ -714,8 +762,7 @@ class _DestinationSession:
         while True:
             mtype, payload = await self.chan.recv()
             if mtype == wire.PAGES:
-                addrs, pages = await asyncio.to_thread(self.codec.decode, payload)
-                self.store.put(addrs, pages)
+                await asyncio.to_thread(decode_pages, payload, self.store)
             elif mtype == wire.ROUND_END:
                 await self.chan.send_json(wire.ROUND_ACK, {"held_pages": len(self.store)})
             elif mtype == wire.IMAGE:
@@ -944,7 +991,8 @@ def serve_destination(listen: str = f"127.0.0.1:{DEFAULT_PORT}", images_dir: str
 
 
 def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=None, *,
-            tracker: str = "auto", compression: Optional[str] = "auto", max_rounds: int = 10,
+            tracker: str = "auto", compression: Optional[str] = "auto", xor: bool = False,
+            max_rounds: int = 10,
             scheduler: str = "adaptive", work_dir: Optional[str] = None,
             io_timeout: float = 30.0, progress: Optional[Callable[[dict], None]] = None,
             criu_args=(), link_rate: Optional[float] = None,
@@ -959,7 +1007,10 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     ``targets``: a :class:`statesync.kpi.Targets` (default: max downtime 1 s).
     ``scheduler``: a name for :func:`statesync.scheduler.get` (default ``adaptive``).
     ``compression``: ``"auto"`` (the scheduler picks from the link rate and a
-    measured lz4 sample), ``None``/``"none"``, or ``"lz4"``.
+    measured lz4 sample), ``None``/``"none"``, or ``"lz4"``; pages travel as
+    :mod:`statesync.stream` streams (zero pages always elided). ``xor``: with lz4,
+    send XBZRLE deltas of re-sent pages against the destination's copy (costs a
+    mirror of the state in the source's memory).
     ``tracker``: a :class:`statesync.Tracker` method (``auto``, ``uffd``, ``hash``).
     ``link_rate`` (bits/s): the link's rate if known (else 100 Mbit/s until round 0
     measured it). ``io_timeout`` (s) bounds every wait on the peer. ``netns``: make
@@ -985,7 +1036,7 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     agent = _SourceAgent(int(pid), dest, key, strategy, tracker, compression or "none",
                          max_rounds, targets, scheduler, work_dir, io_timeout, progress,
                          list(criu_args), link_rate / 8 if link_rate else None,
-                         costs or CriuCosts(), netns)
+                         costs or CriuCosts(), netns, xor)
     agent.dump_retries = max(0, int(dump_retries))
     return asyncio.run(agent.run())
 
@@ -1028,6 +1079,7 @@ def _cmd_migrate(a) -> int:
                               max_total_time_s=a.max_time or math.inf)
         report = migrate(a.pid, a.to, strategy=a.strategy, secret=_secret_arg(a),
                          tracker=a.tracker, compression=a.compression, targets=targets,
+                         xor=a.xor,
                          max_rounds=a.max_rounds, io_timeout=a.io_timeout,
                          scheduler=a.scheduler,
                          progress=None if a.quiet else _print_progress,
@@ -1065,6 +1117,7 @@ def cli_register(sub) -> None:
     p.add_argument("--strategy", choices=STRATEGIES, default="auto")
     p.add_argument("--tracker", default="auto", help="auto, uffd, hash (dirty-page tracker)")
     p.add_argument("--compression", choices=["auto", "none", "lz4"], default="auto")
+    p.add_argument("--xor", action="store_true", help="with lz4: XOR deltas of re-sent pages")
     p.add_argument("--max-rounds", type=int, default=10)
     p.add_argument("--scheduler", default="adaptive", help="scheduler name (statesync.scheduler)")
     p.add_argument("--max-downtime", type=float, default=None,
