@@ -16,8 +16,9 @@
 #define SS_RV_IOV 1024
 /* Pagemap entries read per pread in ss_pagemap_select (32 KiB on the stack). */
 #define SS_PM_CHUNK 4096
-/* Pages per batch in ss_hash_remote: 1 MiB, small enough to stay in L2/L3. */
-#define SS_HASH_BATCH 256
+/* Pages per batch in ss_hash_remote: 256 KiB stays in L2 between the copy and
+ * the hash (measured: 64 pages beat 256 and 1024 here). */
+#define SS_HASH_BATCH 64
 
 int ss_pagemap_open(int pid)
 {

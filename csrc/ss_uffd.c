@@ -81,7 +81,8 @@ int ss_uffd_unregister(int uffd, uint64_t start, uint64_t len)
 }
 
 ssize_t ss_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
-                        uint64_t category_mask, uint64_t anyof_mask, uint64_t return_mask,
+                        uint64_t category_mask, uint64_t inverted, uint64_t anyof_mask,
+                        uint64_t return_mask,
                         uint64_t max_pages, uint64_t *regions, size_t nregions,
                         uint64_t *walk_end)
 {
@@ -95,6 +96,7 @@ ssize_t ss_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t f
     arg.vec_len = regions ? nregions : 0;
     arg.max_pages = max_pages;
     arg.category_mask = category_mask;
+    arg.category_inverted = inverted;
     arg.category_anyof_mask = anyof_mask;
     arg.return_mask = return_mask;
     int r;
@@ -121,7 +123,7 @@ ssize_t ss_scan_written(int pagemap_fd, uint64_t start, uint64_t end, size_t pag
         /* Arm only: write-protect every page, report nothing. */
         uint64_t we = start;
         ssize_t r = ss_pagemap_scan(pagemap_fd, start, end, scan_flags, SS_PAGE_IS_WRITTEN, 0,
-                                    SS_PAGE_IS_WRITTEN, 0, NULL, 0, &we);
+                                    0, SS_PAGE_IS_WRITTEN, 0, NULL, 0, &we);
         if (walk_end)
             *walk_end = we;
         return r < 0 ? r : 0;
@@ -132,7 +134,7 @@ ssize_t ss_scan_written(int pagemap_fd, uint64_t start, uint64_t end, size_t pag
         memset(regs, 0, sizeof regs);
         uint64_t we = 0;
         ssize_t r = ss_pagemap_scan(pagemap_fd, addr, end, scan_flags, SS_PAGE_IS_WRITTEN, 0,
-                                    SS_PAGE_IS_WRITTEN, cap - n, (uint64_t *)regs,
+                                    0, SS_PAGE_IS_WRITTEN, cap - n, (uint64_t *)regs,
                                     SS_SCAN_REGIONS, &we);
         size_t nreg = 0;
         if (r >= 0) {

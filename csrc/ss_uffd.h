@@ -70,10 +70,12 @@ ssize_t ss_scan_written(int pagemap_fd, uint64_t start, uint64_t end, size_t pag
                         size_t *stored);
 
 /* A general PAGEMAP_SCAN: regions (start, end, categories) of pages matching
- * category_mask (all of) / anyof_mask (any of), reporting return_mask.
+ * category_mask (all of, after XOR with inverted) / anyof_mask (any of),
+ * reporting return_mask; max_pages 0 = no limit.
  * regions holds 3*nregions words. Returns the number of regions or -errno. */
 ssize_t ss_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
-                        uint64_t category_mask, uint64_t anyof_mask, uint64_t return_mask,
+                        uint64_t category_mask, uint64_t inverted, uint64_t anyof_mask,
+                        uint64_t return_mask,
                         uint64_t max_pages, uint64_t *regions, size_t nregions,
                         uint64_t *walk_end);
 

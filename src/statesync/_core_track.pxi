@@ -11,7 +11,7 @@ cdef extern from "ss_uffd.h" nogil:
                                uint64_t scan_flags, uint64_t *out, size_t cap,
                                uint64_t *walk_end, size_t *stored)
     Py_ssize_t ss_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
-                               uint64_t category_mask, uint64_t anyof_mask,
+                               uint64_t category_mask, uint64_t inverted, uint64_t anyof_mask,
                                uint64_t return_mask, uint64_t max_pages, uint64_t *regions,
                                size_t nregions, uint64_t *walk_end)
     int SS_UFFD_USER_MODE_ONLY
@@ -19,6 +19,9 @@ cdef extern from "ss_uffd.h" nogil:
     uint64_t SS_UFFD_FEATURE_WP_ASYNC
     uint64_t SS_PM_SCAN_WP_MATCHING
     uint64_t SS_PM_SCAN_CHECK_WPASYNC
+    uint64_t SS_PAGE_IS_WPALLOWED
+    uint64_t SS_PAGE_IS_PRESENT
+    uint64_t SS_PAGE_IS_SWAPPED
 
 cdef extern from "ss_ptrace.h" nogil:
     struct ss_inject_info:
@@ -37,7 +40,11 @@ cdef extern from "ss_ptrace.h" nogil:
     int ss_inject_syscall(int tid, uint64_t syscall_addr, long nr, const uint64_t *args,
                           int timeout_ms, int64_t *ret, ss_inject_info *info)
 
+
 UFFD_USER_MODE_ONLY = SS_UFFD_USER_MODE_ONLY
+PAGE_IS_WPALLOWED = SS_PAGE_IS_WPALLOWED
+PAGE_IS_PRESENT = SS_PAGE_IS_PRESENT
+PAGE_IS_SWAPPED = SS_PAGE_IS_SWAPPED
 UFFD_FEATURE_WP_UNPOPULATED = SS_UFFD_FEATURE_WP_UNPOPULATED
 UFFD_FEATURE_WP_ASYNC = SS_UFFD_FEATURE_WP_ASYNC
 PM_SCAN_WP_MATCHING = SS_PM_SCAN_WP_MATCHING
@@ -117,19 +124,30 @@ def scan_written(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
 
 
 def pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
-                 uint64_t category_mask, uint64_t anyof_mask, uint64_t return_mask,
-                 size_t max_regions=4096):
-    """One general PAGEMAP_SCAN; returns an (n, 3) uint64 array of
-    (start, end, categories) regions."""
+                 uint64_t category_mask, uint64_t inverted, uint64_t anyof_mask,
+                 uint64_t return_mask, size_t max_regions=4096):
+    """PAGEMAP_SCAN of [start, end) for pages whose categories XOR inverted have
+    all of category_mask (and any of anyof_mask when non-zero); returns an (n, 3)
+    uint64 array of (start, end, categories & return_mask) regions, walking the
+    whole range in calls of max_regions regions. Releases the GIL."""
     regions = np.zeros((max_regions, 3), dtype=np.uint64)
     cdef uint64_t[:, ::1] rv = regions
-    cdef uint64_t we = 0
+    cdef uint64_t we = 0, cur = start
     cdef Py_ssize_t r
-    with nogil:
-        r = ss_pagemap_scan(pagemap_fd, start, end, flags, category_mask, anyof_mask,
-                            return_mask, 0, &rv[0, 0], max_regions, &we)
-    _check(r, "PAGEMAP_SCAN")
-    return regions[:r]
+    parts = []
+    while cur < end:
+        with nogil:
+            r = ss_pagemap_scan(pagemap_fd, cur, end, flags, category_mask, inverted,
+                                anyof_mask, return_mask, 0, &rv[0, 0], max_regions, &we)
+        _check(r, "PAGEMAP_SCAN")
+        if r:
+            parts.append(regions[:r].copy())
+        if <size_t>r < max_regions or we <= cur:
+            break
+        cur = we
+    if not parts:
+        return np.zeros((0, 3), dtype=np.uint64)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def find_syscall_insn(int pid, uint64_t start, uint64_t end):

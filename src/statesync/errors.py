@@ -35,6 +35,15 @@ class ProcessGone(NoSuchProcess):
     """The process exited or exec'd while we were working on it."""
 
 
+class AlreadyTraced(AccessDenied):
+    """Another process is already ptrace-attached to the target (``tracer`` is its
+    pid, 0 when unknown); only one tracer is possible at a time."""
+
+    def __init__(self, pid: int, msg: str, tracer: int = 0, cause: Optional[BaseException] = None):
+        self.tracer = tracer
+        super().__init__(pid, msg, cause)
+
+
 class TrackingError(StateSyncError):
     """Dirty-page tracking failed."""
 
@@ -136,7 +145,7 @@ class Infeasible(StateSyncError):
 
 
 __all__ = [
-    "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone",
+    "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone", "AlreadyTraced",
     "TrackingError", "TrackerUnavailable", "CriuError", "CriuImageError", "StreamError",
     "MigrationError", "KpiInputError", "Infeasible",
 ]
