@@ -119,3 +119,72 @@ def pages_gather(list sources, const int32_t[::1] si not None, const int64_t[::1
         free(cs)
     _check(rc, "pages_gather")
     return res
+
+
+cdef extern from "ss_pages.h" nogil:
+    struct ss_pm_error:
+        int kind
+        uint64_t offset
+        uint64_t entry_offset
+    long ss_pagemap_decode(const uint8_t *buf, size_t len, size_t pos, size_t max,
+                           uint64_t *vaddr, uint64_t *nr_pages, uint32_t *flags,
+                           uint64_t *offsets, int *wide, ss_pm_error *err)
+
+PAGEMAP_ERRORS = {
+    1: "truncated entry size", 2: "entry size runs past the end of the file",
+    3: "truncated varint", 4: "varint longer than 10 bytes",
+    5: "unsupported protobuf wire type", 6: "protobuf field number 0",
+    7: "length-delimited field runs past the end of its entry",
+    8: "truncated fixed-width field", 9: "pagemap entry lacks vaddr",
+    10: "pagemap entry lacks nr_pages", 11: "too many entries",
+}
+
+
+def pagemap_decode(const uint8_t[::1] buf not None, size_t pos):
+    """Decode the PagemapEntry records of buf[pos:] (see ss_pagemap_decode).
+
+    Returns (vaddr uint64, nr_pages uint64, flags uint32, offsets uint64, wide bool) or,
+    for malformed input, (None, message, offset, entry_offset). Output arrays are sized
+    by the buffer length (each entry takes at least 4 bytes), never by a field value."""
+    cdef size_t n = buf.shape[0]
+    if pos > n:
+        raise ValueError("pos past the end")
+    cdef size_t cap = (n - pos) // 4 + 1
+    va = np.empty(cap, dtype=np.uint64)
+    nr = np.empty(cap, dtype=np.uint64)
+    fl = np.empty(cap, dtype=np.uint32)
+    off = np.empty(cap, dtype=np.uint64)
+    cdef uint64_t[::1] cva = va, cnr = nr, coff = off
+    cdef uint32_t[::1] cfl = fl
+    cdef int wide = 0
+    cdef ss_pm_error err
+    cdef long rc
+    cdef const uint8_t *p = &buf[0] if n else NULL
+    with nogil:
+        rc = ss_pagemap_decode(p, n, pos, cap, &cva[0], &cnr[0], &cfl[0], &coff[0], &wide, &err)
+    if rc < 0:
+        return None, PAGEMAP_ERRORS.get(err.kind, f"error {err.kind}"), err.offset, err.entry_offset
+    return va[:rc].copy(), nr[:rc].copy(), fl[:rc].copy(), off[:rc].copy(), bool(wide)
+
+
+cdef extern from "ss_pages.h" nogil:
+    long ss_pagemap_encode(const uint64_t *vaddr, const uint64_t *nr_pages,
+                           const uint32_t *flags, size_t n, int wide, uint8_t *out, size_t cap)
+    int SS_PM_ENTRY_MAX
+
+
+def pagemap_encode(const uint64_t[::1] vaddr not None, const uint64_t[::1] nr_pages not None,
+                   const uint32_t[::1] flags not None, bint wide=False):
+    """The PagemapEntry records (u32 size + protobuf each) of the runs, as bytes."""
+    cdef size_t n = vaddr.shape[0]
+    if nr_pages.shape[0] != n or flags.shape[0] != n:
+        raise ValueError("arrays differ in length")
+    if n == 0:
+        return b""
+    out = np.empty(n * SS_PM_ENTRY_MAX, dtype=np.uint8)
+    cdef uint8_t[::1] o = out
+    cdef long rc
+    with nogil:
+        rc = ss_pagemap_encode(&vaddr[0], &nr_pages[0], &flags[0], n, wide, &o[0], o.shape[0])
+    _check(rc, "pagemap_encode")
+    return out[:rc].tobytes()

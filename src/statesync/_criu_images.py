@@ -301,73 +301,80 @@ class Pagemap:
     both."""
 
     def __init__(self, path, page_size: int):
-        img = ImageFile(path, PAGEMAP_MAGIC)
-        self.path = img.path
-        if not img.entries:
+        from . import _core
+
+        self.path = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CriuImageError("image file missing", path) from None
+        except OSError as exc:
+            raise CriuImageError(f"cannot read: {exc.strerror}", path) from None
+        for off, want, what in ((0, IMG_COMMON_MAGIC, "header"), (4, PAGEMAP_MAGIC, "image")):
+            if len(data) < off + 4:
+                raise CriuImageError(f"truncated: no {what} magic", path, off)
+            got = _U32.unpack_from(data, off)[0]
+            if got != want:
+                raise CriuImageError(f"wrong {what} magic {got:#x}, expected {want:#x} "
+                                     "(not a CRIU pagemap image?)", path, off)
+        # The head (first entry) in Python, the many run entries in C.
+        if len(data) < 12:
             raise CriuImageError("pagemap has no head entry", path, 8)
-        head = _message(img, 0, {1: "pages_id"})
+        size = _U32.unpack_from(data, 8)[0]
+        if size > len(data) - 12:
+            raise CriuImageError(f"entry size {size} runs past the end of the file "
+                                 f"({len(data) - 12} bytes left)", path, 8)
+        head = {}
+        for field, wt, val, off in decode_fields(data, 12, 12 + size, path):
+            if field == 1 and wt == 0:
+                head["pages_id"] = val
         if "pages_id" not in head:
-            raise CriuImageError("pagemap head lacks pages_id", path, img.entries[0][0])
-        self.pages_id = _as_u32(head["pages_id"], "pages_id", path, img.entries[0][0])
-        n = len(img.entries) - 1
-        vaddr = np.zeros(n, dtype=np.uint64)
-        nr = np.zeros(n, dtype=np.uint64)
-        flags = np.zeros(n, dtype=np.uint32)
-        offsets = np.zeros(n, dtype=np.int64)
-        mask = page_size - 1
-        prev_end = 0
-        self.wide = False   # nr_pages in field 5 (CRIU >= 4.2) rather than field 2
-        for i in range(n):
-            off = img.entries[i + 1][0]
-            va = nr32 = nr64 = fl = None
-            in_parent = False
-            for field, wt, val, _ in img.fields(i + 1):
-                if wt != 0:
-                    continue
-                if field == 1:
-                    va = val
-                elif field == 2:
-                    nr32 = val
-                elif field == 3:
-                    in_parent = bool(val)
-                elif field == 4:
-                    fl = val
-                elif field == 5:
-                    nr64 = val
-            if va is None:
-                raise CriuImageError(f"pagemap entry {i} lacks vaddr", path, off)
-            count = nr64 if nr64 is not None else nr32
-            if nr64 is not None:
-                self.wide = True
-            if count is None:
-                raise CriuImageError(f"pagemap entry {i} lacks nr_pages", path, off)
-            if fl is None:
-                fl = PE_PARENT if in_parent else PE_PRESENT
-            elif in_parent:
-                fl |= PE_PARENT
-            if va >= 1 << 64 or va & mask:
-                raise CriuImageError(f"pagemap entry {i}: vaddr {va:#x} is not page-aligned",
-                                     path, off)
-            if count == 0:
-                raise CriuImageError(f"pagemap entry {i} at {va:#x} has nr_pages 0", path, off)
-            end = va + count * page_size
-            if end > 1 << 64:
-                raise CriuImageError(f"pagemap entry {i}: {va:#x} + {count} pages passes the "
-                                     "end of the address space", path, off)
-            if va < prev_end:
-                raise CriuImageError(f"pagemap entry {i} at {va:#x} overlaps or is out of order "
-                                     f"(previous run ends at {prev_end:#x})", path, off)
-            if fl & PE_PRESENT and fl & PE_PARENT:
-                raise CriuImageError(f"pagemap entry {i} at {va:#x} is both PE_PRESENT and "
-                                     "PE_PARENT", path, off)
-            if not fl & (PE_PRESENT | PE_PARENT):
-                raise CriuImageError(
-                    f"pagemap entry {i} at {va:#x} has neither PE_PRESENT nor PE_PARENT "
-                    f"(flags {fl:#x}; lazy-pages dumps without data are not supported)",
-                    path, off)
-            prev_end = end
-            vaddr[i], nr[i], flags[i], offsets[i] = va, count, fl & 0xFFFFFFFF, off
-        self.vaddr, self.nr_pages, self.flags, self.offsets = vaddr, nr, flags, offsets
+            raise CriuImageError("pagemap head lacks pages_id", path, 8)
+        self.pages_id = _as_u32(head["pages_id"], "pages_id", path, 8)
+        res = _core.pagemap_decode(data, 12 + size)
+        if res[0] is None:
+            _, msg, off, eoff = res
+            raise CriuImageError(f"{msg} (entry at byte {eoff})", path, int(off))
+        vaddr, nr, flags, offsets, self.wide = res
+        self.vaddr, self.nr_pages, self.flags = vaddr, nr, flags
+        self.offsets = offsets.astype(np.int64)
+        self._validate(page_size)
+
+    def _validate(self, page_size: int) -> None:
+        """Vectorised checks; the first offending entry (lowest index) is reported."""
+        va, nr, fl = self.vaddr, self.nr_pages, self.flags
+        n = va.size
+        if n == 0:
+            return
+        ps = np.uint64(page_size)
+        checks = []
+        checks.append((va % ps != 0, lambda i: f"vaddr {int(va[i]):#x} is not page-aligned"))
+        checks.append((nr == 0, lambda i: f"run at {int(va[i]):#x} has nr_pages 0"))
+        # Pages available from an aligned vaddr to the top of the 64-bit space.
+        room = (np.uint64(2**64 - 1) - va) // ps + np.uint64(1)
+        checks.append((nr > room, lambda i: f"{int(va[i]):#x} + {int(nr[i])} pages passes the end "
+                                            "of the address space"))
+        end = va + np.minimum(nr, room) * ps          # wraps to 0 exactly at 2**64
+        bad_order = np.zeros(n, dtype=bool)
+        bad_order[1:] = (va[1:] < end[:-1]) | ((end[:-1] == 0) & (nr[:-1] > 0))
+        checks.append((bad_order, lambda i: f"run at {int(va[i]):#x} overlaps or is out of order "
+                                            f"(previous run ends at {int(end[i - 1]):#x})"))
+        pres = (fl & PE_PRESENT) != 0
+        par = (fl & PE_PARENT) != 0
+        checks.append((pres & par, lambda i: f"run at {int(va[i]):#x} is both PE_PRESENT and "
+                                             "PE_PARENT"))
+        checks.append((~pres & ~par, lambda i: f"run at {int(va[i]):#x} has neither PE_PRESENT "
+                                               f"nor PE_PARENT (flags {int(fl[i]):#x}; lazy-pages "
+                                               "dumps without data are not supported)"))
+        first = None
+        for mask, msg in checks:
+            idx = np.flatnonzero(mask)
+            if idx.size and (first is None or idx[0] < first[0]):
+                first = (int(idx[0]), msg)
+        if first is not None:
+            i, msg = first
+            raise CriuImageError(f"pagemap entry {i}: " + msg(i), self.path, int(self.offsets[i]))
 
     @property
     def present_pages(self) -> int:
@@ -387,14 +394,10 @@ def encode_pagemap(pages_id: int, vaddr: np.ndarray, nr_pages: np.ndarray,
     parts = [_U32.pack(IMG_COMMON_MAGIC), _U32.pack(PAGEMAP_MAGIC)]
     head = enc_field_varint(1, int(pages_id))
     parts += [_U32.pack(len(head)), head]
-    k1, k2, k4, k5 = (enc_varint(f << 3) for f in (1, 2, 4, 5))
-    for va, nr, fl in zip(vaddr.tolist(), nr_pages.tolist(), flags.tolist()):
-        if wide:
-            msg = k1 + enc_varint(va) + k2 + b"\x00" + k4 + enc_varint(fl) + k5 + enc_varint(nr)
-        else:
-            msg = k1 + enc_varint(va) + k2 + enc_varint(nr) + k4 + enc_varint(fl)
-        parts.append(_U32.pack(len(msg)))
-        parts.append(msg)
+    from . import _core
+    parts.append(_core.pagemap_encode(np.ascontiguousarray(vaddr, dtype=np.uint64),
+                                      np.ascontiguousarray(nr_pages, dtype=np.uint64),
+                                      np.ascontiguousarray(flags, dtype=np.uint32), wide))
     return b"".join(parts)
 
 
