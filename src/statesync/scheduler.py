@@ -309,12 +309,14 @@ class AdaptiveScheduler(BaseScheduler):
     name = "adaptive"
 
     def __init__(self, min_gain_s: float = 0.002, min_gain_fraction: float = 0.02, margin: float = 0.05,
-                 risk: float = 0.25, max_rounds: int = 30, max_wait_rounds: int = 8,
+                 risk: float = 0.25, safe_margin: float = 0.15, max_rounds: int = 30, max_wait_rounds: int = 8,
                  abort_when_infeasible: bool = False, codecs: bool = True):
         super().__init__()
         self.risk = float(risk)
+        self.safe_margin = float(safe_margin)
         self.max_wait_rounds = int(max_wait_rounds)
         self._waited = 0
+        self._cushion = True
         self.min_gain_s = float(min_gain_s)
         self.min_gain_fraction = float(min_gain_fraction)
         self.margin = float(margin)
@@ -338,10 +340,17 @@ class AdaptiveScheduler(BaseScheduler):
 
     def _meets(self, o: Option, exact: bool) -> bool:
         t = self.targets
-        k = 1.0 if exact else 1.0 - self.margin
+        if not self._cushion:
+            k = 1.0
+        elif t.objective != "min_downtime":
+            # these objectives push the plan to the edge of the targets (least bytes, least
+            # bandwidth): keep the larger cushion, CRIU and codec figures are estimates
+            k = 1.0 - self.safe_margin
+        else:
+            k = 1.0 if exact else 1.0 - self.margin
         return o.downtime_s <= t.max_downtime_s * k and o.total_time_s <= t.max_total_time_s * k
 
-    def _choose(self, cands: List[Tuple[str, Option]], exact_first: bool):
+    def _choose(self, cands: List[Tuple[str, Option]], exact_first: bool, first: bool = False):
         """Pick (codec, option, feasible) by the objective; see the class docstring."""
         t = self.targets
         ok = [(c, o) for c, o in cands if self._meets(o, exact_first and o.rounds == 0)]
@@ -352,14 +361,21 @@ class AdaptiveScheduler(BaseScheduler):
             # compare options as if it were `risk` longer, so a near-tie goes to the safer one
             rdt = {id(co): co[1].downtime_s + self.risk * co[1].final_copy_s for co in pool}
             best = min(rdt.values())
-            safe = min(co[1].downtime_s for co in pool) <= t.max_downtime_s * (1 - self.margin)
+            safe = min(co[1].downtime_s for co in pool) <= t.max_downtime_s * (1 - self.safe_margin)
             # a gain too small to pay for a round is still worth it near or over the target
             tol = max(self.min_gain_s, self.min_gain_fraction * best) if safe else 1e-4
-            return min((co for co in pool if rdt[id(co)] <= best + tol), key=key_tie)
+            near = [co for co in pool if rdt[id(co)] <= best + tol]
+            # cold puts the whole copy into the downtime: only when it is the best outright
+            if first:
+                warm = [co for co in near if co[1].rounds > 0]
+                cold = [rdt[id(co)] for co in pool if co[1].rounds == 0]
+                if warm and (not cold or min(cold) > best):
+                    near = warm
+            return min(near, key=key_tie)
 
         if ok:
             obj = t.objective
-            if obj == "min_downtime":
+            if obj == "min_downtime" or not self._cushion:  # tight: meeting the targets comes first
                 return least_downtime(ok) + (True,)
             if obj == "min_resources":
                 return min(ok, key=lambda co: (co[1].wire_bytes, co[1].rounds, co[0])) + (True,)
@@ -381,14 +397,25 @@ class AdaptiveScheduler(BaseScheduler):
         m, t = self.model, self.targets
         bw = self.max_bandwidth
         cands = self._options(m.state_pages, bw)
-        codec, opt, ok = self._choose(cands, exact_first=False)
-        if ok and t.objective == "min_resources":
+        codec, opt, ok = self._choose(cands, exact_first=False, first=True)
+        tight = ""
+        if not ok:
+            # nothing meets the targets with the safety cushion; is anything inside them at all?
+            self._cushion = False
+            try:
+                codec2, opt2, ok2 = self._choose(cands, exact_first=False, first=True)
+            finally:
+                self._cushion = True
+            if ok2:
+                codec, opt, ok = codec2, opt2, True
+                tight = " (tight: inside the targets only without the safety margin)"
+        if ok and t.objective == "min_resources" and not tight:
             bw = self._least_bandwidth(codec, opt.rounds, bw)
             opt = m.lookahead(m.state_pages, codec, bw, max_rounds=opt.rounds)[-1]
         strategy = "cold" if opt.rounds == 0 else "precopy"
         p = self._mkplan(strategy, opt.rounds, bw, codec, opt,
                          f"{strategy} with {codec}: predicted downtime {opt.downtime_s:.3f} s, "
-                         f"total {opt.total_time_s:.3f} s")
+                         f"total {opt.total_time_s:.3f} s{tight}")
         if not ok:
             best_dt = min(cands, key=lambda co: co[1].downtime_s)[1]
             best_tt = min(cands, key=lambda co: co[1].total_time_s)[1]
