@@ -32,6 +32,7 @@ keeps running throughout; every error leaves it running and unharmed.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import functools
 import os
@@ -115,6 +116,29 @@ class DirtySet:
 # --------------------------------------------------------------------------- probes
 
 _EMPTY = np.zeros(0, dtype=np.uint64)
+
+
+def _merge(arrays) -> np.ndarray:
+    """Sorted union of sorted uint64 arrays (no Python objects per page)."""
+    arrays = [a for a in arrays if a.size]
+    if not arrays:
+        return _EMPTY
+    if len(arrays) == 1:
+        return arrays[0]
+    a = np.concatenate(arrays)
+    a.sort(kind="stable")  # runs of sorted input: timsort-like merge is fast
+    keep = np.empty(a.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
+
+
+def _in_sorted(x: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Boolean mask: which elements of x are in the sorted array sorted_set."""
+    if not sorted_set.size or not x.size:
+        return np.zeros(x.size, dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_set, x), sorted_set.size - 1)
+    return sorted_set[i] == x
 
 
 def _tracked(v: Vma) -> bool:
@@ -231,6 +255,7 @@ def tracking_methods(pid: Optional[int] = None) -> Dict[str, Tuple[bool, str]]:
     ok, why = _probe_uffd()
     if ok and pid is not None:
         try:
+            proc.read_maps(pid)
             problem = _target_problem(pid)
         except ProcessError as exc:
             problem = str(exc)
@@ -289,7 +314,7 @@ class _HashState:
         changed = addrs[~same]
         # Pages that were present and are gone while their VMA is still mapped
         # (MADV_DONTNEED, truncation): their content changed too.
-        gone = np.setdiff1d(old_a, addrs, assume_unique=True)
+        gone = old_a[~_in_sorted(old_a, addrs)]
         if gone.size and vmas:
             starts = np.array([v.start for v in vmas], dtype=np.uint64)
             ends = np.array([v.end for v in vmas], dtype=np.uint64)
@@ -297,7 +322,7 @@ class _HashState:
             inside = (k >= 0) & (gone < ends[np.maximum(k, 0)])
             gone = gone[inside]
             if gone.size:
-                return np.union1d(changed, gone)
+                return _merge([changed, gone])
         return changed
 
 
@@ -522,19 +547,24 @@ class _UffdBackend(_Backend):
         if not self.present.size:
             return _EMPTY
         both = _core.PAGE_IS_PRESENT | _core.PAGE_IS_SWAPPED
-        out = []
-        for s, e in runs:
-            regs = _core.pagemap_scan(self.t._pm, s, e, 0, both, both, 0,
-                                      both | _core.PAGE_IS_WPALLOWED)
-            if regs.size:
-                lo = np.searchsorted(self.present, regs[:, 0])
-                hi = np.searchsorted(self.present, regs[:, 1])
-                for a, b in zip(lo[hi > lo], hi[hi > lo]):
-                    out.append(self.present[a:b])
-        if not out:
+        regs = [_core.pagemap_scan(self.t._pm, s, e, 0, both, both, 0,
+                                   both | _core.PAGE_IS_WPALLOWED) for s, e in runs]
+        regs = [r for r in regs if r.size]
+        if not regs:
             return _EMPTY
-        gone = np.concatenate(out)
-        self.present = np.setdiff1d(self.present, gone, assume_unique=True)
+        r = np.concatenate(regs)
+        lo = np.searchsorted(self.present, r[:, 0])
+        hi = np.searchsorted(self.present, r[:, 1])
+        sel = hi > lo
+        if not sel.any():
+            return _EMPTY
+        # Mark the present-set indices that fall inside a not-present region.
+        mark = np.zeros(self.present.size + 1, dtype=np.int32)
+        np.add.at(mark, lo[sel], 1)
+        np.add.at(mark, hi[sel], -1)
+        inside = np.cumsum(mark[:-1]) > 0
+        gone = self.present[inside]
+        self.present = self.present[~inside]
         return gone
 
     def _runs(self) -> List[Tuple[int, int]]:
@@ -579,23 +609,15 @@ class _UffdBackend(_Backend):
                 self.t._check_alive()
                 raise TrackingError(f"pid {self.t.pid}: PAGEMAP_SCAN {s:#x}-{e:#x} failed: "
                                     f"{os.strerror(-err)}")
+        # Runs are disjoint and ascending, each scan's pages ascending: already sorted.
         written = (np.concatenate(parts) if len(parts) > 1 else parts[0]) if parts else _EMPTY
-        if len(parts) > 1:
-            written = np.unique(written)
-        parts = [written] if written.size else []
         gone = self._vanished(runs)
-        if gone.size:
-            parts.append(gone)
         if written.size:
-            new = written[~np.isin(written, self.present, assume_unique=True)]
+            new = written[~_in_sorted(written, self.present)]
             if new.size:
-                self.present = np.union1d(self.present, new)
+                self.present = _merge([self.present, new])
         hashed = self.hash.refresh(self._hashed)
-        if hashed.size:
-            parts.append(hashed)
-        if not parts:
-            return _EMPTY
-        return np.unique(np.concatenate(parts)) if len(parts) > 1 else parts[0]
+        return _merge([written, gone, hashed])
 
     def close(self) -> None:
         if self.uffd >= 0:
@@ -779,3 +801,86 @@ class Tracker:
     def __repr__(self) -> str:
         state = "detached" if self._backend is None else "attached"
         return f"Tracker(pid={self.pid}, method={getattr(self, 'method', '?')!r}, {state})"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def live_table(tracker: Tracker, interval: float = 1.0, count: int = 0, out=None,
+               truth=None) -> int:
+    """Print one row per ``interval`` seconds: pages written in the interval,
+    rate in pages/s and MB/s, collect cost, method. ``count`` rows (0: until
+    Ctrl-C). ``truth`` (optional callable returning a page array) adds columns
+    with what the target itself says it wrote in the previous interval and how
+    many of those pages we missed (must be 0).
+    Returns the number of rows printed. KeyboardInterrupt propagates after the
+    current row; the caller detaches."""
+    out = out or sys.stdout
+    cols = f"{'time s':>8} {'dirty pages':>12} {'pages/s':>10} {'MB/s':>8} {'collect ms':>10}"
+    if truth is not None:
+        cols += f" {'truth-1':>8} {'missed':>7}"
+    print(f"tracking pid {tracker.pid} with method {tracker.method!r}"
+          + "".join(f"  ({m} unavailable: {why})" for m, why in tracker.fallbacks.items()),
+          file=out)
+    print(cols + "  method", file=out, flush=True)
+    t_start = last = time.monotonic()
+    rows = 0
+    prev = None
+    if truth is not None:
+        truth()  # start the ground truth's interval with ours
+    while count <= 0 or rows < count:
+        time.sleep(max(0.0, last + interval - time.monotonic()))
+        d = tracker.collect()
+        now = time.monotonic()
+        dt, last = max(now - last, 1e-9), now
+        row = (f"{now - t_start:8.1f} {len(d):12d} {len(d) / dt:10.0f} "
+               f"{d.nbytes / dt / 1e6:8.2f} {tracker.last_collect_s * 1e3:10.2f}")
+        if truth is not None:
+            # The target reports its writes a moment after our collect: a write in
+            # between shows up in our next round, so the pages it listed for the
+            # previous interval are checked against our last two rounds.
+            w = np.asarray(truth(), dtype=np.uint64)
+            if prev is not None:
+                missed = np.setdiff1d(prev[1], np.union1d(prev[0], d.pages)).size
+                row += f" {prev[1].size:8d} {missed:7d}"
+            else:
+                row += f" {'':8s} {'':7s}"
+            prev = (d.pages, w)
+        print(row + f"  {tracker.method}", file=out, flush=True)
+        rows += 1
+    return rows
+
+
+def _cli_track(a) -> int:
+    t = Tracker(a.pid, method=a.method, timeout=a.timeout)
+    try:
+        live_table(t, a.interval, a.count)
+    except KeyboardInterrupt:
+        print(f"interrupted: detaching from pid {a.pid}", file=sys.stderr)
+    finally:
+        t.detach()
+    print(f"detached from pid {a.pid}; it was left as it was", file=sys.stderr)
+    return 0
+
+
+def cli_register(sub) -> None:
+    p = sub.add_parser("track", help="show which pages a running process writes (live table)",
+                       description="Attach a dirty-page tracker to a running process and print "
+                                   "one row per interval. Ctrl-C detaches cleanly.")
+    p.add_argument("--pid", type=int, required=True, help="process to track")
+    p.add_argument("--method", choices=("auto",) + METHODS, default="auto",
+                   help="tracking method (default: the best available)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between rows")
+    p.add_argument("--count", type=int, default=0, help="stop after N rows (0: until Ctrl-C)")
+    p.add_argument("--timeout", type=float, default=2.0,
+                   help="seconds to wait for the target to stop during uffd attach")
+    p.set_defaults(func=_cli_track)
+    m = sub.add_parser("track-methods", help="which tracking methods work here, and why")
+    m.add_argument("--pid", type=int, default=None, help="also check this process")
+    m.set_defaults(func=_cli_methods)
+
+
+def _cli_methods(a) -> int:
+    for name, (ok, why) in tracking_methods(a.pid).items():
+        print(f"{name:10s} {'yes' if ok else 'no ':3s}  {why}")
+    return 0
