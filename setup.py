@@ -30,6 +30,9 @@ ext = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("_GNU_SOURCE", "1")],
     extra_compile_args=cflags,
     extra_link_args=ldflags,
+    # liblz4 (Debian liblz4-dev): LZ4 frames of the page stream, decoded in C into
+    # reused buffers (python-lz4 decoded 4-5x slower here: docs/stream-format.md).
+    libraries=["lz4"],
     depends=sorted(glob.glob(os.path.join("csrc", "*.h")))
     + sorted(glob.glob(os.path.join("src", "statesync", "*.pxi"))),
 )

@@ -3,6 +3,8 @@
 #include <errno.h>
 #include <stdlib.h>
 
+#include <lz4frame.h>
+
 #include "ss_hash.h"
 
 size_t ss_uleb_put(uint8_t *out, uint64_t v)
@@ -430,4 +432,79 @@ int ss_dec_build(const uint8_t *buf, size_t len, size_t page_size, const ss_dec_
         }
     }
     return 0;
+}
+
+/* ---------------------------------------------------------------- LZ4 frames */
+
+static void lz4_prefs(LZ4F_preferences_t *p, size_t len, int level, int checksum)
+{
+    memset(p, 0, sizeof *p);
+    p->frameInfo.blockSizeID = LZ4F_max4MB;        /* shrunk to the content by liblz4 */
+    p->frameInfo.blockMode = LZ4F_blockIndependent; /* faster, and not worse on pages */
+    /* The stream's block header hashes the stored bytes (ss_hash128, ~9 GB/s) before
+     * they reach the decoder; liblz4's XXH32 content checksum halved decoding speed
+     * here (docs/stream-format.md), so it is optional. */
+    p->frameInfo.contentChecksumFlag =
+        checksum ? LZ4F_contentChecksumEnabled : LZ4F_noContentChecksum;
+    p->frameInfo.blockChecksumFlag = LZ4F_noBlockChecksum;
+    p->frameInfo.contentSize = (unsigned long long)len;
+    p->compressionLevel = level;
+    p->autoFlush = 1; /* compress straight from src: no copy into liblz4's staging buffer */
+}
+
+size_t ss_lz4f_bound(size_t len)
+{
+    LZ4F_preferences_t p;
+    lz4_prefs(&p, len, 0, 1);
+    return LZ4F_compressFrameBound(len, &p);
+}
+
+long ss_lz4f_compress(const uint8_t *src, size_t len, uint8_t *dst, size_t cap, int level,
+                      int checksum)
+{
+    LZ4F_preferences_t p;
+    lz4_prefs(&p, len, level, checksum);
+    if (cap < LZ4F_compressFrameBound(len, &p))
+        return -ENOSPC;
+    size_t r = LZ4F_compressFrame(dst, cap, src, len, &p);
+    if (LZ4F_isError(r))
+        return -EIO;
+    return (long)r;
+}
+
+int ss_lz4f_decompress(const uint8_t *src, size_t len, uint8_t *dst, size_t dst_cap,
+                       size_t raw_len)
+{
+    if (dst_cap < raw_len)
+        return -EINVAL;
+    LZ4F_dctx *dctx = NULL;
+    if (LZ4F_isError(LZ4F_createDecompressionContext(&dctx, LZ4F_VERSION)))
+        return -ENOMEM;
+    int rc = -EBADMSG;
+    LZ4F_frameInfo_t fi;
+    size_t spos = len, dpos = 0;
+    size_t r = LZ4F_getFrameInfo(dctx, &fi, src, &spos);
+    if (LZ4F_isError(r))
+        goto out;
+    if (fi.contentSize && fi.contentSize != (unsigned long long)raw_len)
+        goto out;
+    for (;;) {
+        size_t dsz = dst_cap - dpos, isz = len - spos;
+        r = LZ4F_decompress(dctx, dst + dpos, &dsz, src + spos, &isz, NULL);
+        if (LZ4F_isError(r))
+            goto out;
+        dpos += dsz;
+        spos += isz;
+        if (r == 0)
+            break; /* frame complete, content checksum verified by liblz4 */
+        if (dsz == 0 && isz == 0)
+            goto out; /* truncated frame, or more content than dst_cap */
+        if (dpos > raw_len)
+            goto out; /* more content than announced: stop before the buffer's end */
+    }
+    if (spos == len && dpos == raw_len)
+        rc = 0;
+out:
+    LZ4F_freeDecompressionContext(dctx);
+    return rc;
 }

@@ -137,4 +137,32 @@ int ss_dec_parse(const uint8_t *buf, size_t len, size_t page_size, uint64_t min_
 int ss_dec_build(const uint8_t *buf, size_t len, size_t page_size, const ss_dec_page *pg,
                  size_t n, const int64_t *src_index, uint8_t *outp, ss_dec_err *err);
 
+/* ---- LZ4 frames (liblz4): the block compression of the stream ----------
+ * Standard LZ4 frames (any LZ4 frame decoder reads them): independent blocks
+ * (at most 4 MiB), content size present, no block checksums; the XXH32 content
+ * checksum only when asked for (the stream's block header hashes the stored
+ * bytes already). Decoding verifies whatever checksums a frame declares. */
+
+/* Largest frame ss_lz4f_compress can produce for len bytes. */
+size_t ss_lz4f_bound(size_t len);
+
+/* Compress len bytes into one frame at dst (cap bytes, >= ss_lz4f_bound(len)).
+ * level: 0 fast (default), < 0 faster, 3..12 HC; checksum: add the content
+ * checksum. Returns the frame size, or -ENOSPC / -EIO. */
+long ss_lz4f_compress(const uint8_t *src, size_t len, uint8_t *dst, size_t cap, int level,
+                      int checksum);
+
+/* Decode one complete frame of len bytes into dst (dst_cap >= raw_len bytes),
+ * which must come out at exactly raw_len bytes. Never writes past dst_cap
+ * whatever the frame says; liblz4 decodes straight into dst (no staging copy)
+ * when dst_cap - raw_len is at least the frame's block size (<= 4 MiB), and
+ * otherwise buffers at most one frame block itself. Returns 0, -EINVAL
+ * (dst_cap < raw_len), -EBADMSG (corrupt, checksum mismatch, longer or shorter
+ * than raw_len, bytes after the frame) or -ENOMEM. */
+int ss_lz4f_decompress(const uint8_t *src, size_t len, uint8_t *dst, size_t dst_cap,
+                       size_t raw_len);
+
+/* Slack after raw_len that lets every valid frame decode without staging. */
+#define SS_LZ4F_SLACK ((size_t)4 << 20)
+
 #endif

@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server memcached iperf3 sockperf iproute2 util-linux gcc python3-protobuf)
+APT_PACKAGES=(redis-server memcached iperf3 sockperf iproute2 util-linux gcc python3-protobuf liblz4-dev)
 STAMP=/var/tmp/statesync-system-ok
 
 missing=()

@@ -23,7 +23,7 @@ def test_c_core_under_asan(src, tmp_path):
     build = subprocess.run(
         [cc, "-std=gnu11", "-O1", "-g", "-D_GNU_SOURCE", "-fsanitize=address,undefined",
          "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-I", CSRC, "-o", str(exe),
-         src, *core, "-lpthread"],
+         src, *core, "-lpthread", "-llz4"],
         capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",

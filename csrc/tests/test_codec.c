@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <lz4frame.h>
+
 #include "ss_codec.h"
 #include "ss_hash.h"
 #include "ss_test.h"
@@ -326,8 +328,87 @@ static void test_parse_hostile(void)
     free(outp);
 }
 
+static void test_lz4(void)
+{
+    size_t n = 300000;
+    uint8_t *src = malloc(n), *out = malloc(n + 16);
+    for (size_t i = 0; i < n; i++)
+        src[i] = (uint8_t)(i % 97 < 50 ? 0 : rnd() % 7);
+    size_t cap = ss_lz4f_bound(n);
+    uint8_t *fr = malloc(cap);
+    long fl = ss_lz4f_compress(src, n, fr, cap, 0, 1); /* with content checksum */
+    CHECK(fl > 0 && (size_t)fl < n);
+    CHECK(ss_lz4f_compress(src, n, fr, 10, 0, 1) == -ENOSPC);
+    {
+        uint8_t *f0 = malloc(cap);
+        long l0 = ss_lz4f_compress(src, n, f0, cap, 0, 0);
+        CHECK(l0 > 0 && l0 == fl - 4);
+        CHECK(ss_lz4f_decompress(f0, (size_t)l0, out, n, n) == 0 && memcmp(out, src, n) == 0);
+        free(f0);
+    }
+    CHECK(ss_lz4f_decompress(fr, (size_t)fl, out, n, n) == 0);
+    CHECK(memcmp(out, src, n) == 0);
+    uint8_t *roomy = malloc(n + SS_LZ4F_SLACK);
+    CHECK(ss_lz4f_decompress(fr, (size_t)fl, roomy, n + SS_LZ4F_SLACK, n) == 0);
+    CHECK(memcmp(roomy, src, n) == 0);
+    CHECK(ss_lz4f_decompress(fr, (size_t)fl, roomy, n - 1, n) == -EINVAL);
+    free(roomy);
+    /* wrong expected size either way, truncation, trailing bytes, every bit flip of
+     * the first and last 64 bytes and a sample elsewhere: refused, never past raw_len */
+    CHECK(ss_lz4f_decompress(fr, (size_t)fl, out, n + 16, n - 1) == -EBADMSG);
+    CHECK(ss_lz4f_decompress(fr, (size_t)fl, out, n + 16, n + 1) == -EBADMSG);
+    for (size_t cut = 0; cut < (size_t)fl; cut += 1 + cut / 3)
+        CHECK(ss_lz4f_decompress(fr, cut, out, n, n) == -EBADMSG);
+    uint8_t *longer = malloc((size_t)fl + 1);
+    memcpy(longer, fr, (size_t)fl);
+    longer[fl] = 0;
+    CHECK(ss_lz4f_decompress(longer, (size_t)fl + 1, out, n, n) == -EBADMSG);
+    free(longer);
+    for (size_t pos = 0; pos < (size_t)fl; pos += (pos < 64 || pos > (size_t)fl - 64) ? 1 : 101) {
+        for (int bit = 0; bit < 8; bit += 3) {
+            fr[pos] ^= (uint8_t)(1 << bit);
+            int rc = ss_lz4f_decompress(fr, (size_t)fl, out, n, n);
+            CHECK(rc == -EBADMSG || (rc == 0 && memcmp(out, src, n) == 0));
+            fr[pos] ^= (uint8_t)(1 << bit);
+        }
+    }
+    /* a frame of 4 MiB of zeros (no content size) decoded into a 1000-byte budget */
+    size_t big = 4u << 20;
+    uint8_t *zeros = calloc(1, big);
+    LZ4F_preferences_t p;
+    memset(&p, 0, sizeof p);
+    size_t bcap = LZ4F_compressFrameBound(big, &p);
+    uint8_t *bomb = malloc(bcap);
+    size_t bl = LZ4F_compressFrame(bomb, bcap, zeros, big, &p);
+    CHECK(!LZ4F_isError(bl));
+    uint8_t *small = malloc(1000);
+    CHECK(ss_lz4f_decompress(bomb, bl, small, 1000, 1000) == -EBADMSG);
+    free(small);
+    small = malloc(2000);  /* with slack: still refused, still within the buffer */
+    CHECK(ss_lz4f_decompress(bomb, bl, small, 2000, 1000) == -EBADMSG);
+    free(small);
+    free(bomb);
+    free(zeros);
+    /* random garbage */
+    for (int iter = 0; iter < 3000; iter++) {
+        size_t gl = rnd() % 40;
+        uint8_t *g = malloc(gl ? gl : 1);
+        for (size_t k = 0; k < gl; k++)
+            g[k] = (uint8_t)rnd();
+        if (gl >= 4 && iter % 2) { /* a valid magic number */
+            g[0] = 0x04; g[1] = 0x22; g[2] = 0x4d; g[3] = 0x18;
+        }
+        CHECK(ss_lz4f_decompress(g, gl, out, 64, 64) == -EBADMSG);
+        free(g);
+    }
+    free(src);
+    free(out);
+    free(fr);
+}
+
 int main(void)
 {
+    test_lz4();
     test_uleb();
     test_xor_roundtrip();
     test_xor_hostile();

@@ -49,6 +49,12 @@ cdef extern from "ss_codec.h" nogil:
                      ss_dec_err *err)
     int ss_dec_build(const uint8_t *buf, size_t len, size_t page_size, const ss_dec_page *pg,
                      size_t n, const int64_t *src_index, uint8_t *outp, ss_dec_err *err)
+    size_t ss_lz4f_bound(size_t len)
+    long ss_lz4f_compress(const uint8_t *src, size_t len, uint8_t *dst, size_t cap, int level,
+                          int checksum)
+    int ss_lz4f_decompress(const uint8_t *src, size_t len, uint8_t *dst, size_t dst_cap,
+                           size_t raw_len)
+    size_t SS_LZ4F_SLACK
 
 # numpy view of ss_dec_page (checked against the C layout at import).
 DEC_PAGE_DTYPE = np.dtype({
@@ -213,3 +219,41 @@ def dec_build(const uint8_t[::1] payload not None, size_t page_size, pages_info,
         rc = ss_dec_build(&payload[0], payload.shape[0], page_size,
                           <const ss_dec_page *>&iv[0], n, &src_index[0], &out[0, 0], &err)
     return rc, err.offset, err.record, err.page
+
+
+LZ4F_SLACK = SS_LZ4F_SLACK
+
+
+def lz4f_bound(size_t n):
+    """Largest LZ4 frame lz4f_compress_into can write for n bytes."""
+    return ss_lz4f_bound(n)
+
+
+def lz4f_compress_into(const uint8_t[::1] src not None, uint8_t[::1] dst not None, int level=0,
+                       bint checksum=False):
+    """One LZ4 frame of src written at the start of dst; returns its length.
+    dst must hold lz4f_bound(len(src)) bytes; checksum adds the frame's content
+    checksum. Releases the GIL."""
+    cdef size_t n = src.shape[0], cap = dst.shape[0]
+    cdef long rc
+    cdef uint8_t empty = 0
+    with nogil:
+        rc = ss_lz4f_compress(&src[0] if n else &empty, n, &dst[0], cap, level, checksum)
+    _check(rc, "lz4 frame compression")
+    return rc
+
+
+def lz4f_decompress_into(const uint8_t[::1] src not None, size_t raw_len, uint8_t[::1] dst not None):
+    """Decode one complete LZ4 frame that must yield exactly raw_len bytes into dst
+    (never writes past dst's end; give LZ4F_SLACK bytes beyond raw_len to decode
+    without an internal staging copy). Returns 0 or a negative errno (-EBADMSG:
+    corrupt, wrong length or trailing bytes). Releases the GIL."""
+    cdef size_t n = src.shape[0]
+    cdef int rc
+    if raw_len > <size_t>dst.shape[0]:
+        raise ValueError("lz4f_decompress_into: dst smaller than raw_len")
+    if n == 0 or raw_len == 0:
+        return -EBADMSG
+    with nogil:
+        rc = ss_lz4f_decompress(&src[0], n, &dst[0], dst.shape[0], raw_len)
+    return rc
