@@ -36,6 +36,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -207,6 +208,12 @@ def _run_criu(args: List[str], log: str, prefix: List[str], timeout: float,
                         _log_tail(log) or r.stderr[-2000:])
 
 
+# A client connecting to a UNIX socket of the frozen tree from outside makes the dump
+# fail (CRIU cannot dump half of a stream connection, nor an in-flight connection whose
+# peer it cannot see); the next attempt usually finds no such connection.
+_TRANSIENT_DUMP_ERRORS = ("Can't dump half of stream unix connection", "unix: Unix socket")
+
+
 def _tree_pids(pid: int) -> List[int]:
     """pid and all its descendants (threads are covered by their process)."""
     out, todo = [], [pid]
@@ -302,7 +309,7 @@ class _SourceAgent:
         self.criu_args = list(criu_args)
         self.link_rate_Bps = link_rate_Bps
         self.costs = costs
-        self.dump_retries = 2
+        self.dump_retries = 4
         self.mem = MemorySource(pid)
         self.shadow = PageTable(2, np.uint64)     # hash of each page the destination holds
         self.mirror = PageTable(PAGE_SIZE)        # contents the destination holds (xor only)
@@ -596,7 +603,9 @@ class _SourceAgent:
                 # flight at the instant CRIU collects sockets fails a dump ("half of
                 # stream unix connection"): a later attempt usually finds none.
                 self.stopped_pids = pids
-                if attempt == self.dump_retries or not os.path.exists(f"/proc/{self.pid}"):
+                transient = any(m in (exc.log_tail or "") for m in _TRANSIENT_DUMP_ERRORS)
+                if (attempt == self.dump_retries or not transient
+                        or not os.path.exists(f"/proc/{self.pid}")):
                     raise MigrationError(str(exc), "dump") from exc
                 for p in pids:  # as after any failed dump: make sure nothing stays stopped
                     try:
@@ -608,7 +617,7 @@ class _SourceAgent:
                                  f"{str(exc).splitlines()[-1].strip()}")
                 for name in os.listdir(tmp):
                     os.unlink(os.path.join(tmp, name))
-                await asyncio.sleep(0.02 * (attempt + 1))
+                await asyncio.sleep(random.uniform(0.02, 0.06) * (attempt + 1))
         t_dumped = time.monotonic()
         self.stopped_pids = pids
         rep.criu_dump_stats = _criuimg.read_stats(os.path.join(tmp, "stats-dump"))
@@ -672,8 +681,6 @@ class _SourceAgent:
         await self.chan.send_json(wire.FINAL, {"pages_file": pages_file, "count": int(addrs.size),
                                                "images_bytes": images_bytes},
                                   np.ascontiguousarray(addrs, dtype="<u8").tobytes())
-        t3 = time.monotonic()
-        rep.phases["final_transfer"] = t3 - t2
         self._emit("phase", phase="restore", final_pages=n_final)
         mtype, payload = await self.chan.expect(wire.RESTORED, wire.FAILED,
                                                 timeout=max(self.io_timeout, 120.0))
@@ -682,10 +689,13 @@ class _SourceAgent:
         if mtype == wire.FAILED:
             raise MigrationError(f"destination could not restore: {info.get('error')}",
                                  "restore")
-        rep.phases["restore"] = t4 - t3
-        for k in ("assemble_s", "restore_s"):
-            if isinstance(info.get(k), (int, float)):
-                rep.phases["  dest " + k[:-2]] = float(info[k])
+        # The destination times its own steps; what remains of t2..t4 is the transfer
+        # (until the last byte was applied there) and the round trip of RESTORED.
+        assemble = float(info.get("assemble_s") or 0.0)
+        restore = float(info.get("restore_s") or 0.0)
+        rep.phases["final_transfer"] = max(0.0, (t4 - t2) - assemble - restore)
+        rep.phases["assemble"] = assemble
+        rep.phases["restore"] = restore
         rep.restored_pid = info.get("pid")
         rep.criu_restore_stats = info.get("stats", {})
         rep.downtime_s = t4 - t_freeze
@@ -807,15 +817,18 @@ class _DestinationSession:
         addrs = np.frombuffer(tail, dtype="<u8").astype(np.uint64)
 
         def assemble():
+            slots, found = self.store.lookup(addrs)
+            if not found.all():
+                miss = addrs[~found]
+                raise MigrationError(f"cannot assemble {pages_file}: {miss.size} pages never "
+                                     f"arrived, first at {int(miss[0]):#x}", "assemble")
+            fd = os.open(os.path.join(self.tmp, pages_file),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                pages = self.store.get(addrs)
-            except KeyError as exc:
-                raise MigrationError(f"cannot assemble {pages_file}: {exc.args[0]}",
-                                     "assemble") from None
-            with open(os.path.join(self.tmp, pages_file), "wb") as f:
-                f.write(pages.data if pages.flags.c_contiguous else pages.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
+                _write_rows(fd, self.store.rows, slots)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             for name in self.image_names:
                 fd = os.open(os.path.join(self.tmp, name), os.O_RDONLY)
                 try:
@@ -879,6 +892,25 @@ class _DestinationSession:
             pass
         if not self.keep_images and self.final_dir:
             shutil.rmtree(self.final_dir, ignore_errors=True)
+
+
+def _write_rows(fd: int, rows: np.ndarray, slots: np.ndarray) -> None:
+    """Write ``rows[slots]`` to fd in order, without gathering them first: runs of
+    consecutive slots go out as one iovec each (the store keeps rows in arrival
+    order, which is mostly address order)."""
+    if slots.size == 0:
+        return
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    starts = np.concatenate([[0], breaks]).tolist()
+    ends = np.concatenate([breaks, [slots.size]]).tolist()
+    iov = [memoryview(rows[slots[a]:slots[a] + (b - a)]).cast("B") for a, b in zip(starts, ends)]
+    for i in range(0, len(iov), 512):
+        chunk = iov[i:i + 512]
+        want = sum(len(v) for v in chunk)
+        done = os.writev(fd, chunk)
+        while done < want:  # short write: finish the rest piece by piece
+            flat = b"".join(bytes(v) for v in chunk)
+            done += os.write(fd, flat[done:])
 
 
 class DestinationServer:
@@ -997,7 +1029,7 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
             io_timeout: float = 30.0, progress: Optional[Callable[[dict], None]] = None,
             criu_args=(), link_rate: Optional[float] = None,
             costs: Optional[CriuCosts] = None, netns: Optional[str] = None,
-            dump_retries: int = 2) -> Report:
+            dump_retries: int = 4) -> Report:
     """Live-migrate process ``pid`` (and its children) to the destination agent at
     ``dest`` (``HOST:PORT``). Returns a :class:`~statesync.report.Report`.
 
@@ -1017,7 +1049,8 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     the connection from this named network namespace (/run/netns/NAME) instead of
     the caller's, as the two-host testbed does; CRIU always runs in the target's
     network namespace. ``dump_retries``: further dump attempts when ``criu dump`` fails
-    (e.g. a client connection in flight when CRIU collected sockets).
+    because a client's UNIX stream connection was open or in flight when CRIU
+    collected sockets (other dump failures abort at once).
 
     On failure raises :class:`MigrationError` (``.phase``, ``.report``); the process
     then runs on at the source with its state intact (``report.source_resumed``).
