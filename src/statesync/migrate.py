@@ -251,18 +251,22 @@ def _ns_pid(pid: int) -> int:
 
 @dataclass
 class CriuCosts:
-    """Prior switch-over costs handed to the scheduler's model (it recalibrates the
-    link and the dirty rate from the rounds). ``dump``: CRIU's frozen dump plus the
-    engine's content diff of the dump; ``restore``: assembling the image set at the
-    destination plus ``criu restore`` until the process runs. Defaults measured with
-    CRIU 4.1 on this project's machines (2 cores, images on tmpfs); see the benchmark."""
+    """Switch-over cost priors handed to the scheduler's model (it recalibrates the
+    link and the dirty rate from the rounds).
+
+    ``dump``: CRIU's frozen dump plus the engine's read and content diff of it. The
+    engine always dumps the whole state (no soft-dirty here, so no incremental CRIU
+    dump), so this cost scales with the state, not with the final pages: the engine
+    hands the model ``dump_fixed_s + dump_s_per_mib * state`` as its fixed dump cost.
+    ``restore``: writing the image set at the destination plus ``criu restore``
+    until the process runs. Defaults measured with CRIU 4.2 on this project's
+    machines (2 shared cores, images on tmpfs): 25 MB and 290 MB processes in
+    benchmarks/bench_migrate.py."""
 
     dump_fixed_s: float = 0.03
-    dump_s_per_mib: float = 0.0014
+    dump_s_per_mib: float = 0.0026
     restore_fixed_s: float = 0.10
-    restore_s_per_mib: float = 0.0012
-
-
+    restore_s_per_mib: float = 0.0030
 
 
 # --------------------------------------------------------------------------- source
@@ -436,7 +440,10 @@ class _SourceAgent:
             state_bytes=max(1, int(self.state_addrs.size)) * PAGE_SIZE,
             dirty_rate_pages_per_s=rate,
             bandwidth_bytes_per_s=self.link_rate_Bps or 12.5e6,
-            dump_fixed_s=self.costs.dump_fixed_s, dump_s_per_mib=self.costs.dump_s_per_mib,
+            # A full dump every time: its cost is fixed for this process (see CriuCosts).
+            dump_fixed_s=self.costs.dump_fixed_s
+            + self.costs.dump_s_per_mib * self.state_addrs.size * PAGE_SIZE / (1 << 20),
+            dump_s_per_mib=0.0,
             restore_fixed_s=self.costs.restore_fixed_s,
             restore_s_per_mib=self.costs.restore_s_per_mib,
             rtt_s=0.001, codecs=codecs)
