@@ -232,23 +232,27 @@ def _pause_at_dump(client, box):
     return hook
 
 
+# (strategy, codec, tracker): every strategy, each codec, both trackers.
 STRATEGY_CASES = [
-    ("cold", None),
-    ("precopy", None),
-    ("iterative", None),
-    ("iterative", "lz4"),
-    ("iterative", "lz4+xor"),
+    ("cold", None, None),
+    ("precopy", None, "uffd"),
+    ("iterative", None, "uffd"),
+    ("iterative", None, "hash"),
+    ("iterative", "lz4", "uffd"),
+    ("iterative", "lz4+xor", "uffd"),
 ]
 
 
-def _codec_kw(compression):
-    if compression == "lz4+xor":
-        return {"compression": "lz4", "xor": True}
-    return {"compression": compression}
+def _codec_kw(compression, tracker):
+    kw = {"compression": "lz4", "xor": True} if compression == "lz4+xor" else \
+        {"compression": compression}
+    if tracker:
+        kw["tracker"] = tracker
+    return kw
 
 
-@pytest.mark.parametrize("strategy,compression", STRATEGY_CASES)
-def test_migrate_workload_every_strategy(bed, strategy, compression):
+@pytest.mark.parametrize("strategy,compression,tracker", STRATEGY_CASES)
+def test_migrate_workload_every_strategy(bed, strategy, compression, tracker):
     from statesync.downtime import HeartbeatObserver
 
     bed.start_dest()
@@ -259,11 +263,12 @@ def test_migrate_workload_every_strategy(bed, strategy, compression):
         box = {}
         t0 = time.monotonic()
         rep = bed.migrate(strategy=strategy, progress=_pause_at_dump(src, box),
-                          **_codec_kw(compression))
+                          **_codec_kw(compression, tracker))
         bed.restored.append(rep.restored_pid)
         assert obs.wait_for_beats(5), "restored workload sends no heartbeats"
         gap = obs.max_gap(t0, time.monotonic())
     assert rep.ok and rep.restored_pid
+    assert rep.tracker == (tracker or "")
     # The source copy is gone; the restored copy answers in the destination namespace.
     assert bed.python_procs_with_control() == [rep.restored_pid]
     dst = bed.client("b")
@@ -448,8 +453,8 @@ def test_destination_refuses_wrong_secret(bed):
 # --------------------------------------------------------------------------- third-party service
 
 
-@pytest.mark.parametrize("strategy,compression", STRATEGY_CASES)
-def test_migrate_redis_under_write_load(bed, strategy, compression):
+@pytest.mark.parametrize("strategy,compression,tracker", STRATEGY_CASES)
+def test_migrate_redis_under_write_load(bed, strategy, compression, tracker):
     """Debian's redis-server with data, written to while it moves: every key is there
     afterwards, no acknowledged write is lost, and it answers on the same socket path."""
     from statesync.downtime import RequestProber
@@ -467,7 +472,7 @@ def test_migrate_redis_under_write_load(bed, strategy, compression):
         time.sleep(0.3)
         t0 = time.monotonic()
         try:
-            rep = bed.migrate(srv.pid, strategy=strategy, **_codec_kw(compression))
+            rep = bed.migrate(srv.pid, strategy=strategy, **_codec_kw(compression, tracker))
         finally:
             time.sleep(0.3)
             prober.stop()
@@ -495,3 +500,32 @@ def _gone(pid):
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
+
+
+def test_cli_agents_one_in_each_namespace(bed):
+    """`statesync receive` in the destination namespace, `statesync migrate` in the
+    source namespace: progress per round, the report, JSON and Prometheus files."""
+    bed.start_dest()
+    bed.spawn(size="6M", rate=300)
+    out = os.path.join(bed.tb.root, "report.json")
+    prom = os.path.join(bed.tb.root, "metrics.prom")
+    src = bed.tb.python("a", ["migrate", "--pid", str(bed.wl.pid), "--to",
+                              f"{bed.tb.addr_b}:{bed.port}", "--secret-file", bed.secret_file,
+                              "--strategy", "iterative", "--json", out, "--metrics-file", prom,
+                              "--link-rate", str(bed.tb.rate_bps)],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    so, se = src.communicate(timeout=120)
+    text = so.decode()
+    assert src.returncode == 0, se.decode()[-2000:]
+    assert "round   0:" in text and "downtime" in text and ": OK" in text
+    import json
+    from statesync.report import Report
+    rep = Report.from_dict(json.load(open(out)))
+    bed.restored.append(rep.restored_pid)
+    assert rep.ok and rep.rounds and rep.downtime_s > 0
+    assert abs(sum(v for k, v in rep.phases.items() if k != "freeze") - rep.downtime_s) < 0.02
+    metrics = open(prom).read()
+    assert "statesync_migration_downtime_seconds" in metrics
+    assert 'statesync_migration_phase_seconds{phase="restore"' in metrics
+    assert bed.dest.wait(10) == 0
+    assert bed.client("b").status()["pid"] == rep.restored_pid
