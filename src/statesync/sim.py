@@ -524,15 +524,19 @@ def format_table(summaries: Sequence[Summary]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
-def plot(results: Dict[str, List[Result]], path: str) -> None:
-    """Save a scatter of downtime against total migration time, one colour per scheduler."""
+def plot(results: Dict[str, List[Result]], path: str, oracles: Optional[Sequence[OracleResult]] = None) -> None:
+    """Save a scatter of downtime against total migration time, one colour per
+    scheduler; with ``oracles``, a second panel with the distribution of downtime over
+    the hindsight-best downtime of each scenario."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise StateSyncError(f"--plot needs matplotlib ({exc}); pip install 'statesync[plot]'") from exc
-    fig, ax = plt.subplots(figsize=(7, 5))
+    panels = 2 if oracles is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5), squeeze=False)
+    ax = axes[0][0]
     for name, rs in results.items():
         pts = [(r.total_time_s, r.downtime_s) for r in rs if not r.aborted]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, alpha=0.6, label=name)
@@ -540,10 +544,21 @@ def plot(results: Dict[str, List[Result]], path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("total migration time (s)")
     ax.set_ylabel("downtime (s)")
-    ax.set_title("downtime vs total time per scheduler")
+    ax.set_title("downtime vs total time, one point per scenario")
     ax.legend()
+    if oracles is not None:
+        ax = axes[0][1]
+        for name, rs in results.items():
+            ratios = sorted(r.downtime_s / o.best_downtime_s for r, o in zip(rs, oracles) if not r.aborted)
+            ax.plot(ratios, [(i + 1) / len(ratios) for i in range(len(ratios))], label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("downtime / hindsight-best downtime")
+        ax.set_ylabel("fraction of scenarios")
+        ax.set_title("how far from the best fixed plan")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -583,7 +598,7 @@ def _cli_sim(args) -> int:
     if args.objective:
         from dataclasses import replace
         scenarios = [replace(sc, objective=args.objective) for sc in scenarios]
-    summaries, results, _ = evaluate(scenarios, names, codecs=not args.no_codecs)
+    summaries, results, oracles = evaluate(scenarios, names, codecs=not args.no_codecs)
     if args.json:
         print(json.dumps([asdict(s) for s in summaries], indent=2))
     else:
@@ -592,7 +607,7 @@ def _cli_sim(args) -> int:
               f"{summaries[0].feasible} feasible with hindsight")
         print(format_table(summaries))
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, oracles)
         print(f"plot saved to {args.plot}")
     return 0
 
