@@ -20,8 +20,9 @@ Images (no root, no CRIU binary needed; our own reader/writer, see
     statesync.criu.write_incremental("img2", "img1", "inc")   # PE_PARENT where unchanged
     statesync.criu.flatten("inc", "full")     # one self-contained image set
 
-Which CRIU: ``$STATESYNC_CRIU`` when set, else the first ``criu`` of version >= 4 on
-PATH (then /usr/local/sbin, /usr/sbin, /sbin), else the first ``criu`` found at all.
+Which CRIU: ``$STATESYNC_CRIU`` when set, else the one scripts/install-criu.sh installed
+and probed (recorded in /var/lib/statesync/criu-ok), else the first ``criu`` of version
+>= 4 on PATH (then /usr/local/sbin, /usr/sbin, /sbin), else the first ``criu`` found.
 """
 from __future__ import annotations
 
@@ -69,11 +70,23 @@ def _version_of(path: str):
     return m.group(1), nums
 
 
+INSTALL_STAMP = "/var/lib/statesync/criu-ok"
+
+
 def find_criu() -> Optional[str]:
     """Path of the CRIU binary statesync uses (see the module docstring), or None."""
     env = os.environ.get("STATESYNC_CRIU")
     if env:
         return env
+    # The binary scripts/install-criu.sh probed last (it may shadow an older distribution
+    # criu that comes first on a PATH without /usr/local/sbin).
+    try:
+        with open(INSTALL_STAMP) as f:
+            stamped = f.read().split()[0]
+        if os.access(stamped, os.X_OK):
+            return stamped
+    except (OSError, IndexError):
+        pass
     return _find_criu_cached(os.environ.get("PATH", ""))
 
 
