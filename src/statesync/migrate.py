@@ -50,7 +50,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _criuimg, wire
+from . import _criu_images, wire  # noqa: F401  (pre-import: the switch-over must not pay for it)
 from .errors import CriuError, MigrationError, StateSyncError
 from .memsource import MemorySource
 from .pagetable import PageTable
@@ -212,6 +212,27 @@ def _run_criu(args: List[str], log: str, prefix: List[str], timeout: float,
 # fail (CRIU cannot dump half of a stream connection, nor an in-flight connection whose
 # peer it cannot see); the next attempt usually finds no such connection.
 _TRANSIENT_DUMP_ERRORS = ("Can't dump half of stream unix connection", "unix: Unix socket")
+
+
+def _read_stats(path: str) -> Dict[str, int]:
+    """CRIU's stats-dump / stats-restore (times in microseconds); {} if unreadable:
+    the stats are informative, never a reason to fail a migration."""
+    try:
+        return {k: int(v) for k, v in _criu_images.read_stats(path).items()}
+    except (StateSyncError, OSError, ValueError):
+        return {}
+
+
+def _present_pages_of(pagemap_path: str) -> Tuple[int, np.ndarray]:
+    """(pages_id, addresses of the PE_PRESENT pages in pages-file order) of a
+    pagemap image, decoded and validated by statesync.criu's reader (C)."""
+    pm = _criu_images.Pagemap(pagemap_path, PAGE_SIZE)
+    sel = (pm.flags & _criu_images.PE_PRESENT) != 0
+    v, n = pm.vaddr[sel], pm.nr_pages[sel].astype(np.int64)
+    total = int(n.sum())
+    first = np.repeat(v, n)
+    within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+    return int(pm.pages_id), first + within.astype(np.uint64) * np.uint64(PAGE_SIZE)
 
 
 def _tree_pids(pid: int) -> List[int]:
@@ -627,12 +648,12 @@ class _SourceAgent:
                 await asyncio.sleep(random.uniform(0.02, 0.06) * (attempt + 1))
         t_dumped = time.monotonic()
         self.stopped_pids = pids
-        rep.criu_dump_stats = _criuimg.read_stats(os.path.join(tmp, "stats-dump"))
+        rep.criu_dump_stats = _read_stats(os.path.join(tmp, "stats-dump"))
         # Freeze starts inside the dump; CRIU's own stats say how long after its start.
-        frozen_us = rep.criu_dump_stats.get("frozen_time_us")
+        frozen_us = rep.criu_dump_stats.get("frozen_time")
         dump_wall = t_dumped - t0
         t_freeze = t_dumped - frozen_us / 1e6 if frozen_us else t0
-        rep.phases["freeze"] = rep.criu_dump_stats.get("freezing_time_us", 0) / 1e6
+        rep.phases["freeze"] = rep.criu_dump_stats.get("freezing_time", 0) / 1e6
         rep.phases["dump"] = t_dumped - t_freeze
         self._emit("phase", phase="final transfer", dump_s=dump_wall)
 
@@ -640,7 +661,7 @@ class _SourceAgent:
         main_pm = f"pagemap-{vpid}.img"
         if not os.path.exists(os.path.join(tmp, main_pm)):
             raise MigrationError(f"dump of pid {self.pid} has no {main_pm}", "dump")
-        pages_id, addrs = _criuimg.read_pagemap(os.path.join(tmp, main_pm))
+        pages_id, addrs = _present_pages_of(os.path.join(tmp, main_pm))
         pages_file = f"pages-{pages_id}.img"
         pages_path = os.path.join(tmp, pages_file)
         if os.path.getsize(pages_path) != addrs.size * PAGE_SIZE:
@@ -872,7 +893,7 @@ class _DestinationSession:
             await self.chan.send_json(wire.FAILED, {"error": str(exc)[-3000:]})
             raise MigrationError(f"restore failed: {exc}", "restore") from exc
         t2 = time.monotonic()
-        stats = _criuimg.read_stats(os.path.join(self.final_dir, "stats-restore"))
+        stats = _read_stats(os.path.join(self.final_dir, "stats-restore"))
         self.result.update(restore_s=t2 - t1, pid=self.restored_pid)
         await self.chan.send_json(wire.RESTORED, {"pid": self.restored_pid, "stats": stats,
                                                   "assemble_s": t1 - t0, "restore_s": t2 - t1})
