@@ -480,7 +480,7 @@ class CostModel:
                 self.bandwidth = max(self.bandwidth, wire_rate)
             overhead = max(0.0, r.duration_s - r.transfer_s - self.rtt)
             self.round_fixed = (1 - a) * self.round_fixed + a * overhead
-        if r.duration_s > 0:  # an empty round (nothing to send, no fixed cost) says nothing
+        if r.duration_s >= 1e-6:  # an empty or instant round says nothing about the writer
             self._add_point(float(r.duration_s), float(r.dirty_pages))
             self.measured_rounds += 1
 
@@ -494,7 +494,7 @@ class CostModel:
             self._refit_prior(t, x)
         keep = []
         for tp, xp in self._points:
-            if abs(math.log(tp / t)) < 0.05 or (tp < t and xp > x) or (tp > t and xp < x):
+            if abs(math.log(tp) - math.log(t)) < 0.05 or (tp < t and xp > x) or (tp > t and xp < x):
                 continue
             keep.append((tp, xp))
         keep.append((t, x))

@@ -271,7 +271,10 @@ class MoseScheduler(BaseScheduler):
         if slack < 0:
             return self._mkplan("cold", 0, bw, NO_CODEC, self._predict(0, NO_CODEC, bw),
                                 "MD: even one pre-copy round overruns max total time: cold")
-        iters = self.max_iterations if math.isinf(slack) else min(self.max_iterations, int(slack // t_iter))
+        if math.isinf(slack) or t_iter <= 0:   # free iterations (nothing dirtied, no round cost)
+            iters = self.max_iterations
+        else:
+            iters = min(self.max_iterations, int(slack // t_iter))
         self.iterations = iters
         opt = Option(1 + iters, t_down, t0 + iters * t_iter + t_down, (S + (iters + 1) * v_iter), v_iter / P)
         return self._mkplan("precopy", 1 + iters, bw, NO_CODEC, opt,
