@@ -332,15 +332,16 @@ class CostModel:
 
     The dirty function before any measurement is ``D(t) = W * (1 - exp(-d t / W))``
     (uniform writes at ``d`` pages/s over a working set of ``W`` pages; ``W = N`` when
-    unknown). After a round it is re-anchored on what was measured:
-    ``D(t) = x_m * (t / t_m) ** b`` with the last measured ``(t_m, x_m)`` and an exponent
-    ``b`` in [0, 1] averaged (EWMA, 1/2) from pairs of rounds of different lengths (starting
-    from the local slope of the prior curve). So a saturated hot set (``b -> 0``)
-    and a steady writer (``b -> 1``) are both followed. Link bandwidth, codec ratio and
-    encoder throughput, and the round fixed cost are EWMAs (weight 1/2 on the newest
-    round); CRIU dump and restore costs are least-squares lines over (bytes, seconds)
-    samples fed through :meth:`observe_dump` / :meth:`observe_restore` /
-    :meth:`observe_criu_dump_stats`.
+    unknown). Every measured round adds a point (round duration, pages dirtied); ``D`` is
+    then the piecewise-linear interpolation of the points in log-log space (slopes clamped
+    to [0, 1], extrapolated from the nearest segment), starting from the prior's value at
+    1 s. A new point drops older ones that contradict it, so a rising or bursty writer is
+    followed rather than averaged. A first round that dirtied more than the prior predicts
+    refits ``d``. Link bandwidth, codec ratio and encoder throughput, and the round fixed
+    cost are EWMAs (weight 1/2 on the newest round); CRIU dump and restore costs are
+    least-squares lines over (bytes, seconds) samples fed through :meth:`observe_dump` /
+    :meth:`observe_restore` / :meth:`observe_criu_dump_stats`. docs/scheduler.md has the
+    equations and a worked example.
     """
 
     ALPHA = 0.5

@@ -289,25 +289,26 @@ class MoseScheduler(BaseScheduler):
 # --------------------------------------------------------------------------- ours
 
 class AdaptiveScheduler(BaseScheduler):
-    """Model-predictive scheduler (ours).
+    """Model-predictive scheduler (ours); docs/scheduler.md describes it in full.
 
     ``plan`` evaluates every codec and every "stop after j rounds" option (j = 0 is
     cold) with :class:`~statesync.kpi.CostModel` and picks by the objective among the
-    options that meet the targets. After every round ``on_round`` recalibrates the model
-    from what was measured and re-plans from the real dirty set: it keeps going only
-    while the best reachable option is still ahead and it lowers the predicted downtime
-    by at least ``max(min_gain_s, min_gain_fraction * downtime)`` (for ``min_downtime``;
-    with ``min_resources`` it stops as soon as the targets are met; with ``Weights`` when
-    the weighted cost no longer falls). The codec is re-chosen each time (raw throughput
-    ``min(bandwidth x ratio, encoder, decoder)``). Options that need more rounds carry a
-    safety ``margin`` on the targets, since they are forecasts.
+    options that meet the targets (forecasts with a safety ``margin``; ``safe_margin``
+    for objectives that push to the edge of the targets). After every round ``on_round``
+    recalibrates the model from what was measured and re-plans from the real dirty set:
+    it keeps going only while the best reachable option is still ahead and lowers the
+    predicted downtime by at least ``max(min_gain_s, min_gain_fraction * downtime)``
+    (any gain near or over the target). Options are compared on ``downtime + risk *
+    (final dump + copy)``; cold is chosen only when best outright. A bursty writer gets up
+    to ``max_wait_rounds`` extra rounds to reach a quieter phase. The codec is re-chosen
+    each round from raw throughput ``min(bandwidth x ratio, encoder, decoder)``.
 
-    When no option meets both targets, ``plan`` raises
-    :class:`~statesync.errors.Infeasible` carrying the best achievable downtime and
-    total time and the Pareto choice (least relative overrun ``max(downtime / max_downtime,
-    total / max_total)``) as ``best``; rounds then follow ``best``. With
-    ``abort_when_infeasible=True``, ``on_round`` answers ABORT once the targets become
-    unreachable mid-migration instead of stopping at the least bad point."""
+    When no option meets both targets even without the cushion, ``plan`` raises
+    :class:`~statesync.errors.Infeasible` with the best achievable downtime and total
+    time and the Pareto choice for the objective as ``best`` (``min_downtime``: least
+    downtime within the time target, else least downtime; otherwise least relative
+    overrun); rounds then follow ``best``. With ``abort_when_infeasible=True``,
+    ``on_round`` answers ABORT once the targets become unreachable mid-migration."""
 
     name = "adaptive"
 
