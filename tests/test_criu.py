@@ -302,7 +302,18 @@ def test_redis_survives_dump_incremental_restore(criu_ok, tmp_path, reap):
                           "--dir", str(tmp_path), "--daemonize", "no", "--protected-mode", "no"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
+    outer = None
     try:
+        deadline = time.monotonic() + 20
+        while outer is None and time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+                    kids = f.read().split()
+                outer = int(kids[0]) if kids else None
+            except OSError:
+                pass
+            if outer is None:
+                time.sleep(0.02)
         r = _Redis(port)
         rng = np.random.default_rng(11)
         data = {}
@@ -315,10 +326,8 @@ def test_redis_survives_dump_incremental_restore(criu_ok, tmp_path, reap):
             assert all(x == b"OK" for x in r.pipeline(cmds))
         pid = int(r.pipeline([[b"INFO", b"server"]])[0].split(b"process_id:")[1].split(b"\r")[0])
         r.close()
-        # pid as redis sees it is 1 (its own namespace); find ours: unshare's child.
-        with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
-            outer = int(f.read().split()[0])
-        assert pid == 1
+        # pid as redis sees it is 1 (its own namespace); ours is unshare's child.
+        assert pid == 1 and outer
         criu.dump(outer, tmp_path / "d1", leave_running=True)
         r = _Redis(port)
         cmds = []
@@ -350,11 +359,14 @@ def test_redis_survives_dump_incremental_restore(criu_ok, tmp_path, reap):
         assert r.pipeline([[b"GET", b"k5"]])[0] is None
         r.close()
     finally:
-        for pid in [p.pid]:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # redis is the init of its own pid namespace and session: SIGKILL it by pid
+        # (killing unshare alone would leave it running), then reap unshare.
+        for pid in [outer, p.pid]:
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         p.wait(timeout=20)
 
 
