@@ -391,3 +391,74 @@ def test_write_image_set_from_page_store_restores(criu_ok, spawn_workload, tmp_p
     c2 = workloads.WorkloadClient(wl.control)
     c2.wait_ready(20)
     assert c2.checksum() == checksum and c2.status()["seq"] == seq
+
+
+_SHM_SERVER = r'''
+import hashlib, mmap, socket, sys
+m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_SHARED)
+for i in range(0, 64, 2):
+    m[i * 4096:(i + 1) * 4096] = bytes([i + 1]) * 4096
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1]); s.listen()
+while True:
+    c, _ = s.accept()
+    cmd = c.recv(100).decode().split()
+    if cmd[0] == "w":
+        i = int(cmd[1]); m[i * 4096:i * 4096 + 8] = b"XXXXXXXX"
+    c.sendall(hashlib.sha1(m).hexdigest().encode()); c.close()
+'''
+
+
+def test_shared_anonymous_memory_round_trip(criu_ok, tmp_path, reap):
+    """MAP_SHARED anonymous memory lands in CRIU's pagemap-shmem-*.img; our writer keeps
+    it whole and the restored process sees its last content."""
+    script = tmp_path / "shm.py"
+    script.write_text(_SHM_SERVER)
+    name = f"statesync-criu-shm-{os.getpid()}"
+
+    def req(x):
+        deadline = time.monotonic() + 20
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect("\0" + name)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        s.sendall(x.encode())
+        r = s.recv(100).decode()
+        s.close()
+        return r
+
+    p = subprocess.Popen(["unshare", "-p", "-f", "setsid", "/usr/bin/python3", str(script), name],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    outer = None
+    try:
+        req("h")
+        with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+            outer = int(f.read().split()[0])
+        criu.dump(outer, tmp_path / "d1", leave_running=True)
+        req("w 5")
+        h = req("w 8")
+        criu.dump(outer, tmp_path / "d2", leave_running=True)
+        shm = [n for n in criu.ImageSet(tmp_path / "d2").pagemap_names if "shmem" in n]
+        assert len(shm) == 1
+        criu.write_incremental(tmp_path / "d2", tmp_path / "d1", tmp_path / "inc")
+        assert criu.ImageSet(tmp_path / "inc").pagemap(shm[0]).flags.tolist() == [criu.PE_PRESENT]
+        os.kill(outer, signal.SIGKILL)
+        p.wait(timeout=20)
+        rr = criu.restore(tmp_path / "inc")
+        reap.append(rr.pid)
+        assert req("h") == h
+    finally:
+        for pid in [outer, p.pid]:
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        p.wait(timeout=20)
