@@ -30,7 +30,8 @@ accepts (``max_block_pages``), never by lengths read from the input.
 
 Targets: :class:`MemoryPageStore` (numpy, in memory), :class:`FilePageStore`
 (one file, replaced atomically), :class:`FileTarget` (a plain file where the page
-at address A lives at offset A - base). Any object with ``begin(page_size)``
+at address A lives at offset A - base), :class:`CriuImageTarget` (a CRIU image
+set written with statesync.criu's writer). Any object with ``begin(page_size)``
 returning a transaction with ``read``/``write``/``commit``/``abort`` works (see
 :class:`Transaction`).
 
@@ -1032,6 +1033,55 @@ class _FileTxn:
             pass
 
 
+class CriuImageTarget:
+    """Applies a stream onto a CRIU image set: ``out_dir`` becomes ``base_dir``'s
+    images (registers, files, VMAs...) with the stream's pages replacing or adding to
+    the base's pages, written by :func:`statesync.criu.write_image_set` (atomically,
+    at commit; ``out_dir`` must not exist). XOR and DUP records resolve against the
+    base image set's pages (``pid``: which process of the set; default its only or
+    root one). Staged pages are held in memory until commit. Each stream needs a new
+    ``out_dir``; the next round can use this one as its base.
+    """
+
+    def __init__(self, base_dir, out_dir, pid=None, page_size: int = 4096):
+        self.base_dir = os.fspath(base_dir)
+        self.out_dir = os.fspath(out_dir)
+        self.pid = pid
+        self.page_size = page_size
+        self.result = None   # criu.WriteResult after a commit
+
+    def begin(self, page_size: int):
+        from . import criu
+        if page_size != self.page_size:
+            raise StreamError(f"stream page size {page_size} differs from the image set's "
+                              f"{self.page_size}", offset=8)
+        if os.path.exists(self.out_dir) and os.listdir(self.out_dir):
+            raise StreamError(f"CRIU target {self.out_dir} exists and is not empty; give "
+                              f"each stream a new output directory", offset=0)
+        images = criu.ImageSet(self.base_dir, page_size)
+        view = MemoryPageStore(page_size)
+        view.addrs = np.ascontiguousarray(images.addresses(self.pid), dtype=np.uint64)
+        view.pages = images.pages(self.pid)   # read-only view of the base's pages
+        return _CriuTxn(self, view)
+
+
+class _CriuTxn(_MemoryTxn):
+    def __init__(self, target: CriuImageTarget, view: MemoryPageStore):
+        super().__init__(view)
+        self.target = target
+
+    def commit(self):
+        from . import criu
+        if self.addr_blocks:
+            addrs = np.concatenate(self.addr_blocks)
+            pages = self._staged_pages()
+        else:
+            addrs = np.empty(0, np.uint64)
+            pages = np.empty((0, self.store.page_size), np.uint8)
+        self.target.result = criu.write_image_set(self.target.base_dir, self.target.out_dir,
+                                                  addrs, pages, pid=self.target.pid)
+
+
 _STORE_MAGIC = b"SSPSTORE"
 _STORE_HEAD = struct.Struct("<8sIIQQ")   # magic, version, page_size, npages, index offset
 _STORE_DATA = 4096                       # data starts here (page aligned for 4 KiB pages)
@@ -1224,4 +1274,5 @@ def cli_register(subparsers):
 
 
 __all__ = ["Encoder", "encode", "apply", "inspect", "StreamReader", "StreamStats",
-           "MemoryPageStore", "FilePageStore", "FileTarget", "Transaction", "MAGIC", "VERSION"]
+           "MemoryPageStore", "FilePageStore", "FileTarget", "CriuImageTarget", "Transaction",
+           "MAGIC", "VERSION"]
