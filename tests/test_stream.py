@@ -543,3 +543,32 @@ def test_criu_image_set_target_restores(spawn_workload, tmp_path):
         assert c2.checksum() == checksum and c2.status()["seq"] == seq
     finally:
         os.kill(rr.pid, signal.SIGKILL)
+
+
+def test_store_survives_many_streams_with_arena_reuse():
+    """Successive streams into one MemoryPageStore (new and existing addresses, a
+    corrupt one in between): the staging arena the store keeps for reuse never
+    aliases the pages it holds."""
+    rng = np.random.default_rng(11)
+    store = S.MemoryPageStore(PS)
+    truth = {}
+    for r in range(8):
+        n = int(rng.integers(1, 3000))
+        addrs = np.unique(rng.integers(0, 5000, n).astype(np.uint64)) * np.uint64(PS)
+        pages = rng.integers(0, 3, (len(addrs), PS), dtype=np.uint8)
+        pages[rng.random(len(addrs)) < 0.3] = 0
+        prev, ok = store.get(addrs)
+        data = S.encode(addrs, pages, previous=prev, previous_mask=ok, block_pages=128)
+        if r == 4:
+            bad = bytearray(data)
+            bad[-30] ^= 1
+            snap = snapshot(store)
+            with pytest.raises(StreamError):
+                S.apply([bytes(bad)], store)
+            assert_same(store, snap)
+        S.apply([data], store)
+        for a, p in zip(addrs.tolist(), pages):
+            truth[a] = p
+        keys = np.array(sorted(truth), dtype=np.uint64)
+        assert np.array_equal(store.addrs, keys)
+        assert np.array_equal(store.pages, np.stack([truth[k] for k in keys.tolist()]))

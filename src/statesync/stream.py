@@ -546,7 +546,8 @@ class _Decoder:
                             poff, rec0 + int(info["rec"][-1]))
         kinds = info["kind"]
         counts = np.bincount(kinds, minlength=5)
-        rkinds = np.bincount(kinds[np.r_[True, info["rec"][1:] != info["rec"][:-1]]], minlength=5)
+        recs = info["rec"]
+        rkinds = np.bincount(kinds[np.concatenate(([True], recs[1:] != recs[:-1]))], minlength=5)
         if self.txn is not None:
             alloc = getattr(self.txn, "alloc", None)
             out = alloc(npages) if alloc else np.empty((npages, ps), dtype=np.uint8)
@@ -766,12 +767,15 @@ class MemoryPageStore:
     """Pages in memory: sorted ``addrs`` (uint64) and ``pages`` ((n, page_size) uint8).
 
     A stream's pages become visible together at commit (addresses already present
-    are overwritten in place; new ones are merged into fresh arrays). Not
-    thread-safe against concurrent apply(); reading while nobody applies is safe.
+    are overwritten in place; new ones are merged into fresh arrays). Decoded pages
+    are staged in an arena of large arrays that the store keeps for the next stream
+    (at most 256 MiB) once their content was copied in. Not thread-safe against
+    concurrent apply(); reading while nobody applies is safe.
     """
 
     def __init__(self, page_size: int = 4096, addrs=None, pages=None):
         self.page_size = page_size
+        self._scratch = []    # staging arena kept between streams (see _MemoryTxn)
         if addrs is None:
             self.addrs = np.empty(0, dtype=np.uint64)
             self.pages = np.empty((0, page_size), dtype=np.uint8)
@@ -817,6 +821,7 @@ class _MemoryTxn:
     # about 4x cheaper than one small array per block.
     _FIRST_CHUNK = 8 << 20
     _MAX_CHUNK = 512 << 20
+    _SCRATCH_MAX = 256 << 20
 
     def __init__(self, store: MemoryPageStore):
         self.store = store
@@ -835,10 +840,30 @@ class _MemoryTxn:
                 v = c[0][c[1]:c[1] + n]
                 c[1] += n
                 return v
+        scratch = getattr(self.store, "_scratch", None)
+        while scratch:
+            arr = scratch.pop(0)                  # warm memory from an earlier stream
+            if arr.shape[0] >= n:
+                self.chunks.append([arr, n])
+                return arr[:n]
         rows = max(n, self._next // ps)
         self._next = min(self._next * 2, self._MAX_CHUNK)
         self.chunks.append([np.empty((rows, ps), dtype=np.uint8), n])
         return self.chunks[-1][0][:n]
+
+    def _recycle(self):
+        # After the staged pages were copied into the store, keep the arena for the next
+        # stream (up to _SCRATCH_MAX bytes): steady-state rounds then decode into
+        # memory that is already mapped.
+        if not hasattr(self.store, "_scratch"):
+            return
+        keep, total = [], 0
+        for arr, _ in self.chunks:
+            if total + arr.nbytes <= self._SCRATCH_MAX:
+                keep.append(arr)
+                total += arr.nbytes
+        self.store._scratch = keep
+        self.chunks = []
 
     def _staged(self):
         if self._cat is None or self._cat[0] != len(self.addr_blocks):
@@ -882,26 +907,41 @@ class _MemoryTxn:
         if not self.addr_blocks:
             return
         na = np.concatenate(self.addr_blocks)
+        if s.addrs.shape[0] and s.pages.flags.writeable:
+            pos = np.searchsorted(s.addrs, na)
+            posc = np.minimum(pos, s.addrs.shape[0] - 1)
+            if (s.addrs[posc] == na).all():
+                # Every page is already in the store: copy block by block, in place.
+                off = 0
+                for pb in self.page_blocks:
+                    k = pb.shape[0]
+                    _scatter_rows(s.pages, posc[off:off + k], pb)
+                    off += k
+                self._recycle()
+                return
         npg = self._staged_pages()
         if s.addrs.shape[0] == 0:
-            s.addrs, s.pages = na, npg
+            s.addrs, s.pages = na, (npg if npg.flags.writeable else npg.copy())
+            if npg.base is None or not any(npg.base is c[0] for c in self.chunks):
+                self._recycle()          # the arena was copied out (several chunks)
             return
         pos = np.searchsorted(s.addrs, na)
         posc = np.minimum(pos, s.addrs.shape[0] - 1)
         exists = s.addrs[posc] == na
-        if exists.all():
+        if exists.all() and s.pages.flags.writeable:
             _scatter_rows(s.pages, posc, npg)
-            return
-        keep = np.ones(s.addrs.shape[0], dtype=bool)
-        keep[posc[exists]] = False
-        alla = np.concatenate([s.addrs[keep], na])
-        order = np.argsort(alla, kind="stable")
-        allp = np.concatenate([s.pages[keep], npg])[order]
-        s.addrs, s.pages = alla[order], allp
+        else:
+            keep = np.ones(s.addrs.shape[0], dtype=bool)
+            keep[posc[exists]] = False
+            alla = np.concatenate([s.addrs[keep], na])
+            order = np.argsort(alla, kind="stable")
+            allp = np.concatenate([s.pages[keep], npg])[order]
+            s.addrs, s.pages = alla[order], allp
+        self._recycle()
 
     def abort(self):
         self.addr_blocks = self.page_blocks = []
-        self.chunks = []
+        self._recycle()
 
 
 def _scatter_rows(dst, idx, rows):
@@ -943,11 +983,14 @@ def _copy_to_temp(path) -> Tuple[str, int]:
 
 def _runs(idx):
     """Split sorted integer positions into (start_index_in_idx, length) runs of consecutive values."""
-    if idx.size == 0:
+    n = idx.shape[0]
+    if n == 0:
         return []
+    if int(idx[-1]) - int(idx[0]) == n - 1:      # the common case: one run
+        return [(0, n)]
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.r_[0, breaks]
-    ends = np.r_[breaks, idx.size]
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [n]))
     return list(zip(starts.tolist(), (ends - starts).tolist()))
 
 
