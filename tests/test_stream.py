@@ -572,3 +572,31 @@ def test_store_survives_many_streams_with_arena_reuse():
         keys = np.array(sorted(truth), dtype=np.uint64)
         assert np.array_equal(store.addrs, keys)
         assert np.array_equal(store.pages, np.stack([truth[k] for k in keys.tolist()]))
+
+
+def test_lz4_frames_interoperate_with_python_lz4():
+    """Our blocks are standard LZ4 frames: python-lz4 decodes them, and a stream whose
+    block was compressed by python-lz4 (with its checksums) decodes here."""
+    import lz4.frame
+    addrs, pages = make_pages(60)
+    data = S.encode(addrs, pages, block_pages=64)
+    ref = S.inspect([data])
+    assert ref.blocks == 1
+    off = S.HEADER.size
+    kind, codec, _, stored, raw, nrec, _, npages, _ = S.BLOCK.unpack(data[off:off + 32])
+    assert kind == S.KIND_DATA and codec == S.CODEC_LZ4 and npages == len(addrs)
+    frame = data[off + 32:off + 32 + stored]
+    payload = lz4.frame.decompress(frame)
+    assert len(payload) == raw
+    mine = np.empty(raw + _core.LZ4F_SLACK, np.uint8)
+    assert _core.lz4f_decompress_into(frame, raw, mine) == 0
+    assert mine[:raw].tobytes() == payload
+    # the same payload, compressed by python-lz4 with block and content checksums
+    theirs = lz4.frame.compress(payload, block_checksum=True, content_checksum=True,
+                                store_size=True)
+    kinds = [(k, ref.pages[name]) for k, name in S.KIND_NAMES.items()]
+    blob = Forge(block_pages=64).block(payload, nrec, npages, kinds, codec=S.CODEC_LZ4,
+                                       stored=theirs).end()
+    store = S.MemoryPageStore(PS)
+    st = S.apply([blob], store)
+    assert np.array_equal(store.pages, pages) and st.pages == ref.pages
