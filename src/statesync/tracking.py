@@ -398,6 +398,7 @@ class _UffdBackend(_Backend):
             self._attach(pid, timeout)
             self.hash = _HashState(pid, tracker._pm)
             self._sync_vmas(arm=True)
+            self.hash.refresh(self._hashed, baseline=True)
         except BaseException:
             self.close()
             raise
@@ -591,9 +592,6 @@ class _UffdBackend(_Backend):
                     self.registered.pop(v.start, None)
 
     def collect(self) -> np.ndarray:
-        if getattr(self, "_first", True):
-            self._first = False
-            self.hash.refresh(self._hashed, baseline=True)
         runs = self._sync_vmas()
         parts = []
         for s, e in runs:
