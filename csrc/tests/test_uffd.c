@@ -1,0 +1,165 @@
+/* ss_uffd.c and ss_ptrace.c: async uffd-wp + PAGEMAP_SCAN on our own memory, then
+ * on a forked child into which a userfaultfd() is injected with ptrace.
+ * Run under ASan by tests/test_c_asan.py. Skips (prints "skip", exits 0) where
+ * the kernel lacks the features; the Python suite checks availability itself. */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/auxv.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "ss_proc.h"
+#include "ss_ptrace.h"
+#include "ss_test.h"
+#include "ss_uffd.h"
+
+#define FLAGS (SS_PM_SCAN_WP_MATCHING | SS_PM_SCAN_CHECK_WPASYNC)
+
+static size_t ps;
+
+static void test_self(void)
+{
+    int uffd = ss_uffd_create(O_CLOEXEC | O_NONBLOCK | SS_UFFD_USER_MODE_ONLY);
+    CHECK(uffd >= 0);
+    uint64_t got = 0;
+    CHECK(ss_uffd_api(uffd, SS_UFFD_FEATURE_WP_ASYNC | SS_UFFD_FEATURE_WP_UNPOPULATED, &got) == 0);
+    /* 16 registered pages followed by 4 unregistered ones */
+    uint8_t *buf = mmap(NULL, 20 * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(buf != MAP_FAILED);
+    memset(buf, 1, 8 * ps); /* half populated, half not */
+    uint64_t base = (uint64_t)(uintptr_t)buf;
+    CHECK(ss_uffd_register_wp(uffd, base, 16 * ps) == 0);
+    int pm = ss_pagemap_open(getpid());
+    CHECK(pm >= 0);
+    uint64_t we = 0, out[32];
+    size_t stored = 0;
+    CHECK(ss_scan_written(pm, base, base + 16 * ps, ps, FLAGS, NULL, 0, &we, &stored) == 0);
+    CHECK(ss_scan_written(pm, base, base + 16 * ps, ps, FLAGS, out, 32, &we, &stored) == 0);
+    buf[1 * ps] = 2;
+    buf[5 * ps + 17] = 2;
+    buf[12 * ps] = 2; /* an unpopulated page */
+    buf[13 * ps] = 2;
+    /* a cap of 3 stops the walk after 3 pages; the rest comes next call */
+    ssize_t n = ss_scan_written(pm, base, base + 16 * ps, ps, FLAGS, out, 3, &we, &stored);
+    CHECK(n == 3 && stored == 3);
+    CHECK(out[0] == base + ps && out[1] == base + 5 * ps && out[2] == base + 12 * ps);
+    n = ss_scan_written(pm, we, base + 16 * ps, ps, FLAGS, out, 32, &we, &stored);
+    CHECK(n == 1 && out[0] == base + 13 * ps);
+    CHECK(ss_scan_written(pm, base, base + 16 * ps, ps, FLAGS, out, 32, &we, &stored) == 0);
+    /* an unregistered VMA in the range: -EPERM, pages before it still stored */
+    CHECK(mprotect(buf + 16 * ps, 4 * ps, PROT_READ) == 0); /* separate VMA */
+    buf[2 * ps] = 3;
+    n = ss_scan_written(pm, base, base + 20 * ps, ps, FLAGS, out, 32, &we, &stored);
+    CHECK(n == -EPERM);
+    CHECK(stored == 1 && out[0] == base + 2 * ps);
+    /* the general scan for pages neither present nor swapped: after arming,
+     * unpopulated pages hold uffd-wp markers, which count as "swapped"; a page
+     * dropped with MADV_DONTNEED (anonymous: no marker) is the only hole */
+    CHECK(madvise(buf + 5 * ps, ps, MADV_DONTNEED) == 0);
+    uint64_t regs[3 * 8];
+    n = ss_pagemap_scan(pm, base, base + 16 * ps, 0, SS_PAGE_IS_PRESENT | SS_PAGE_IS_SWAPPED,
+                        SS_PAGE_IS_PRESENT | SS_PAGE_IS_SWAPPED, 0,
+                        SS_PAGE_IS_WPALLOWED | SS_PAGE_IS_PRESENT, 0, regs, 8, &we);
+    CHECK(n == 1);
+    CHECK(regs[0] == base + 5 * ps && regs[1] == base + 6 * ps);
+    CHECK(ss_uffd_unregister(uffd, base, 16 * ps) == 0);
+    uint64_t ent[16];
+    CHECK(ss_pagemap_read(pm, base, 16, ps, ent) == 16);
+    for (int i = 0; i < 16; i++)
+        CHECK(!(ent[i] & SS_PM_UFFD_WP));
+    close(pm);
+    close(uffd);
+    munmap(buf, 20 * ps);
+}
+
+static void test_inject(void)
+{
+    uint8_t *buf = mmap(NULL, 8 * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(buf, 1, 8 * ps);
+    int cmd[2], ack[2];
+    CHECK(pipe(cmd) == 0 && pipe(ack) == 0);
+    pid_t child = fork();
+    if (child == 0) {
+        unsigned char i;
+        close(cmd[1]);
+        close(ack[0]);
+        while (read(cmd[0], &i, 1) == 1) { /* blocks in read(2): ERESTARTSYS */
+            buf[i * ps] ^= 0xff;
+            if (write(ack[1], &i, 1) != 1)
+                _exit(3);
+        }
+        _exit(0);
+    }
+    close(cmd[0]);
+    close(ack[1]);
+    alarm(20); /* a hang is a failure, not a stuck suite */
+    usleep(50000);
+    uint64_t vdso = getauxval(AT_SYSINFO_EHDR), insn = 0;
+    CHECK(vdso != 0);
+    CHECK(ss_find_syscall_insn(child, vdso, vdso + 2 * ps, &insn) == 0);
+    uint64_t args[6] = {0};
+    int64_t ret = 0;
+    struct ss_inject_info info;
+    CHECK(ss_inject_syscall(child, insn, SYS_getpid, args, 2000, &ret, &info) == 0);
+    CHECK(ret == child);
+    CHECK(info.was_in_syscall && info.orig_syscall == SYS_read && info.orig_ret == -512);
+
+    int pidfd = (int)syscall(SYS_pidfd_open, child, 0);
+    CHECK(pidfd >= 0);
+    int uffd = -1;
+    CHECK(ss_inject_userfaultfd(child, child, pidfd, insn,
+                                O_CLOEXEC | O_NONBLOCK | SS_UFFD_USER_MODE_ONLY, 2000, &uffd,
+                                &info) == 0);
+    CHECK(uffd >= 0 && info.ncalls == 2 && info.ret[1] == 0);
+    CHECK(ss_uffd_api(uffd, SS_UFFD_FEATURE_WP_ASYNC | SS_UFFD_FEATURE_WP_UNPOPULATED, NULL) == 0);
+    uint64_t base = (uint64_t)(uintptr_t)buf; /* same address in the child */
+    CHECK(ss_uffd_register_wp(uffd, base, 8 * ps) == 0);
+    int pm = ss_pagemap_open(child);
+    uint64_t we, out[8];
+    size_t stored;
+    CHECK(ss_scan_written(pm, base, base + 8 * ps, ps, FLAGS, NULL, 0, &we, &stored) == 0);
+    unsigned char i = 6, a = 0;
+    CHECK(write(cmd[1], &i, 1) == 1); /* the read we interrupted must get it */
+    CHECK(read(ack[0], &a, 1) == 1 && a == 6);
+    if (a != 6) {
+        kill(child, SIGKILL);
+        waitpid(child, NULL, 0);
+        return;
+    }
+    ssize_t n = ss_scan_written(pm, base, base + 8 * ps, ps, FLAGS, out, 8, &we, &stored);
+    CHECK(n == 1 && out[0] == base + 6 * ps);
+    uint8_t page[4096];
+    uint8_t ok = 0;
+    uint64_t addr = base + 6 * ps;
+    CHECK(ss_read_pages(child, &addr, 1, ps, page, &ok) == 1 && ok && page[0] == 0xfe);
+    CHECK(ss_uffd_unregister(uffd, base, 8 * ps) == 0);
+    close(uffd);
+    close(pm);
+    close(pidfd);
+    /* bad thread id: a clean error */
+    CHECK(ss_inject_syscall(0x7ffffff0, insn, SYS_getpid, args, 200, &ret, &info) == -ESRCH);
+    close(cmd[1]);
+    int st = 0;
+    CHECK(waitpid(child, &st, 0) == child);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    munmap(buf, 8 * ps);
+}
+
+int main(void)
+{
+    ps = (size_t)sysconf(_SC_PAGESIZE);
+    int probe = ss_uffd_create(O_CLOEXEC | SS_UFFD_USER_MODE_ONLY);
+    if (probe < 0) {
+        printf("skip: userfaultfd: %s\n", strerror(-probe));
+        return 0;
+    }
+    close(probe);
+    test_self();
+    test_inject();
+    TEST_DONE();
+}
