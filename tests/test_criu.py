@@ -17,7 +17,7 @@ import pytest
 
 from conftest import find_program, have_root, require
 from statesync import criu, workloads
-from statesync.errors import CriuError, CriuImageError, NoSuchProcess
+from statesync.errors import CriuError, NoSuchProcess
 
 
 @pytest.fixture(scope="module")

@@ -775,7 +775,6 @@ def write_pagemap_and_pages(out_dir: str, name: str, pages_id: int, addrs: np.nd
     address jumps or in_parent / lazy / key change (key lets the caller keep another
     pagemap's entry boundaries). Returns (entries, pages written)."""
     from . import _core
-    ps = np.uint64(page_size)
     brk = run_breaks(addrs, page_size, in_parent, lazy, key)
     # A run longer than nr_pages' u32 is split (never happens with real address spaces
     # of 4 KiB pages below 16 TiB, but stays correct).
@@ -799,5 +798,4 @@ def write_pagemap_and_pages(out_dir: str, name: str, pages_id: int, addrs: np.nd
             yield buf[:k]
 
     _fsync_write(os.path.join(out_dir, f"pages-{pages_id}.img"), page_chunks())
-    del ps
     return int(brk.size), int(sel.size)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -38,14 +37,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _criu_images as _img
-from ._criu_images import PE_LAZY, PE_PARENT, PE_PRESENT, VMA_DTYPE  # noqa: F401
+from ._criu_images import PE_LAZY, PE_PARENT, PE_PRESENT, VMA_DTYPE  # noqa: F401  (re-exported)
 from .errors import CriuError, CriuImageError, NoSuchProcess
 from .tracking import DirtySet
 from .workloads import PAGE_SIZE
 
 __all__ = ["CriuInfo", "DumpResult", "RestoreResult", "ImageSet", "find_criu", "check", "dump",
            "restore", "diff", "write_incremental", "flatten", "write_image_set", "info",
-           "PE_PARENT", "PE_LAZY", "PE_PRESENT"]
+           "PE_PARENT", "PE_LAZY", "PE_PRESENT", "VMA_DTYPE", "WriteResult"]
 
 MIN_VERSION = (4, 0)
 # Features probed with `criu check --feature NAME`, under the names we report.
@@ -96,7 +95,6 @@ def _find_criu_cached(path_env: str) -> Optional[str]:
     seen, found = set(), []
     for d in dirs:
         p = os.path.join(d, "criu")
-        rp = os.path.realpath(p)
         if p in seen or not (os.path.isfile(p) and os.access(p, os.X_OK)):
             continue
         seen.add(p)
@@ -104,7 +102,6 @@ def _find_criu_cached(path_env: str) -> Optional[str]:
         _, ver = _version_of(p)
         if ver and ver >= MIN_VERSION:
             return p
-        del rp
     return found[0] if found else None
 
 
