@@ -36,6 +36,7 @@ def test_uffd_misses_nothing_hash_sees_on_redis(redis):
     nkeys = 20000
     services.load_keys(c, nkeys, value_size=1000)
     digest0 = _digest(c, nkeys)
+    time.sleep(0.3)  # redis closes our last client connection asynchronously
     fds0 = sorted(os.listdir(f"/proc/{redis.pid}/fd"))
 
     uffd = Tracker(redis.pid, method="uffd")
@@ -71,7 +72,9 @@ def test_uffd_misses_nothing_hash_sees_on_redis(redis):
     assert writer.verify() == 0
     assert _digest(c, nkeys) == digest0
     assert proc.status(redis.pid)["TracerPid"] == "0"
-    time.sleep(0.2)
+    deadline = time.monotonic() + 3
+    while sorted(os.listdir(f"/proc/{redis.pid}/fd")) != fds0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # client connections of the checks above still closing
     assert sorted(os.listdir(f"/proc/{redis.pid}/fd")) == fds0
     vmas = [v for v in proc.read_maps(redis.pid) if v.writable and v.anonymous]
     for v in vmas:
