@@ -457,6 +457,15 @@ def test_trailing_garbage_and_unknown_blocks():
     store = S.MemoryPageStore(PS)
     good = Forge().end()
     expect_error(good + b"x", store, match="after the END")
+    # with pages in it: nothing is committed when bytes follow END (found by the fuzzer)
+    addrs, pages = make_pages(30)
+    store = store_from(addrs, pages ^ 1)
+    full = S.encode(addrs, pages)
+    expect_error(full + b"\0", store, match="after the END")
+    expect_error(full + full[:5], store, match="after the END")
+    with pytest.raises(StreamError):
+        S.apply([full, b"", b"junk"], store)
+    assert np.array_equal(store.pages, pages ^ 1)
     f = Forge()
     h = S.BLOCK.pack(0x51, 0, 0, 1, 1, 1, _core.hash128(b"a")[0], 1, 0)[:-4]
     expect_error(f.head + h + struct.pack("<I", zlib.crc32(h)) + b"a", store, match="kind")

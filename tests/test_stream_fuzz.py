@@ -1,6 +1,8 @@
 """Property tests of statesync.stream: exact round trips for any pages, options and
 chunking; every mutation of a valid stream is refused cleanly with the target
 unchanged; the XOR codec never misbehaves on hostile deltas."""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as hs
@@ -10,7 +12,7 @@ from statesync.errors import StreamError
 
 PS = 512  # the smallest page size the format allows: keeps examples small and fast
 
-FUZZ = settings(max_examples=300, deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("STATESYNC_FUZZ_EXAMPLES", "300")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

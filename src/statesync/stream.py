@@ -658,14 +658,10 @@ def apply(chunks, target, *, max_block_pages: int = DEFAULT_MAX_BLOCK_PAGES,
     transaction (memory for MemoryPageStore, a temporary file for the file targets).
     """
     reader = StreamReader(chunks, max_block_pages=max_block_pages, max_pages=max_pages)
-    st = reader.apply(target)
+    st = reader.apply(target, _exclusive=True)
     if st is None:
         raise StreamError("stream truncated: no bytes at all (expected a stream header)",
                           offset=0, record=0)
-    extra = reader._take_leftover()
-    if extra:
-        raise StreamError(f"{extra} unexpected bytes after the END block", offset=st.bytes_in,
-                          record=st.records)
     return st
 
 
@@ -705,7 +701,7 @@ class StreamReader:
                 break
         return n
 
-    def apply(self, target) -> Optional[StreamStats]:
+    def apply(self, target, _exclusive=False) -> Optional[StreamStats]:
         dec = _Decoder(target, self.max_block_pages, self.max_pages)
         started = False
         try:
@@ -725,6 +721,12 @@ class StreamReader:
             if not started and not dec.done:
                 return None
             dec.finish()
+            if _exclusive:
+                # The source must end with this stream: checked before anything is committed.
+                extra = self._take_leftover()
+                if extra:
+                    raise StreamError(f"{extra} unexpected bytes after the END block",
+                                      offset=dec.pos, record=dec.st.records)
             if dec.txn is not None:
                 dec.txn.commit()
         except BaseException as exc:
@@ -881,10 +883,13 @@ class _MemoryTxn:
             pos = np.searchsorted(sa, addrs)
             posc = np.minimum(pos, sa.shape[0] - 1)
             hit = sa[posc] == addrs
-            for j in np.flatnonzero(hit):
-                p = int(posc[j])
-                b = int(np.searchsorted(starts, p, side="right")) - 1
-                out[j] = self.page_blocks[b][p - int(starts[b])]
+            if hit.any():
+                js = np.flatnonzero(hit)
+                rows = posc[js]
+                blk = np.searchsorted(starts, rows, side="right") - 1
+                for b in np.unique(blk).tolist():     # one gather per staged block
+                    sel = blk == b
+                    out[js[sel]] = self.page_blocks[b][rows[sel] - int(starts[b])]
             ok = ok | hit
         return out, ok
 
