@@ -157,7 +157,7 @@ def test_64bit_nr_pages_preferred_and_written_back(tmp_path):
 
 def test_write_image_set_replaces_and_adds_pages(two_sets, tmp_path):
     a, b, old, new = two_sets
-    addrs = np.array([BASE + 5 * PS, BASE + 30 * PS], dtype=np.uint64)
+    addrs = np.array([BASE + 5 * PS, BASE + 13 * PS], dtype=np.uint64)  # replaced, new (in the VMA gap)
     repl = pages_of(2, 77)
     r = criu.write_image_set(a, tmp_path / "w", addrs, lambda x: repl)
     s = criu.ImageSet(tmp_path / "w")
@@ -170,6 +170,9 @@ def test_write_image_set_replaces_and_adds_pages(two_sets, tmp_path):
     assert np.array_equal(criu.ImageSet(tmp_path / "wi").read(addrs), repl)
     with pytest.raises(ValueError):
         criu.write_image_set(a, tmp_path / "bad", addrs[::-1], repl)
+    with pytest.raises(ValueError, match="lies in no VMA"):
+        criu.write_image_set(a, tmp_path / "bad", [BASE + 64 * PS], repl[:1])
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_writes_are_atomic(two_sets, tmp_path):

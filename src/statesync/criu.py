@@ -515,13 +515,24 @@ def write_image_set(template_dir, out_dir, addrs, pages: Union[np.ndarray, Calla
     process: registers, fds, VMAs...) and a page store: ``addrs`` (sorted unique
     page-aligned uint64) with contents ``pages`` ((n, page_size) uint8) or a callable
     ``pages(addrs) -> (n, page_size) array``. Pages of the template's pagemap not in
-    ``addrs`` keep the template's content. With ``parent_dir`` the result is
+    ``addrs`` keep the template's content; every address must lie in one of the
+    template's VMAs (ValueError otherwise). With ``parent_dir`` the result is
     incremental against it (unchanged pages PE_PARENT). This is how the migration
     engine turns the pages it streamed plus a final dump's metadata into a set
     ``criu restore`` accepts. Atomic like :func:`write_incremental`."""
     base = _as_set(template_dir)
     name = base._name(pid)
     parent = _as_set(parent_dir) if parent_dir is not None else None
+    addrs = np.asarray(addrs, dtype=np.uint64)
+    if _is_task_pagemap(name) and addrs.size:
+        # Pages outside every VMA of the template would make criu restore fail late.
+        v = base.vmas(name)
+        i = np.searchsorted(v["start"], addrs, side="right") - 1
+        ok = i >= 0
+        ok[ok] = addrs[ok] < v["end"][i[ok]]
+        if not ok.all():
+            raise ValueError(f"page {int(addrs[~ok][0]):#x} lies in no VMA of the template "
+                             f"{base.path} ({int((~ok).sum())} such pages)")
     return _write(base, out_dir, parent, {name: (addrs, pages)})
 
 
