@@ -147,7 +147,9 @@ class Observations:
     """What is known about the process, the link and CRIU before the migration.
 
     ``dirty_rate_pages_per_s``: page writes per second (the slope of the dirty set at
-    short windows; a tracker's ``len(collect())/interval`` over ~1 s). ``working_set_pages``:
+    short windows; a tracker's ``len(collect())/interval``), measured over a window of
+    ``dirty_rate_window_s`` (default 1 s; the model takes ``rate x window`` pages in that
+    window as its first measured point). ``working_set_pages``:
     the pages the process writes at all, if known (bounds every round's dirty set).
     ``dirty_rate_peak_pages_per_s``: worst-case rate if known (the ``mose`` model uses it).
     CRIU costs: a dump costs ``dump_fixed_s + dump_s_per_mib * MiB dumped`` frozen; a restore
@@ -164,6 +166,7 @@ class Observations:
     restore_s_per_mib: Optional[float] = None
     round_fixed_s: float = 0.0
     rtt_s: float = 0.0
+    dirty_rate_window_s: float = 1.0
     page_size_bytes: int = PAGE_SIZE
     working_set_pages: Optional[int] = None
     dirty_rate_peak_pages_per_s: Optional[float] = None
@@ -178,6 +181,7 @@ class Observations:
         for name in ("dump_fixed_s", "dump_s_per_mib", "restore_fixed_s", "restore_s_per_mib",
                      "round_fixed_s", "rtt_s"):
             _num(o, name, getattr(self, name), nonneg=True)
+        _num(o, "dirty_rate_window_s", self.dirty_rate_window_s, positive=True)
         _num(o, "working_set_pages", self.working_set_pages, positive=True, integer=True, allow_none=True)
         _num(o, "dirty_rate_peak_pages_per_s", self.dirty_rate_peak_pages_per_s, nonneg=True,
              allow_none=True)
@@ -334,8 +338,8 @@ class CostModel:
     (uniform writes at ``d`` pages/s over a working set of ``W`` pages; ``W = N`` when
     unknown). Every measured round adds a point (round duration, pages dirtied); ``D`` is
     then the piecewise-linear interpolation of the points in log-log space (slopes clamped
-    to [0, 1], extrapolated from the nearest segment), starting from the prior's value at
-    1 s. A new point drops older ones that contradict it, so a rising or bursty writer is
+    to [0, 1], extrapolated from the nearest segment), starting from the probe's point
+    (``dirty_rate_window_s``, rate x window). A new point drops older ones that contradict it, so a rising or bursty writer is
     followed rather than averaged. A first round that dirtied more than the prior predicts
     refits ``d``. Link bandwidth, codec ratio and encoder throughput, and the round fixed
     cost are EWMAs (weight 1/2 on the newest round); CRIU dump and restore costs are
@@ -366,10 +370,11 @@ class CostModel:
         for c in obs.codecs:
             self.codecs[c.name] = [float(c.ratio), float(c.encode_bytes_per_s), float(c.decode_bytes_per_s)]
         # measured (window seconds, distinct dirty pages), sorted by window; starts with
-        # the prior curve's value at 1 s (what the probe measured) as a pseudo-point
+        # what the probe measured: rate x window pages in its window
+        self.probe_window = float(obs.dirty_rate_window_s)
         self._points: List[Tuple[float, float]] = []
         if self.dirty_rate > 0:
-            self._points.append((1.0, self._prior(1.0)))
+            self._points.append((self.probe_window, min(self.dirty_rate * self.probe_window, self.working_set)))
         self.measured_rounds = 0
         self._dump_samples: List[Tuple[float, float]] = []
         self._restore_samples: List[Tuple[float, float]] = []
@@ -512,7 +517,7 @@ class CostModel:
         pred = -w * math.expm1(-d * t / w) if d > 0 else 0.0
         if x > 1.05 * pred:
             self.dirty_rate = (-w * math.log1p(-x / w) / t) if x < w else 50.0 * w / t
-            self._points = [(1.0, self._prior(1.0))]
+            self._points = [(self.probe_window, self._prior(self.probe_window))]
 
     @staticmethod
     def _fit(samples, fixed, per_byte):
