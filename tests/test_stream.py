@@ -609,3 +609,22 @@ def test_lz4_frames_interoperate_with_python_lz4():
     store = S.MemoryPageStore(PS)
     st = S.apply([blob], store)
     assert np.array_equal(store.pages, pages) and st.pages == ref.pages
+
+
+def test_encoder_yields_as_it_goes_and_is_one_stream_at_a_time():
+    addrs, pages = make_pages(2000)
+    enc = S.Encoder(block_pages=64, threads=1)
+    gen = enc.encode(addrs, pages)
+    head, first = next(gen), next(gen)
+    assert head[:4] == S.MAGIC and first[0] == S.KIND_DATA
+    assert enc.last_stats is None            # the rest is not encoded yet
+    with pytest.raises(RuntimeError, match="already producing"):
+        next(enc.encode(addrs, pages))
+    rest = b"".join(gen)
+    store = S.MemoryPageStore(PS)
+    S.apply([head + first + rest], store)
+    assert np.array_equal(store.pages, pages) and enc.last_stats.blocks > 10
+    # threads do not change the bytes
+    sid = b"\7" * 16
+    assert (S.encode(addrs, pages, threads=1, stream_id=sid)
+            == S.encode(addrs, pages, threads=3, stream_id=sid))

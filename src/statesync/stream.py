@@ -926,6 +926,8 @@ class _MemoryTxn:
                 return
         npg = self._staged_pages()
         if s.addrs.shape[0] == 0:
+            if any(npg.base is c[0] and 2 * npg.nbytes < c[0].nbytes for c in self.chunks):
+                npg = npg.copy()         # do not pin a mostly empty arena chunk
             s.addrs, s.pages = na, (npg if npg.flags.writeable else npg.copy())
             if npg.base is None or not any(npg.base is c[0] for c in self.chunks):
                 self._recycle()          # the arena was copied out (several chunks)
