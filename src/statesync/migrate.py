@@ -164,11 +164,10 @@ def decode_pages(payload: bytes, table: PageTable) -> int:
 
 
 def criu_binary() -> str:
-    env = os.environ.get("STATESYNC_CRIU")
-    if env:
-        return env
-    found = shutil.which("criu", path="/usr/local/sbin:/usr/local/bin:"
-                        + os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    """The CRIU that statesync.criu found (``STATESYNC_CRIU``, the one
+    scripts/install-criu.sh probed, or PATH)."""
+    from .criu import find_criu
+    found = find_criu()
     if not found:
         raise CriuError("criu not found: run scripts/install-criu.sh as root, or set "
                         "STATESYNC_CRIU")
@@ -354,37 +353,59 @@ class _SourceAgent:
 
     async def _send_pages(self, addrs: np.ndarray, reader) -> Tuple[int, int]:
         """Read (``reader(addrs) -> (pages, ok)``), hash, encode and send; returns
-        (pages sent, wire bytes)."""
+        (pages sent, wire bytes). A worker thread prepares the next batches while the
+        event loop sends the previous ones (at most two batches ahead)."""
         from . import _core
         sent = 0
         b0 = self.chan.bytes_sent
         codec = self.codec
-        for i in range(0, addrs.size, BATCH_PAGES):
-            a = addrs[i:i + BATCH_PAGES]
 
-            def work(a=a):
-                pages, ok = reader(a)
-                a2, p2 = a[ok], np.ascontiguousarray(pages[ok])
+        def work(a):
+            pages, ok = reader(a)
+            if not ok.all():
+                a, pages = a[ok], pages[ok]
+            if a.size == 0:
+                return a, None, b""
+            p2 = np.ascontiguousarray(pages)
+            h = _core.hash_pages(p2)
+            prev = mask = None
+            if codec.xor:
+                slots, mask = self.mirror.lookup(a)
+                prev = np.zeros_like(p2)
+                if mask.any():
+                    prev[mask] = self.mirror.rows[slots[mask]]
+            payload = codec.encode(a, p2, prev, mask)
+            if codec.xor:
+                self.mirror.put(a, p2)
+            return a, h, payload
+
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2)
+
+        async def produce():
+            for i in range(0, addrs.size, BATCH_PAGES):
+                await queue.put(await asyncio.to_thread(work, addrs[i:i + BATCH_PAGES]))
+            await queue.put(None)
+
+        producer = asyncio.ensure_future(produce())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                a2, h, payload = item
                 if a2.size == 0:
-                    return a2, None, b""
-                h = _core.hash_pages(p2)
-                prev = mask = None
-                if codec.xor:
-                    slots, mask = self.mirror.lookup(a2)
-                    prev = np.zeros_like(p2)
-                    if mask.any():
-                        prev[mask] = self.mirror.rows[slots[mask]]
-                payload = codec.encode(a2, p2, prev, mask)
-                if codec.xor:
-                    self.mirror.put(a2, p2)
-                return a2, h, payload
-
-            a2, h, payload = await asyncio.to_thread(work)
-            if a2.size == 0:
-                continue
-            await self.chan.send(wire.PAGES, payload)
-            self.shadow.put(a2, h)
-            sent += int(a2.size)
+                    continue
+                await self.chan.send(wire.PAGES, payload)
+                self.shadow.put(a2, h)
+                sent += int(a2.size)
+            await producer      # re-raises a reader/encoder error
+        finally:
+            if not producer.done():
+                producer.cancel()
+                try:
+                    await producer
+                except BaseException:
+                    pass
         return sent, self.chan.bytes_sent - b0
 
     async def _connect(self, host: str, port: int):
