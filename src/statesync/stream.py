@@ -11,9 +11,10 @@ kind per run of consecutive pages:
 * ``XOR``  XBZRLE delta against the receiver's current content of the page;
 * ``RAW``  the page bytes.
 
-Block payloads are LZ4 frames (with block and content checksums) unless
-compression is off or does not pay; an ``END`` block closes the stream with the
-counts and a checksum chained over every byte before it. The exact bytes are
+Block payloads are LZ4 frames (liblz4, in C) unless compression is off or does
+not pay; every block header carries a hash of its stored bytes, and an ``END``
+block closes the stream with the counts and a checksum chained over every byte
+before it. The exact bytes are
 specified in docs/stream-format.md.
 
 Sending: :class:`Encoder`. ``Encoder(...).encode(addrs, pages, previous=None)``
@@ -44,15 +45,13 @@ sender assumed gets a clean error instead of wrong memory.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import struct
-import sys
 import tempfile
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
