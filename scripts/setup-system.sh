@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System prerequisites of statesync's tests and demo. As root: installs them.
-# Otherwise: says what is missing (the Python build still works without them).
+# Otherwise: says what is missing (the Python build itself needs only gcc and liblz4-dev).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
