@@ -423,3 +423,49 @@ def test_dirtyset_from_collect_is_sorted_and_unique(spawn_workload):
     assert isinstance(d, DirtySet) and len(d) > 0
     assert d.pages.dtype == np.uint64 and np.all(np.diff(d.pages.astype(np.int64)) > 0)
     assert np.all(d.pages % PS == 0) and d.nbytes == len(d) * PS
+
+
+def test_tracking_our_own_process():
+    """No injection for ourselves: the userfaultfd is created directly."""
+    _need("uffd")
+    import mmap
+    m = mmap.mmap(-1, 64 * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = np.frombuffer(m, dtype=np.uint8)
+    base = buf.ctypes.data
+    buf[::PS] = 1
+    with Tracker(os.getpid()) as t:
+        assert t.method == "uffd"
+        buf[[3 * PS, 40 * PS + 9]] = 2
+        d = t.collect()
+        assert d.within(base, base + 64 * PS).pages.tolist() == [base + 3 * PS, base + 40 * PS]
+    assert not proc.pagemap(os.getpid(), base, base + 64 * PS).uffd_wp.any()
+    del buf
+    m.close()
+
+
+def test_cpu_bound_target_computes_the_right_answer():
+    """Stopped in the middle of user code many times: registers restored exactly."""
+    _need("uffd")
+    code = "s = 0\nfor i in range(6_000_000):\n    s = (s * 31 + i * i) % 1000000007\nprint(s)\n"
+    want = {}
+    exec(code.replace("print(s)", "want['s'] = s"), {"want": want})
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    attached = 0
+    try:
+        while p.poll() is None and attached < 200:
+            try:
+                with Tracker(p.pid, method="uffd") as t:
+                    t.collect()
+                    attached += 1
+            except errors.StateSyncError:
+                try:  # only acceptable because it is exiting right now
+                    p.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    raise
+                break
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0 and int(out) == want["s"]
+        assert attached >= 3
+    finally:
+        p.kill()
+        p.wait()

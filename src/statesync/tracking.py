@@ -416,6 +416,13 @@ class _UffdBackend(_Backend):
                                      "method='hash')", tracer)
         if problem:
             raise TrackerUnavailable("uffd", f"pid {pid} {problem}")
+        if pid == os.getpid():
+            # Our own memory: no injection needed (and ptrace cannot attach to its
+            # own thread group).
+            self.uffd = _core.uffd_create(os.O_CLOEXEC | os.O_NONBLOCK |
+                                          _core.UFFD_USER_MODE_ONLY)
+            self._api(pid)
+            return
         vmas = proc.read_maps(pid)
         addr = None
         for v in [x for x in vmas if x.path == "[vdso]"] + \
@@ -448,6 +455,9 @@ class _UffdBackend(_Backend):
                 break
         if self.uffd < 0:
             self._raise_inject_error(pid, last)
+        self._api(pid)
+
+    def _api(self, pid: int) -> None:
         want = _core.UFFD_FEATURE_WP_ASYNC | _core.UFFD_FEATURE_WP_UNPOPULATED
         try:
             got = _core.uffd_api(self.uffd, want)
