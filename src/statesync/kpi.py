@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 from .errors import Infeasible, KpiInputError

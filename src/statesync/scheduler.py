@@ -24,13 +24,7 @@ entry point names a class or factory called with ``**options``.
 from __future__ import annotations
 
 import math
-import sys
-from typing import Callable, Dict, List, Optional, Tuple
-
-try:
-    from typing import Protocol, runtime_checkable
-except ImportError:  # pragma: no cover - Python < 3.8
-    from typing_extensions import Protocol, runtime_checkable
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 from .errors import Infeasible, KpiInputError, StateSyncError
 from .kpi import (ABORT, CONTINUE, NO_CODEC, STOP_AND_COPY, Action, CostModel, Decision,

@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import Infeasible, StateSyncError
-from .kpi import (ABORT, CONTINUE, MIB, NO_CODEC, PAGE_SIZE, STOP_AND_COPY, Codec, Observations,
+from .kpi import (ABORT, MIB, NO_CODEC, PAGE_SIZE, STOP_AND_COPY, Codec, Observations,
                   RoundStats, Targets)
 
 MAX_ENGINE_ROUNDS = 60   # the simulated engine's own cap: a scheduler that never stops is stopped
