@@ -38,3 +38,18 @@ def test_workload_rate_writes_and_new_mappings(spawn_workload):
     assert np.all(np.diff(w.astype(np.int64)) > 0)
     st = c.status()
     assert [addr, 1 << 20] in st["mappings"]
+
+
+def test_every_write_changes_page_content_even_on_low_entropy_fill(spawn_workload):
+    """Early sequence numbers are small; they must still differ from fill values."""
+    from statesync import proc
+    wl = spawn_workload(size="1M", rate=0, paused=True, fill="mixed", seed=3)
+    c = wl.client
+    st = c.status()
+    addrs = np.uint64(st["addr"]) + np.arange(st["npages"], dtype=np.uint64) * np.uint64(4096)
+    before, ok = proc.read_pages(wl.pid, addrs)
+    assert ok.all()
+    c.write(range(st["npages"]))
+    after, ok = proc.read_pages(wl.pid, addrs)
+    assert ok.all()
+    assert (before != after).any(axis=1).all()

@@ -4,7 +4,8 @@ in its tests, benchmarks and demo.
 Run as a process (``python -m statesync.workloads --size 64M --rate 2000``) it maps a
 private anonymous buffer, fills it, and rewrites pages at a set rate (pages/s) over a
 working set chosen uniformly or hot/cold. Every write stores a fresh 64-bit sequence
-number into the page, so a written page always changes content. The process keeps a
+number with its top bit set (a value no fill pattern contains) into the page, so a
+written page always changes content. The process keeps a
 bitmap of the pages it wrote since the last ``take_written`` request and answers
 requests on a UNIX stream socket (one request line in, one JSON line out):
 
@@ -146,11 +147,14 @@ class WorkloadServer:
         which = np.searchsorted(self.page_base, idx, side="right") - 1
         seqs = self.seq + 1 + np.arange(idx.size, dtype=np.uint64)
         slots = (seqs % (PAGE_SIZE // 8)).astype(np.int64)
+        # The top bit is set in no fill value (random words are < 2**63, low-entropy
+        # ones < 256), and seq never repeats: every write really changes its page.
+        values = seqs | np.uint64(1 << 63)
         for mi in np.unique(which):
             sel = which == mi
             m = self.maps[mi]
             local = idx[sel] - self.page_base[mi]
-            m.words[local * (PAGE_SIZE // 8) + slots[sel]] = seqs[sel]
+            m.words[local * (PAGE_SIZE // 8) + slots[sel]] = values[sel]
         self.seq += int(idx.size)
         self.written[idx] = True
 
