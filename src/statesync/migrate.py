@@ -279,14 +279,14 @@ class CriuCosts:
     dump), so this cost scales with the state, not with the final pages: the engine
     hands the model ``dump_fixed_s + dump_s_per_mib * state`` as its fixed dump cost.
     ``restore``: writing the image set at the destination plus ``criu restore``
-    until the process runs. Defaults measured with CRIU 4.2 on this project's
-    machines (2 shared cores, images on tmpfs): 25 MB and 290 MB processes in
-    benchmarks/bench_migrate.py."""
+    until the process runs. Defaults: a line through the means of 8 migrations of a
+    25 MB and a 290 MB process (benchmarks/bench_migrate.py) with CRIU 4.2 on this
+    project's machines (2 shared cores, images on tmpfs)."""
 
-    dump_fixed_s: float = 0.03
-    dump_s_per_mib: float = 0.0026
-    restore_fixed_s: float = 0.10
-    restore_s_per_mib: float = 0.0030
+    dump_fixed_s: float = 0.036
+    dump_s_per_mib: float = 0.0014
+    restore_fixed_s: float = 0.106
+    restore_s_per_mib: float = 0.00175
 
 
 # --------------------------------------------------------------------------- source
@@ -467,20 +467,21 @@ class _SourceAgent:
         from .errors import Infeasible
         rep = self.report
         self.state_addrs = await asyncio.to_thread(self.mem.present_pages)
-        rate = 0.0
+        rate, window = 0.0, 1.0
         if self.strategy != "cold":
             rep.tracker = await asyncio.to_thread(self.mem.attach_tracker, self.tracker_method)
             t0 = time.monotonic()
             await asyncio.sleep(0.1)
             probe = await asyncio.to_thread(self.mem.collect)
-            rate = probe.size / max(time.monotonic() - t0, 1e-3)
+            window = max(time.monotonic() - t0, 1e-3)
+            rate = probe.size / window
         codecs = ()
         if self.compression in ("auto", "lz4"):
             c = await asyncio.to_thread(self._sample_codec)
             codecs = (c,) if c is not None else ()
         obs = kpi.Observations(
             state_bytes=max(1, int(self.state_addrs.size)) * PAGE_SIZE,
-            dirty_rate_pages_per_s=rate,
+            dirty_rate_pages_per_s=rate, dirty_rate_window_s=window,
             bandwidth_bytes_per_s=self.link_rate_Bps or 12.5e6,
             # A full dump every time: its cost is fixed for this process (see CriuCosts).
             dump_fixed_s=self.costs.dump_fixed_s
@@ -512,7 +513,7 @@ class _SourceAgent:
                 self.state_addrs.size, "lz4" if self.codec.compression and codecs else "none",
                 obs.bandwidth_bytes_per_s)
         self._emit("plan", strategy=self.mode, codec=self.codec.name, state_pages=int(self.state_addrs.size),
-                   dirty_rate_pages_per_s=rate, predicted_downtime_s=plan.predicted_downtime_s,
+                   dirty_rate_pages_per_s=rate, dirty_rate_window_s=window, predicted_downtime_s=plan.predicted_downtime_s,
                    reason=plan.reason)
 
     async def _precopy(self) -> None:
