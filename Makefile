@@ -13,7 +13,8 @@ setup: system build
 system:
 	@bash scripts/setup-system.sh
 
-$(PY):
+# System packages (compiler, Python headers, liblz4) come before any build step, also under -j.
+$(PY): | system
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
 

@@ -1,7 +1,10 @@
 #include "ss_hash.h"
 
-/* Odd 64-bit multipliers with well-mixed bits (golden ratio and murmur-family
- * constants). */
+/* The lane round and its two primes follow xxHash64's published design (Yann
+ * Collet, BSD-2); fmix is MurmurHash3's 64-bit finalizer (Austin Appleby, public
+ * domain). Both re-implemented here from their descriptions; the 4-lane layout,
+ * tail handling and 128-bit fold are our own. K3/K4 are further odd constants of
+ * the same families. */
 #define K1 0x9E3779B185EBCA87ULL
 #define K2 0xC2B2AE3D27D4EB4FULL
 #define K3 0x165667B19E3779F9ULL

@@ -4,8 +4,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server memcached iperf3 sockperf iproute2 util-linux gcc python3-protobuf liblz4-dev)
-STAMP=/var/tmp/statesync-system-ok
+# python3/-venv/-dev: a minimal Debian image has no venv module and no Python.h (the Makefile builds
+# the extension in a venv); install-criu.sh's probes and the crit wrapper use /usr/bin/python3.
+APT_PACKAGES=(python3 python3-venv python3-dev gcc liblz4-dev redis-server memcached iperf3 sockperf
+              iproute2 util-linux python3-protobuf)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
