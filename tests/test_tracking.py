@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import require
-from statesync import errors, proc, tracking
+from statesync import errors, proc
 from statesync.tracking import DirtySet, Tracker, tracking_methods
 
 PS = proc.PAGE_SIZE
@@ -469,3 +469,51 @@ def test_cpu_bound_target_computes_the_right_answer():
     finally:
         p.kill()
         p.wait()
+
+
+def test_vma_replaced_in_place_is_registered_again():
+    """munmap + mmap(MAP_FIXED) of the same range gives an identical maps line but a
+    new, unregistered VMA: the scan's CHECK_WPASYNC notices, the tracker registers
+    it again and reports its pages; a page dropped with MADV_DONTNEED is reported
+    too (its content became zeros without a write)."""
+    _need("uffd")
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    n = 32
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    base = libc.mmap(None, n * PS, prot, flags, -1, 0)
+    assert base not in (None, ctypes.c_void_p(-1).value)
+    try:
+        view = (ctypes.c_uint8 * (n * PS)).from_address(base)
+        for i in range(n):
+            view[i * PS] = 1
+        with Tracker(os.getpid(), method="uffd") as t:
+            t.collect()
+            view[2 * PS] = 5
+            assert t.collect().within(base, base + n * PS).pages.tolist() == [base + 2 * PS]
+            assert libc.madvise(base + 7 * PS, PS, 4) == 0          # MADV_DONTNEED
+            assert t.collect().within(base, base + n * PS).pages.tolist() == [base + 7 * PS]
+            lines = open("/proc/self/maps").read()
+            assert libc.munmap(base, n * PS) == 0
+            again = libc.mmap(base, n * PS, prot, flags | 0x10, -1, 0)  # MAP_FIXED
+            assert again == base
+            for i in (0, 9, 31):
+                view[i * PS] = 3
+            assert open("/proc/self/maps").read().count(f"{base:x}-") == \
+                lines.count(f"{base:x}-")
+            got = t.collect().within(base, base + n * PS).pages.tolist()
+            # every page changed: three written, the other 29 now read as zeros
+            assert got == [base + i * PS for i in range(n)]
+            assert t.info["rescans"] >= 1
+            view[4 * PS] = 1
+            assert t.collect().within(base, base + n * PS).pages.tolist() == [base + 4 * PS]
+        assert not proc.pagemap(os.getpid(), base, base + n * PS).uffd_wp.any()
+    finally:
+        libc.munmap(base, n * PS)

@@ -205,3 +205,72 @@ def inject_syscall(int tid, uint64_t syscall_addr, long nr, args=(), int timeout
         exc.inject_info = _info_dict(&info)
         raise exc
     return ret, _info_dict(&info)
+
+
+def scan_written_runs(int pagemap_fd, runs, uint64_t flags, size_t page_size=4096):
+    """scan_written over each (start, end) row of runs (an (n, 2) uint64 array,
+    ascending and disjoint), looping in C. Returns (pages, err, failed_row):
+    pages sorted, err 0 or the negative errno that stopped row failed_row (-1
+    when none failed); the pages found before the failure are included."""
+    cdef cnp.ndarray r = np.ascontiguousarray(runs, dtype=np.uint64).reshape(-1, 2)
+    cdef uint64_t[:, ::1] rv = r
+    cdef Py_ssize_t nr = r.shape[0], i
+    cdef size_t cap = 1 << 16, n = 0, stored = 0
+    cdef uint64_t we = 0, cur
+    cdef Py_ssize_t res = 0
+    out = np.empty(cap, dtype=np.uint64)
+    cdef uint64_t[::1] ov = out
+    cdef long err = 0
+    cdef Py_ssize_t failed = -1
+    i = 0
+    while i < nr:
+        cur = rv[i, 0]
+        while cur < rv[i, 1]:
+            if n == cap:
+                out = np.concatenate([out, np.empty(cap, dtype=np.uint64)])
+                cap *= 2
+                ov = out
+            with nogil:
+                res = ss_scan_written(pagemap_fd, cur, rv[i, 1], page_size, flags, &ov[n],
+                                      cap - n, &we, &stored)
+            n += stored
+            if res < 0:
+                err = res
+                failed = i
+                break
+            if <size_t>res < cap - (n - stored) or we <= cur:
+                break
+            cur = we
+        if err:
+            break
+        i += 1
+    return out[:n].copy(), err, failed
+
+
+def not_present_runs(int pagemap_fd, runs, size_t max_regions=4096):
+    """Regions (n, 2) of pages that are neither present nor swapped in each
+    (start, end) row of runs, one PAGEMAP_SCAN per row, looping in C."""
+    cdef cnp.ndarray r = np.ascontiguousarray(runs, dtype=np.uint64).reshape(-1, 2)
+    cdef uint64_t[:, ::1] rv = r
+    cdef Py_ssize_t nr = r.shape[0], i, k
+    regions = np.zeros((max_regions, 3), dtype=np.uint64)
+    cdef uint64_t[:, ::1] gv = regions
+    cdef uint64_t both = SS_PAGE_IS_PRESENT | SS_PAGE_IS_SWAPPED, we = 0, cur
+    cdef Py_ssize_t res
+    parts = []
+    for i in range(nr):
+        cur = rv[i, 0]
+        while cur < rv[i, 1]:
+            with nogil:
+                res = ss_pagemap_scan(pagemap_fd, cur, rv[i, 1], 0, both, both, 0,
+                                      both | SS_PAGE_IS_WPALLOWED, 0, &gv[0, 0],
+                                      max_regions, &we)
+            _check(res, "PAGEMAP_SCAN")
+            if res:
+                parts.append(regions[:res, :2].copy())
+            if <size_t>res < max_regions or we <= cur:
+                break
+            cur = we
+    if not parts:
+        return np.zeros((0, 2), dtype=np.uint64)
+    return np.concatenate(parts)

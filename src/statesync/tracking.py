@@ -32,7 +32,6 @@ keeps running throughout; every error leaves it running and unharmed.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import functools
 import os
@@ -44,7 +43,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from . import _core, proc
-from .errors import (AccessDenied, AlreadyTraced, NoSuchProcess, ProcessError, ProcessGone,
+from .errors import (AccessDenied, AlreadyTraced, ProcessError, ProcessGone,
                      TrackerUnavailable, TrackingError)
 from .proc import Vma
 from .workloads import PAGE_SIZE
@@ -394,6 +393,7 @@ class _UffdBackend(_Backend):
         self._runs_cache: List[Tuple[int, int]] = []
         self._hashed: List[Vma] = []
         self.present = _EMPTY   # present/swapped pages of the registered VMAs
+        self.rescans = 0        # scans redone after CHECK_WPASYNC found a replaced VMA
         try:
             self._attach(pid, timeout)
             self.hash = _HashState(pid, tracker._pm)
@@ -527,8 +527,9 @@ class _UffdBackend(_Backend):
             for s, e in runs:
                 _, err = _core.scan_written(self.t._pm, s, e, self.flags, arm_only=True)
                 if err == -errno.EPERM:
-                    self._reregister(s, e)
-                    _core.scan_written(self.t._pm, s, e, self.flags, arm_only=True)
+                    # replaced since the maps read: the next collect registers the
+                    # new VMA and reports all its pages
+                    self.registered.pop(s, None)
         self._hashed = hashed
         return runs
 
@@ -557,13 +558,9 @@ class _UffdBackend(_Backend):
         run for the not-present regions, matched against the present set."""
         if not self.present.size:
             return _EMPTY
-        both = _core.PAGE_IS_PRESENT | _core.PAGE_IS_SWAPPED
-        regs = [_core.pagemap_scan(self.t._pm, s, e, 0, both, both, 0,
-                                   both | _core.PAGE_IS_WPALLOWED) for s, e in runs]
-        regs = [r for r in regs if r.size]
-        if not regs:
+        r = _core.not_present_runs(self.t._pm, np.asarray(runs, dtype=np.uint64))
+        if not r.size:
             return _EMPTY
-        r = np.concatenate(regs)
         lo = np.searchsorted(self.present, r[:, 0])
         hi = np.searchsorted(self.present, r[:, 1])
         sel = hi > lo
@@ -589,36 +586,45 @@ class _UffdBackend(_Backend):
         return runs
 
     def _reregister(self, s: int, e: int) -> None:
-        """A VMA in [s, e) lost its registration (unmapped and mapped again in the
-        same place). Registering an already registered VMA is a no-op, so register
-        every VMA of the run again; the replaced ones then report all their pages."""
+        """Register every candidate VMA of [s, e) again: a no-op for those still
+        registered, and the way back for one the target replaced in place (same
+        maps line, new VMA), which then reports all its present pages. VMAs the
+        kernel refuses now are forgotten, so the next sync hashes them."""
         self._synced_maps = None
+        self.rescans += 1
         for v in self.t._maps():
             if s <= v.start and v.end <= e and _uffd_candidate(v):
-                rc = _core.uffd_register_wp(self.uffd, v.start, v.size)
-                if rc == 0:
+                if _core.uffd_register_wp(self.uffd, v.start, v.size) == 0:
                     self.registered[v.start] = v.end
                 else:
                     self.registered.pop(v.start, None)
+            elif s <= v.start < e:
+                self.registered.pop(v.start, None)
 
     def collect(self) -> np.ndarray:
         runs = self._sync_vmas()
         parts = []
-        for s, e in runs:
-            for attempt in range(4):
-                pages, err = _core.scan_written(self.t._pm, s, e, self.flags)
-                if pages.size:
-                    parts.append(pages)
-                if err == 0:
-                    break
-                if err == -errno.EPERM and attempt < 3:
-                    self._reregister(s, e)
-                    continue
-                self.t._check_alive()
-                raise TrackingError(f"pid {self.t.pid}: PAGEMAP_SCAN {s:#x}-{e:#x} failed: "
-                                    f"{os.strerror(-err)}")
-        # Runs are disjoint and ascending, each scan's pages ascending: already sorted.
-        written = (np.concatenate(parts) if len(parts) > 1 else parts[0]) if parts else _EMPTY
+        todo = np.asarray(runs, dtype=np.uint64).reshape(-1, 2)
+        for attempt in range(4):
+            pages, err, failed = _core.scan_written_runs(self.t._pm, todo, self.flags)
+            if pages.size:
+                parts.append(pages)
+            if err == 0:
+                break
+            s, e = int(todo[failed, 0]), int(todo[failed, 1])
+            if err == -errno.EPERM and attempt < 3:
+                # A VMA of that run lost its registration (the target replaced
+                # it since we read its maps): read the maps again, register what
+                # can be, hash the rest, and go on from that run (the pages
+                # reported so far are already re-armed).
+                self._reregister(s, e)
+                runs = self._sync_vmas()
+                todo = np.asarray([r for r in runs if r[1] > s], dtype=np.uint64).reshape(-1, 2)
+                continue
+            self.t._check_alive()
+            raise TrackingError(f"pid {self.t.pid}: PAGEMAP_SCAN {s:#x}-{e:#x} failed: "
+                                f"{os.strerror(-err)}")
+        written = _merge(parts)
         gone = self._vanished(runs)
         if written.size:
             new = written[~_in_sorted(written, self.present)]
@@ -791,6 +797,7 @@ class Tracker:
                "fallbacks": dict(self.fallbacks)}
         if isinstance(b, _UffdBackend):
             out.update(registered_vmas=len(b.registered), hashed_vmas=len(b._hashed),
+                       rescans=b.rescans,
                        inject=dict(b.inject_info))
         return out
 
