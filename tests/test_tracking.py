@@ -488,8 +488,11 @@ def test_vma_replaced_in_place_is_registered_again():
     n = 32
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    base = libc.mmap(None, n * PS, prot, flags, -1, 0)
-    assert base not in (None, ctypes.c_void_p(-1).value)
+    # PROT_NONE guard pages on both sides: the VMA can never merge with a neighbour
+    guard = libc.mmap(None, (n + 2) * PS, 0, flags, -1, 0)  # PROT_NONE
+    assert guard not in (None, ctypes.c_void_p(-1).value)
+    base = libc.mmap(guard + PS, n * PS, prot, flags | 0x10, -1, 0)  # MAP_FIXED
+    assert base == guard + PS
     try:
         view = (ctypes.c_uint8 * (n * PS)).from_address(base)
         for i in range(n):
@@ -516,4 +519,4 @@ def test_vma_replaced_in_place_is_registered_again():
             assert t.collect().within(base, base + n * PS).pages.tolist() == [base + 4 * PS]
         assert not proc.pagemap(os.getpid(), base, base + n * PS).uffd_wp.any()
     finally:
-        libc.munmap(base, n * PS)
+        libc.munmap(guard, (n + 2) * PS)
