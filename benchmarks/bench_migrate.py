@@ -69,14 +69,14 @@ def _load_redis(client: RedisClient, nbytes: int, value_size: int = 1000) -> int
     return n
 
 
-def run_case(case: str, rate: str, strategy: str, redis_mb: int) -> dict:
+def run_case(case: str, rate: str, strategy: str, redis_mb: int, calibration=None) -> dict:
     with Testbed(rate) as tb:
         sf = os.path.join(tb.root, "secret")
         with open(sf, "wb") as f:
             f.write(SECRET)
         dest, port = _dest(tb, sf)
         kw = dict(strategy=strategy, secret=SECRET, netns=tb.ns_a, io_timeout=60,
-                  link_rate=tb.rate_bps)
+                  link_rate=tb.rate_bps, calibration=calibration)
         if strategy == "cold":
             kw["compression"] = "none"     # the paper's baseline: images as they are
         restored = None
@@ -143,15 +143,21 @@ def main(argv=None) -> int:
     ap.add_argument("--redis-mb", type=int, default=240,
                     help="MB of values loaded (process state ends near 256 MB)")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--calibration", default="",
+                    help="CRIU cost calibration file carried across the runs (default: a "
+                         "fresh one in a temporary directory: the first runs use the priors)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root (network namespaces, CRIU)", file=sys.stderr)
         return 2
+    import tempfile
+    cal_dir = tempfile.mkdtemp(prefix="statesync-bench-")
+    calibration = a.calibration or os.path.join(cal_dir, "criu-costs.json")
     results = []
     for case in a.cases.split(","):
         for rate in a.rates.split(","):
             for strat in a.strategies.split(","):
-                r = run_case(case, rate, strat, a.redis_mb)
+                r = run_case(case, rate, strat, a.redis_mb, calibration)
                 results.append(r)
                 print(f"{case:6s} {rate:8s} {strat:10s} codec {r['codec']:9s} state {r['state_mb']:6.1f} MB  "
                       f"rounds {r['rounds']:2d}  downtime {r['downtime_s'] * 1e3:8.1f} ms "
@@ -169,7 +175,9 @@ def main(argv=None) -> int:
                       f"total {i['total_s'] / c['total_s']:.2f}, wire {i['wire_mb'] / c['wire_mb']:.2f}")
     errs = [abs(r["predicted_downtime_s"] - r["downtime_s"]) / r["downtime_s"] for r in results]
     print(f"predicted vs measured downtime: max error {max(errs) * 100:.0f}%, "
-          f"mean {np.mean(errs) * 100:.0f}% over {len(errs)} migrations")
+          f"mean {np.mean(errs) * 100:.0f}% over {len(errs)} migrations "
+          f"(each {', '.join(f'{e * 100:.0f}%' for e in errs)}); CRIU costs calibrated "
+          f"across the runs in {calibration}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

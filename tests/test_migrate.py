@@ -91,6 +91,27 @@ def test_page_stream_decode_fuzz():
     fuzz()
 
 
+def test_criu_costs_learn_a_line_and_round_trip(tmp_path):
+    from statesync.migrate import CriuCosts
+    from statesync.report import Report
+
+    c = CriuCosts()
+    for mib, dump, restore in ((25, 0.05, 0.09), (250, 0.30, 0.40), (25, 0.05, 0.09)):
+        r = Report(pid=1, dest="x", strategy="cold", ok=True, state_pages=int(mib * 256),
+                   phases={"dump": dump, "final_diff": 0.0, "assemble": 0.0, "restore": restore})
+        c.observe(r)
+    assert c.dump_s_per_mib == pytest.approx(0.25 / 225) and c.restore_fixed_s == pytest.approx(
+        0.09 - 25 * 0.31 / 225)
+    path = str(tmp_path / "sub" / "costs.json")
+    c.save(path)
+    d = CriuCosts.load(path)
+    assert d.samples == c.samples and d.restore_s_per_mib == c.restore_s_per_mib
+    assert CriuCosts.load(str(tmp_path / "none.json")).samples == []
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="delete it"):
+        CriuCosts.load(str(tmp_path / "bad.json"))
+
+
 async def _pair(server_secret, client_secret):
     got = {}
 
@@ -509,10 +530,11 @@ def test_cli_agents_one_in_each_namespace(bed):
     bed.spawn(size="6M", rate=300)
     out = os.path.join(bed.tb.root, "report.json")
     prom = os.path.join(bed.tb.root, "metrics.prom")
+    costs = os.path.join(bed.tb.root, "costs.json")
     src = bed.tb.python("a", ["migrate", "--pid", str(bed.wl.pid), "--to",
                               f"{bed.tb.addr_b}:{bed.port}", "--secret-file", bed.secret_file,
                               "--strategy", "iterative", "--json", out, "--metrics-file", prom,
-                              "--link-rate", str(bed.tb.rate_bps)],
+                              "--link-rate", str(bed.tb.rate_bps), "--calibration", costs],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     so, se = src.communicate(timeout=120)
     text = so.decode()
@@ -529,3 +551,8 @@ def test_cli_agents_one_in_each_namespace(bed):
     assert 'statesync_migration_phase_seconds{phase="restore"' in metrics
     assert bed.dest.wait(10) == 0
     assert bed.client("b").status()["pid"] == rep.restored_pid
+    # The host's CRIU costs learned from this migration.
+    from statesync.migrate import CriuCosts
+    learned = CriuCosts.load(costs)
+    assert len(learned.samples) == 1 and learned.samples[0][0] == pytest.approx(
+        rep.state_pages * 4096 / 2**20)

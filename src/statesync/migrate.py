@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -281,12 +281,77 @@ class CriuCosts:
     ``restore``: writing the image set at the destination plus ``criu restore``
     until the process runs. Defaults: a line through the means of 8 migrations of a
     25 MB and a 290 MB process (benchmarks/bench_migrate.py) with CRIU 4.2 on this
-    project's machines (2 shared cores, images on tmpfs)."""
+    project's machines (2 shared cores, images on tmpfs). With a calibration file
+    (``migrate(..., calibration=PATH)``) every migration refines them for this host."""
 
     dump_fixed_s: float = 0.036
     dump_s_per_mib: float = 0.0014
     restore_fixed_s: float = 0.106
     restore_s_per_mib: float = 0.00175
+    samples: List[List[float]] = field(default_factory=list)  # [state MiB, dump s, restore s]
+
+    MAX_SAMPLES = 32
+
+    def observe(self, report: Report) -> "CriuCosts":
+        """Fold in a finished migration's measured switch-over (dump + diff,
+        assemble + restore) and refit: a least-squares line over the samples when
+        they span at least two state sizes (x1.5 apart), else the fixed costs shifted
+        to the mean residual. Returns self."""
+        ph = report.phases
+        if not report.ok or "dump" not in ph or "restore" not in ph or not report.state_pages:
+            return self
+        mib = report.state_pages * PAGE_SIZE / (1 << 20)
+        self.samples.append([mib, ph["dump"] + ph.get("final_diff", 0.0),
+                             ph["restore"] + ph.get("assemble", 0.0)])
+        self.samples = self.samples[-self.MAX_SAMPLES:]
+        x = np.array([s[0] for s in self.samples])
+        for col, fixed, slope in ((1, "dump_fixed_s", "dump_s_per_mib"),
+                                  (2, "restore_fixed_s", "restore_s_per_mib")):
+            y = np.array([s[col] for s in self.samples])
+            if x.max() >= 1.5 * x.min() and len(x) >= 2:
+                k, c = np.polyfit(x, y, 1)
+                if k > 0 and c > 0:
+                    setattr(self, slope, float(k))
+                    setattr(self, fixed, float(c))
+                    continue
+            setattr(self, fixed, max(0.0, float(np.mean(y - getattr(self, slope) * x))))
+        return self
+
+    @classmethod
+    def load(cls, path: str) -> "CriuCosts":
+        """Costs saved by :meth:`save`; the priors if the file does not exist."""
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"calibration file {path}: unreadable ({exc}); delete it to "
+                             f"start from the priors") from None
+        known = {k: d[k] for k in ("dump_fixed_s", "dump_s_per_mib", "restore_fixed_s",
+                                   "restore_s_per_mib", "samples") if k in d}
+        return cls(**known)
+
+    def save(self, path: str) -> None:
+        """Write atomically (temporary file, fsync, rename)."""
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".costs-", dir=d)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"dump_fixed_s": self.dump_fixed_s, "dump_s_per_mib": self.dump_s_per_mib,
+                           "restore_fixed_s": self.restore_fixed_s,
+                           "restore_s_per_mib": self.restore_s_per_mib,
+                           "samples": self.samples}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
 
 # --------------------------------------------------------------------------- source
@@ -756,8 +821,10 @@ class _SourceAgent:
             except ProcessLookupError:
                 pass
         self.committed = True
-        await self.chan.send_json(wire.COMMIT, {})
+        # From here the service runs at the destination only: a lost COMMIT is worth a
+        # note (the destination keeps what it restored), not a failed migration.
         try:
+            await self.chan.send_json(wire.COMMIT, {})
             await self.chan.expect(wire.DONE, timeout=10.0)
         except StateSyncError as exc:
             rep.notes.append(f"destination did not acknowledge the commit: {exc}")
@@ -1079,7 +1146,7 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
             io_timeout: float = 30.0, progress: Optional[Callable[[dict], None]] = None,
             criu_args=(), link_rate: Optional[float] = None,
             costs: Optional[CriuCosts] = None, netns: Optional[str] = None,
-            dump_retries: int = 4) -> Report:
+            dump_retries: int = 4, calibration: Optional[str] = None) -> Report:
     """Live-migrate process ``pid`` (and its children) to the destination agent at
     ``dest`` (``HOST:PORT``). Returns a :class:`~statesync.report.Report`.
 
@@ -1100,7 +1167,9 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     the caller's, as the two-host testbed does; CRIU always runs in the target's
     network namespace. ``dump_retries``: further dump attempts when ``criu dump`` fails
     because a client's UNIX stream connection was open or in flight when CRIU
-    collected sockets (other dump failures abort at once).
+    collected sockets (other dump failures abort at once). ``calibration``: a JSON
+    file of :class:`CriuCosts` for this host, read before and refined after every
+    successful migration (``costs`` then is ignored).
 
     On failure raises :class:`MigrationError` (``.phase``, ``.report``); the process
     then runs on at the source with its state intact (``report.source_resumed``).
@@ -1116,12 +1185,20 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
         from .errors import NoSuchProcess
         raise NoSuchProcess(int(pid), "no such process: nothing to migrate")
     key = wire.load_secret(secret)
+    if calibration:
+        costs = CriuCosts.load(calibration)
     agent = _SourceAgent(int(pid), dest, key, strategy, tracker, compression or "none",
                          max_rounds, targets, scheduler, work_dir, io_timeout, progress,
                          list(criu_args), link_rate / 8 if link_rate else None,
                          costs or CriuCosts(), netns, xor)
     agent.dump_retries = max(0, int(dump_retries))
-    return asyncio.run(agent.run())
+    report = asyncio.run(agent.run())
+    if calibration:
+        try:
+            agent.costs.observe(report).save(calibration)
+        except OSError as exc:
+            report.notes.append(f"could not save the calibration to {calibration}: {exc}")
+    return report
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1140,6 +1217,11 @@ def _print_progress(ev: dict) -> None:
               f"{pd * 1e3:.0f} ms -> {ev['decision']}", flush=True)
     elif ev["event"] == "phase":
         print(f"switch-over: {ev['phase']}", flush=True)
+
+
+def _default_calibration() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "statesync", "criu-costs.json")
 
 
 def _secret_arg(a) -> bytes:
@@ -1166,7 +1248,8 @@ def _cmd_migrate(a) -> int:
                          max_rounds=a.max_rounds, io_timeout=a.io_timeout,
                          scheduler=a.scheduler,
                          progress=None if a.quiet else _print_progress,
-                         link_rate=a.link_rate, work_dir=a.work_dir)
+                         link_rate=a.link_rate, work_dir=a.work_dir,
+                         calibration=a.calibration or None)
         rc = 0
     except MigrationError as exc:
         report = exc.report
@@ -1213,6 +1296,9 @@ def cli_register(sub) -> None:
                    "(or STATESYNC_SECRET in the environment)")
     p.add_argument("--io-timeout", type=float, default=30.0)
     p.add_argument("--work-dir", help="where the local CRIU dump goes (default /dev/shm)")
+    p.add_argument("--calibration", default=_default_calibration(),
+                   help="JSON file of this host's measured CRIU costs, refined by every "
+                   "migration (default %(default)s; '' to use the built-in priors)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--metrics-file", help="write Prometheus metrics (text format) here")
     p.add_argument("--quiet", action="store_true", help="no per-round progress")
