@@ -449,7 +449,9 @@ def test_cpu_bound_target_computes_the_right_answer():
     code = "s = 0\nfor i in range(6_000_000):\n    s = (s * 31 + i * i) % 1000000007\nprint(s)\n"
     want = {}
     exec(code.replace("print(s)", "want['s'] = s"), {"want": want})
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", "print('go', flush=True)\n" + code],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "go\n"   # past exec and start-up: computing now
     attached = 0
     try:
         while p.poll() is None and attached < 200:
@@ -465,7 +467,7 @@ def test_cpu_bound_target_computes_the_right_answer():
                 break
         out, _ = p.communicate(timeout=60)
         assert p.returncode == 0 and int(out) == want["s"]
-        assert attached >= 3
+        assert attached >= 10, attached
     finally:
         p.kill()
         p.wait()
