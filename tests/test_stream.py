@@ -69,7 +69,13 @@ def test_round_trip_every_option(compression, xor, dedup):
     st2 = S.apply(enc.encode(addrs, new, previous=store), store)
     assert np.array_equal(store.pages, new)
     assert (st2.pages["xor"] > 0) == xor
-    assert st2.pages["dup"] > 0 or not (dedup or True)  # unchanged pages: DUP to themselves
+    # Every changed page is XOR (xor on) or RAW (off); every unchanged non-zero page is a
+    # DUP to itself (the receiver holds it), with or without dedup.
+    changed = (new != pages).any(axis=1)
+    zero = ~new.any(axis=1)
+    assert st2.pages["dup"] == int((~changed & ~zero).sum()) > 0
+    assert st2.pages["zero"] == int(zero.sum())
+    assert st2.pages["xor" if xor else "raw"] == int(changed.sum()) > 0
     assert enc.last_stats.bytes_in == st2.bytes_in
 
 
@@ -158,6 +164,92 @@ def test_file_page_store_round_trip_and_atomicity(tmp_path):
     assert st.pages["xor"] > 0
     got, ok = S.FilePageStore(path).get(a2)
     assert ok.all() and np.array_equal(got, p2)
+
+
+class _SyscallLog:
+    """Records, in order, the real renames and fsyncs (of a file or a directory)
+    the stream targets make; every call goes through to the real os function."""
+
+    def __init__(self, monkeypatch):
+        import stat
+        self.events = []
+        real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+        def fsync(fd):
+            st = os.fstat(fd)
+            self.events.append(("fsync_dir" if stat.S_ISDIR(st.st_mode) else "fsync_file",
+                                (st.st_dev, st.st_ino)))
+            return real_fsync(fd)
+
+        def replace(a, b, **kw):
+            real_replace(a, b, **kw)
+            self.events.append(("rename", os.fspath(b)))
+
+        def rename(a, b, **kw):
+            real_rename(a, b, **kw)
+            self.events.append(("rename", os.fspath(b)))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "rename", rename)
+
+    def durable_rename_of(self, path):
+        """True if path was renamed into place after its data was fsynced and its
+        directory was fsynced after the rename."""
+        d = os.stat(os.path.dirname(os.path.abspath(path)))
+        names = [e[0] for e in self.events]
+        renames = [i for i, e in enumerate(self.events) if e == ("rename", os.fspath(path))]
+        if not renames:
+            return False
+        i = renames[-1]
+        return ("fsync_file" in names[:i] and
+                ("fsync_dir", (d.st_dev, d.st_ino)) in self.events[i + 1:])
+
+
+@pytest.mark.parametrize("kind", ["store", "file"])
+def test_file_targets_rename_durably_and_never_follow_a_planted_temp(tmp_path, monkeypatch,
+                                                                      kind):
+    """The temp file is created O_EXCL under a fresh name (a symlink planted at a
+    predictable temp name is not followed: the victim stays intact), and after the
+    rename the directory is fsynced, at creation of a store and at every commit."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    path = tmp_path / "t.pages"
+    os.symlink(victim, str(path) + ".init")
+    log = _SyscallLog(monkeypatch)
+    addrs, pages = make_pages(50)
+    if kind == "store":
+        target = S.FilePageStore(path)
+        assert log.durable_rename_of(path), log.events
+    else:
+        path.write_bytes(b"")
+        target = S.FileTarget(path, base=int(addrs[0]))
+    log.events.clear()
+    S.apply(S.encode(addrs, pages), target)
+    assert log.durable_rename_of(path), log.events
+    assert victim.read_bytes() == b"precious"
+    assert sorted(os.listdir(tmp_path)) == sorted(["victim", "t.pages", "t.pages.init"])
+    if kind == "store":
+        got, ok = S.FilePageStore(path).get(addrs)
+        assert ok.all() and np.array_equal(got, pages)
+    else:
+        out = np.frombuffer(path.read_bytes(), np.uint8).reshape(-1, PS)
+        assert np.array_equal(out[(addrs - addrs[0]) // PS], pages)
+
+
+def test_atomic_dir_fsyncs_the_parent_after_the_rename(tmp_path, monkeypatch):
+    from statesync._criu_images import AtomicDir
+    log = _SyscallLog(monkeypatch)
+    final = tmp_path / "out"
+    with AtomicDir(str(final)) as ad:
+        (tmp_path / os.path.basename(ad.tmp) / "x.img").write_bytes(b"x")
+    assert (final / "x.img").read_bytes() == b"x"
+    i = log.events.index(("rename", str(final)))
+    t = os.stat(tmp_path)
+    assert ("fsync_dir", (t.st_dev, t.st_ino)) in log.events[i + 1:]
+    f = os.stat(final)
+    assert ("fsync_dir", (f.st_dev, f.st_ino)) in log.events[:i]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_plain_file_target(tmp_path):
@@ -414,6 +506,53 @@ def test_absurd_lengths():
     small_bomb = lz4.frame.compress(bytes(200000), store_size=True)
     expect_error(Forge().block(bytes(3000), 1, 1, codec=S.CODEC_LZ4, stored=small_bomb).end(),
                  store, match="exactly")
+
+
+def _huge_block_stream(ps, block_pages):
+    """A valid stream whose header announces blocks of block_pages pages of ps bytes,
+    carrying one LZ4 block with a single zero page: tiny on the wire."""
+    import lz4.frame
+    p = bytes([1]) + uleb(0) + uleb(1)
+    frame = lz4.frame.compress(p, store_size=True)
+    return Forge(ps=ps, block_pages=block_pages).block(p, 1, 1, [(1, 1)], codec=S.CODEC_LZ4,
+                                                        stored=frame).end()
+
+
+def test_block_size_from_header_never_sizes_an_allocation(tmp_path):
+    """page_size (up to 1 MiB) and block_pages both come from the untrusted header;
+    their product is capped by max_block_bytes when the header is read, so a
+    48-byte header cannot make the reader reserve GiBs (4 GiB at the default page
+    limit, 64 GiB for `stream stats`, which accepts any block_pages)."""
+    import tracemalloc
+    store = S.MemoryPageStore(1 << 20)
+    data = _huge_block_stream(1 << 20, 4096)
+    tracemalloc.start()
+    try:
+        e = expect_error(data, store, match="max_block_bytes")
+        assert e.offset == 16 and e.record == 0
+        with pytest.raises(StreamError, match="max_block_bytes") as ei:
+            S.inspect([_huge_block_stream(1 << 20, S.MAX_BLOCK_PAGES)])
+        assert ei.value.offset == 16
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    # the same stream is fine for a receiver that raises the limit on purpose
+    # (64 pages of 1 MiB), and the largest block under the default limit is accepted
+    st = S.apply([_huge_block_stream(1 << 20, 64)], S.MemoryPageStore(1 << 20))
+    assert st.total_pages == 1 and st.pages["zero"] == 1
+    with pytest.raises(StreamError, match="max_block_bytes"):
+        S.apply([_huge_block_stream(1 << 20, 65)], S.MemoryPageStore(1 << 20))
+    st = S.apply([_huge_block_stream(1 << 20, 65)], S.MemoryPageStore(1 << 20),
+                 max_block_bytes=65 << 20)
+    assert st.total_pages == 1
+    # the CLI (format-wide block_pages limit) reports it as a stream error, exit 1
+    f = tmp_path / "huge.ssps"
+    f.write_bytes(_huge_block_stream(1 << 20, S.MAX_BLOCK_PAGES))
+    out = subprocess.run([sys.executable, "-m", "statesync", "stream", "stats", str(f)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "max_block_bytes" in out.stderr, out.stderr
+    assert "MemoryError" not in out.stderr
 
 
 def test_endless_stream_is_cut_off_with_bounded_memory():

@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from ._fsutil import atomic_replace, fsync_dir
 from .errors import CriuImageError
 
 IMG_COMMON_MAGIC = 0x54564319
@@ -699,14 +700,6 @@ def _fsync_write(path: str, chunks) -> int:
     return n
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class AtomicDir:
     """Build a directory under a temporary name next to its final place; on success
     fsync everything and rename it into place, on failure remove it. The final
@@ -732,9 +725,8 @@ class AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         try:
-            _fsync_dir(self.tmp)
-            os.rename(self.tmp, self.final)   # replaces an empty final dir atomically
-            _fsync_dir(os.path.dirname(self.final))
+            fsync_dir(self.tmp)
+            atomic_replace(self.tmp, self.final)   # replaces an empty final dir atomically
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise

@@ -27,7 +27,8 @@ migration round). Application is atomic: pages are staged and become visible in
 the target only after END verified; any error raises
 :class:`~statesync.errors.StreamError` (byte offset, record number) and leaves the
 target as it was. Decoder memory is bounded by the block size the receiver
-accepts (``max_block_pages``), never by lengths read from the input.
+accepts (``max_block_pages`` pages and ``max_block_bytes`` bytes), never by
+lengths or sizes read from the input.
 
 Targets: :class:`MemoryPageStore` (numpy, in memory), :class:`FilePageStore`
 (one file, replaced atomically), :class:`FileTarget` (a plain file where the page
@@ -48,7 +49,6 @@ from __future__ import annotations
 import os
 import secrets
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, Optional, Tuple
@@ -56,6 +56,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 
 from . import _core
+from ._fsutil import atomic_replace, discard, temp_beside
 from .errors import StreamError
 
 MAGIC = b"SSPS"
@@ -84,6 +85,7 @@ MAX_PAGE_SIZE = 1 << 20
 MAX_BLOCK_PAGES = 1 << 16            # format limit
 DEFAULT_BLOCK_PAGES = 256            # 1 MiB of 4 KiB pages per block
 DEFAULT_MAX_BLOCK_PAGES = 4096       # what a receiver accepts by default
+DEFAULT_MAX_BLOCK_BYTES = 64 << 20   # largest block (block_pages * page_size) accepted by default
 DEFAULT_MAX_PAGES = 1 << 22          # 16 GiB of 4 KiB pages per stream
 _LZ4_OVERHEAD = 64                   # frame header + end mark + checksums, generously
 
@@ -371,10 +373,12 @@ class _Decoder:
     (without: parses and checks everything except XOR/DUP references)."""
 
     def __init__(self, target=None, max_block_pages=DEFAULT_MAX_BLOCK_PAGES,
-                 max_pages=DEFAULT_MAX_PAGES, page_size=None):
+                 max_pages=DEFAULT_MAX_PAGES, page_size=None,
+                 max_block_bytes=DEFAULT_MAX_BLOCK_BYTES):
         self.target = target
         self.txn = None
         self.max_block_pages = max_block_pages
+        self.max_block_bytes = max_block_bytes
         self.max_pages = max_pages
         self.expect_page_size = page_size
         self.st = StreamStats()
@@ -449,6 +453,14 @@ class _Decoder:
         if block_pages > self.max_block_pages:
             raise self._err(f"block size {block_pages} pages exceeds this receiver's limit of "
                             f"{self.max_block_pages} (raise max_block_pages)", 16)
+        # Every decoder buffer (stored bytes, LZ4 output, decoded pages) scales with
+        # block_pages * page_size, both read from this header: cap the product before
+        # anything is sized by it.
+        if block_pages * ps > self.max_block_bytes:
+            raise self._err(f"block size {block_pages} pages x {ps} bytes = "
+                            f"{block_pages * ps} bytes exceeds this receiver's limit of "
+                            f"{self.max_block_bytes} bytes (raise max_block_bytes if the "
+                            f"sender is trusted)", 16)
         if self.expect_page_size and ps != self.expect_page_size:
             raise self._err(f"page size {ps} differs from the target's {self.expect_page_size}", 8)
         st = self.st
@@ -644,7 +656,8 @@ def _iter_source(source, chunk_size=1 << 20):
 
 
 def apply(chunks, target, *, max_block_pages: int = DEFAULT_MAX_BLOCK_PAGES,
-          max_pages: int = DEFAULT_MAX_PAGES) -> StreamStats:
+          max_pages: int = DEFAULT_MAX_PAGES,
+          max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> StreamStats:
     """Apply exactly one stream from ``chunks`` (iterable of bytes-likes, a file or
     a socket) into ``target``; returns its :class:`StreamStats` (pages and records
     per kind, ``bytes_in`` stream bytes, ``bytes_out`` page bytes).
@@ -652,11 +665,13 @@ def apply(chunks, target, *, max_block_pages: int = DEFAULT_MAX_BLOCK_PAGES,
     Atomic: the target changes only after END verified. Raises StreamError
     (``offset``, ``record``) on any corruption, truncation, reference to a page the
     target lacks, trailing bytes after END, or more than ``max_pages`` pages.
-    Decoder memory is bounded by ``max_block_pages`` (the largest block it
-    accepts), whatever the input claims; staged pages are held by the target's
+    Decoder memory is bounded by ``max_block_pages`` and ``max_block_bytes`` (the
+    largest block it accepts, in pages and in bytes: a few times
+    ``max_block_bytes`` at most), whatever the input claims; staged pages are held by the target's
     transaction (memory for MemoryPageStore, a temporary file for the file targets).
     """
-    reader = StreamReader(chunks, max_block_pages=max_block_pages, max_pages=max_pages)
+    reader = StreamReader(chunks, max_block_pages=max_block_pages, max_pages=max_pages,
+                          max_block_bytes=max_block_bytes)
     st = reader.apply(target, _exclusive=True)
     if st is None:
         raise StreamError("stream truncated: no bytes at all (expected a stream header)",
@@ -665,10 +680,13 @@ def apply(chunks, target, *, max_block_pages: int = DEFAULT_MAX_BLOCK_PAGES,
 
 
 def inspect(chunks, *, max_block_pages: int = MAX_BLOCK_PAGES,
-            max_pages: int = 1 << 40) -> StreamStats:
+            max_pages: int = 1 << 40,
+            max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> StreamStats:
     """Check one stream (framing, checksums, record syntax, END) without a target;
-    XOR and DUP references are not resolved. Returns its StreamStats."""
-    reader = StreamReader(chunks, max_block_pages=max_block_pages, max_pages=max_pages)
+    XOR and DUP references are not resolved. Returns its StreamStats. Any block
+    size in pages is accepted, but still at most ``max_block_bytes`` bytes."""
+    reader = StreamReader(chunks, max_block_pages=max_block_pages, max_pages=max_pages,
+                          max_block_bytes=max_block_bytes)
     st = reader.apply(None)
     if st is None:
         raise StreamError("stream truncated: no bytes at all", offset=0, record=0)
@@ -682,13 +700,19 @@ class StreamReader:
     ``apply(target)`` consumes exactly one stream and keeps any bytes after its
     END for the next call; returns None at a clean end of the source (no bytes
     before the next stream's header). Not thread-safe.
+
+    Limits (per stream): ``max_block_pages`` pages and ``max_block_bytes`` bytes
+    (block_pages * page_size) per block, checked when the header is read;
+    ``max_pages`` pages in all.
     """
 
     def __init__(self, source, *, max_block_pages: int = DEFAULT_MAX_BLOCK_PAGES,
-                 max_pages: int = DEFAULT_MAX_PAGES):
+                 max_pages: int = DEFAULT_MAX_PAGES,
+                 max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES):
         self._it = iter(_iter_source(source))
         self._left = b""
         self.max_block_pages = max_block_pages
+        self.max_block_bytes = max_block_bytes
         self.max_pages = max_pages
         self.offset = 0     # bytes of the source consumed by completed streams
 
@@ -701,7 +725,8 @@ class StreamReader:
         return n
 
     def apply(self, target, _exclusive=False) -> Optional[StreamStats]:
-        dec = _Decoder(target, self.max_block_pages, self.max_pages)
+        dec = _Decoder(target, self.max_block_pages, self.max_pages,
+                       max_block_bytes=self.max_block_bytes)
         started = False
         try:
             while not dec.done:
@@ -957,17 +982,8 @@ def _scatter_rows(dst, idx, rows):
         dst[d0:d0 + n] = rows[s0:s0 + n]
 
 
-def _fsync_dir(path):
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_to_temp(path) -> Tuple[str, int]:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    fd, tmp = temp_beside(path)
     try:
         if os.path.exists(path):
             with open(path, "rb") as src:
@@ -981,10 +997,40 @@ def _copy_to_temp(path) -> Tuple[str, int]:
                 if off < size:
                     raise OSError(f"short copy of {path}")
     except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
+        discard(tmp, fd)
         raise
     return tmp, fd
+
+
+class _CopyTxn:
+    """Base of the file targets' transactions: the stream is applied to a private
+    copy of ``path`` (``self.fd``, created O_EXCL beside it); commit() calls
+    ``_finish()`` (subclasses write trailing metadata there), fsyncs the copy,
+    renames it over ``path`` and fsyncs the directory; abort() removes the copy.
+    Either way the original is never modified in place."""
+
+    def __init__(self, path):
+        self.path = path
+        self.tmp, self.fd = _copy_to_temp(path)
+
+    def _finish(self):
+        pass
+
+    def commit(self):
+        self._finish()
+        fd, self.fd = self.fd, None
+        atomic_replace(self.tmp, self.path, fd)
+
+    def abort(self):
+        fd, self.fd = self.fd, None
+        discard(self.tmp, fd)
+
+
+def _pwrite_all(fd, data, offset):
+    mv = memoryview(data).cast("B")
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
 
 
 def _runs(idx):
@@ -1026,10 +1072,10 @@ class FileTarget:
             return f.read()
 
 
-class _FileTxn:
+class _FileTxn(_CopyTxn):
     def __init__(self, t: FileTarget):
+        super().__init__(t.path)
         self.t = t
-        self.tmp, self.fd = _copy_to_temp(t.path)
         self.size = os.fstat(self.fd).st_size
 
     def _offsets(self, addrs):
@@ -1064,22 +1110,6 @@ class _FileTxn:
                 raise OSError(f"short write to {self.tmp}")
         if offs.size:
             self.size = max(self.size, int(offs[-1]) + ps)
-
-    def commit(self):
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = None
-        os.rename(self.tmp, self.t.path)
-        _fsync_dir(self.t.path)
-
-    def abort(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
 
 
 class CriuImageTarget:
@@ -1147,12 +1177,15 @@ class FilePageStore:
         self.path = os.fspath(path)
         self.page_size = page_size
         if not os.path.exists(self.path):
-            with open(self.path + ".init", "wb") as f:
-                f.write(_STORE_HEAD.pack(_STORE_MAGIC, 1, page_size, 0, _STORE_DATA)
-                        .ljust(_STORE_DATA, b"\0"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(self.path + ".init", self.path)
+            # An empty store, created under a fresh O_EXCL name and renamed into place.
+            fd, tmp = temp_beside(self.path)
+            try:
+                _pwrite_all(fd, _STORE_HEAD.pack(_STORE_MAGIC, 1, page_size, 0, _STORE_DATA)
+                            .ljust(_STORE_DATA, b"\0"), 0)
+            except BaseException:
+                discard(tmp, fd)
+                raise
+            atomic_replace(tmp, self.path, fd)
         self._load()
 
     def _load(self):
@@ -1208,10 +1241,10 @@ class FilePageStore:
         return _StoreTxn(self)
 
 
-class _StoreTxn:
+class _StoreTxn(_CopyTxn):
     def __init__(self, s: FilePageStore):
+        super().__init__(s.path)
         self.s = s
-        self.tmp, self.fd = _copy_to_temp(s.path)
         self.n = s.n
         self.new_addrs = []          # addresses appended (slot n.. in order)
         self._new_sorted = np.empty(0, np.uint64)
@@ -1253,29 +1286,18 @@ class _StoreTxn:
             buf = pages[rows[0]:rows[0] + n] if np.all(np.diff(rows) == 1) else pages[rows]
             os.pwritev(self.fd, [np.ascontiguousarray(buf)], _STORE_DATA + int(ss[s]) * ps)
 
-    def commit(self):
+    def _finish(self):
         s = self.s
         ps = s.page_size
         idx = np.concatenate([s.slot_addrs, self._new_sorted]).astype("<u8")
         idx_off = _STORE_DATA + self.n * ps
         os.ftruncate(self.fd, idx_off)
-        os.pwrite(self.fd, idx.tobytes(), idx_off)
-        os.pwrite(self.fd, _STORE_HEAD.pack(_STORE_MAGIC, 1, ps, self.n, idx_off), 0)
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = None
-        os.rename(self.tmp, s.path)
-        _fsync_dir(s.path)
-        s._load()
+        _pwrite_all(self.fd, idx.tobytes(), idx_off)
+        _pwrite_all(self.fd, _STORE_HEAD.pack(_STORE_MAGIC, 1, ps, self.n, idx_off), 0)
 
-    def abort(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+    def commit(self):
+        super().commit()
+        self.s._load()
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -1283,7 +1305,8 @@ class _StoreTxn:
 
 def _cmd_stats(args) -> int:
     with open(args.file, "rb") as f:
-        reader = StreamReader(f, max_block_pages=MAX_BLOCK_PAGES, max_pages=1 << 40)
+        reader = StreamReader(f, max_block_pages=MAX_BLOCK_PAGES, max_pages=1 << 40,
+                              max_block_bytes=args.max_block_mib << 20)
         n = 0
         while True:
             st = reader.apply(None)
@@ -1318,6 +1341,9 @@ def cli_register(subparsers):
     sub = p.add_subparsers(dest="stream_command", metavar="SUBCOMMAND")
     s = sub.add_parser("stats", help="check a stream file and print records per kind and ratios")
     s.add_argument("file", help="file holding one or more concatenated streams")
+    s.add_argument("--max-block-mib", type=int, default=DEFAULT_MAX_BLOCK_BYTES >> 20,
+                   metavar="MIB", help="refuse blocks larger than this (block pages x page "
+                   "size, MiB; default %(default)s): bounds the memory the check uses")
     s.set_defaults(func=_cmd_stats)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
