@@ -323,6 +323,14 @@ int ss_dec_parse(const uint8_t *buf, size_t len, size_t page_size, uint64_t min_
     err->page = 0;
     *npages = 0;
     *nrecords = 0;
+    /* ss_dec_page keeps payload offsets in 32 bits (40-byte entries); a longer
+     * payload would truncate them. Stream blocks are far smaller (the reader caps
+     * block_pages * page_size at 64 MiB by default), so refuse rather than widen. */
+    if (len > UINT32_MAX) {
+        err->offset = 0;
+        err->record = 0;
+        return -E2BIG;
+    }
     while (p < end) {
         const uint8_t *rstart = p;
         uint8_t kind = *p++;

@@ -104,7 +104,8 @@ long ss_enc_block(const ss_enc_input *in, ss_dedup_table *tab, size_t start, siz
 typedef struct {
     uint64_t page;         /* page number */
     uint64_t src;          /* DUP: source page number */
-    uint32_t off;          /* RAW: data offset; DUP: hash offset; XOR: delta offset */
+    uint32_t off;          /* RAW: data offset; DUP: hash offset; XOR: delta offset
+                            * (payloads are at most UINT32_MAX bytes: ss_dec_parse) */
     uint32_t len;          /* XOR: delta length */
     uint32_t rec;          /* record index within the block */
     uint8_t kind;          /* SS_REC_* */
@@ -122,7 +123,7 @@ typedef struct {
 /* Parse a record payload. Fills out[0..*npages) (at most max_pages entries;
  * more pages is an error -E2BIG), *nrecords. All lengths are checked against
  * len; no input value sizes anything. Returns 0, -EINVAL (malformed), -E2BIG
- * (more than max_pages pages), -ERANGE (page numbers overflow or not increasing,
+ * (more than max_pages pages, or len > UINT32_MAX: offsets are 32-bit), -ERANGE (page numbers overflow or not increasing,
  * or a page below min_page). err is filled on failure. */
 int ss_dec_parse(const uint8_t *buf, size_t len, size_t page_size, uint64_t min_page,
                  size_t max_pages, ss_dec_page *out, size_t *npages, size_t *nrecords,

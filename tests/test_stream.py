@@ -767,3 +767,46 @@ def test_encoder_yields_as_it_goes_and_is_one_stream_at_a_time():
     sid = b"\7" * 16
     assert (S.encode(addrs, pages, threads=1, stream_id=sid)
             == S.encode(addrs, pages, threads=3, stream_id=sid))
+
+
+# ------------------------------------------------------------------ codec bindings
+
+
+def test_dec_build_refuses_pages_info_it_cannot_trust():
+    """dec_build hands pages_info's memory to C as ss_dec_page records: anything but
+    a 1-d DEC_PAGE_DTYPE array (another dtype, a slice of records, 2-d) is refused
+    before C reads it, instead of C reading past the array."""
+    payload = bytes([S.REC_RAW]) + uleb(0) + uleb(2) + bytes(range(256)) * (2 * PS // 256)
+    rc, info, nr, _, _ = _core.dec_parse(payload, PS, 0, 8)
+    assert rc == 0 and len(info) == 2 and nr == 1
+    out = np.empty((2, PS), np.uint8)
+    idx = np.full(2, -1, np.int64)
+    assert _core.dec_build(payload, PS, info, idx, out)[0] == 0
+    assert np.array_equal(out[0], np.frombuffer(payload[3:3 + PS], np.uint8))
+    for bad in (info["page"],                                  # uint64: 8 bytes a record
+                np.zeros(10, np.uint64).view(np.dtype((np.void, 40))),  # 40 bytes, untyped
+                np.stack([info, info]),                        # 2-d
+                info.tolist()):                                # not an array at all
+        with pytest.raises(ValueError, match="pages_info"):
+            _core.dec_build(payload, PS, bad, idx, out)
+    with pytest.raises(ValueError, match="payload"):
+        _core.dec_build(b"", PS, info, idx, out)
+
+
+def test_dec_parse_refuses_payloads_over_4_gib():
+    """Parsed offsets are 32-bit: a payload over UINT32_MAX bytes is -E2BIG, not
+    truncated offsets. The payload is an untouched anonymous mapping (no memory)."""
+    import mmap
+    ps = 1 << 20
+    mm = mmap.mmap(-1, 4 + 4097 * ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf = np.frombuffer(mm, np.uint8)
+        buf[:4] = [S.REC_RAW, 0, 0x81, 0x20]          # RAW, gap 0, 4097 pages
+        rc, info, nr, _, _ = _core.dec_parse(buf, ps, 0, 4097)
+        assert rc == -_core.CODEC_E2BIG and len(info) == 0
+        buf[2:4] = [0xFF, 0x1F]                         # 4095 pages: under 4 GiB
+        rc, info, nr, _, _ = _core.dec_parse(buf[:4 + 4095 * ps], ps, 0, 4097)
+        assert rc == 0 and len(info) == 4095 and int(info["off"][-1]) == 4 + 4094 * ps
+        del buf, info
+    finally:
+        mm.close()

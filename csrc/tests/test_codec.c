@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include <lz4frame.h>
 
@@ -328,6 +329,44 @@ static void test_parse_hostile(void)
     free(outp);
 }
 
+/* Payloads longer than 4 GiB: parsed page offsets are 32-bit, so the parser must
+ * refuse them instead of truncating offsets. The payload is a reserved mapping that
+ * is never touched past its first page (RAW records are parsed without reading the
+ * page bytes), so this costs no memory. */
+static void test_parse_over_4gib(void)
+{
+    const size_t ps = (size_t)1 << 20;
+    const size_t npg = 4097; /* 4097 MiB of RAW data after a 4-byte record header */
+    const size_t maplen = 4 + npg * ps;
+    uint8_t *buf = mmap(NULL, maplen, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    CHECK(buf != MAP_FAILED);
+    if (buf == MAP_FAILED)
+        return;
+    ss_dec_page *pg = calloc(npg, sizeof *pg);
+    size_t np = 0, nr = 0;
+    ss_dec_err err;
+    buf[0] = SS_REC_RAW;
+    buf[1] = 0x00; /* gap 0 */
+    buf[2] = 0x81; /* count 4097 (uleb 0x81 0x20) */
+    buf[3] = 0x20;
+    size_t len = 4 + npg * ps;
+    CHECK(len > UINT32_MAX);
+    /* the page 4096's data starts at 4 + 4 GiB: it cannot be named by a 32-bit offset */
+    CHECK(ss_dec_parse(buf, len, ps, 0, npg, pg, &np, &nr, &err) == -E2BIG);
+    CHECK(np == 0 && err.offset == 0);
+    /* just under the limit (4095 pages) the same record parses, offsets exact */
+    buf[2] = 0xff; /* count 4095 (uleb 0xff 0x1f) */
+    buf[3] = 0x1f;
+    len = 4 + 4095 * ps;
+    CHECK(len <= UINT32_MAX);
+    CHECK(ss_dec_parse(buf, len, ps, 0, npg, pg, &np, &nr, &err) == 0);
+    CHECK(np == 4095 && nr == 1);
+    CHECK(pg[4094].off == 4 + 4094 * ps && pg[4094].page == 4094);
+    free(pg);
+    munmap(buf, maplen);
+}
+
 static void test_lz4(void)
 {
     size_t n = 300000;
@@ -414,5 +453,6 @@ int main(void)
     test_xor_hostile();
     test_block_roundtrip();
     test_parse_hostile();
+    test_parse_over_4gib();
     TEST_DONE();
 }

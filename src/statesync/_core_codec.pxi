@@ -1,6 +1,7 @@
 # Bindings for the page-delta codec (csrc/ss_codec.c), used by statesync.stream.
 # Only type conversion and GIL release here; the stream framing is Python.
 from libc.string cimport memset
+from libc.stdint cimport UINT32_MAX
 
 
 cdef extern from "errno.h":
@@ -187,10 +188,13 @@ cdef class EncodeSession:
 def dec_parse(const uint8_t[::1] payload not None, size_t page_size, uint64_t min_page,
               size_t max_pages):
     """Parse a record payload. Returns (rc, pages (DEC_PAGE_DTYPE array), nrecords,
-    err_offset, err_record); rc is 0 or a negative errno (see ss_codec.h)."""
+    err_offset, err_record); rc is 0 or a negative errno (see ss_codec.h): -E2BIG
+    also for a payload over UINT32_MAX bytes (parsed offsets are 32-bit)."""
+    cdef size_t n = payload.shape[0], npages = 0, nrec = 0
+    if n > UINT32_MAX:
+        return -E2BIG, np.empty(0, dtype=DEC_PAGE_DTYPE), 0, 0, 0
     out = np.empty(max(max_pages, 1), dtype=DEC_PAGE_DTYPE)
     cdef uint8_t[::1] ov = out.view(np.uint8)
-    cdef size_t n = payload.shape[0], npages = 0, nrec = 0
     cdef ss_dec_err err
     cdef int rc
     memset(&err, 0, sizeof(err))
@@ -204,17 +208,26 @@ def dec_parse(const uint8_t[::1] payload not None, size_t page_size, uint64_t mi
 
 def dec_build(const uint8_t[::1] payload not None, size_t page_size, pages_info,
               const int64_t[::1] src_index not None, uint8_t[:, ::1] out not None):
-    """Build contents of parsed pages into out (see ss_dec_build). Returns
+    """Build contents of parsed pages into out (see ss_dec_build). pages_info must
+    be a 1-d DEC_PAGE_DTYPE array (as dec_parse returns). Returns
     (rc, err_offset, err_record, err_page_index)."""
+    if not isinstance(pages_info, np.ndarray) or pages_info.dtype != DEC_PAGE_DTYPE \
+            or pages_info.ndim != 1:
+        raise ValueError("dec_build: pages_info must be a 1-d DEC_PAGE_DTYPE array "
+                         "(from dec_parse)")
     cdef const uint8_t[::1] iv = np.ascontiguousarray(pages_info).view(np.uint8)
-    cdef size_t n = len(pages_info)
+    cdef size_t n = pages_info.shape[0]
     cdef ss_dec_err err
     cdef int rc
     memset(&err, 0, sizeof(err))
+    if <size_t>iv.shape[0] != n * sizeof(ss_dec_page):
+        raise ValueError("dec_build: pages_info is not n packed ss_dec_page records")
     if n == 0:
         return 0, 0, 0, 0
     if out.shape[0] < n or out.shape[1] != page_size or src_index.shape[0] < n:
         raise ValueError("dec_build: output or source index too small")
+    if payload.shape[0] == 0 or <size_t>payload.shape[0] > UINT32_MAX:
+        raise ValueError("dec_build: payload empty or over UINT32_MAX bytes")
     with nogil:
         rc = ss_dec_build(&payload[0], payload.shape[0], page_size,
                           <const ss_dec_page *>&iv[0], n, &src_index[0], &out[0, 0], &err)
