@@ -149,6 +149,34 @@ def test_mutual_authentication():
         wire.load_secret("short")
 
 
+def test_secret_errors_name_the_file_and_what_to_do(tmp_path):
+    from statesync import SecretError, StateSyncError
+    missing = tmp_path / "nope.key"
+    with pytest.raises(SecretError, match="nope.key: cannot read it.*head -c 32") as ei:
+        wire.load_secret(f"@{missing}")
+    assert ei.value.path == str(missing) and isinstance(ei.value, StateSyncError)
+    short = tmp_path / "short.key"
+    short.write_bytes(b"abc\n")
+    with pytest.raises(SecretError, match=r"short.key: shared secret too short \(3 bytes"):
+        wire.load_secret(f"file:{short}")
+    with pytest.raises(SecretError, match="required"):
+        wire.load_secret(None)
+    good = tmp_path / "good.key"
+    good.write_bytes(b"  " + b"k" * 20 + b"\n")
+    assert wire.load_secret(f"@{good}") == b"k" * 20
+
+
+def test_protocol_errors_live_in_errors_and_are_reexported():
+    import statesync
+    from statesync import errors, services, testbed
+    assert wire.ProtocolError is errors.ProtocolError is statesync.ProtocolError
+    assert wire.AuthenticationError is errors.AuthenticationError
+    assert services.RedisError is errors.RedisError and testbed.TestbedError is errors.TestbedError
+    for name in ("ProtocolError", "AuthenticationError", "SecretError", "RedisError",
+                 "TestbedError"):
+        assert name in errors.__all__ and issubclass(getattr(errors, name), errors.StateSyncError)
+
+
 # --------------------------------------------------------------------------- real migrations
 
 

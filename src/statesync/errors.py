@@ -144,8 +144,38 @@ class Infeasible(StateSyncError):
             f"total time {best_total_time_s:.3f} s)")
 
 
+class ProtocolError(StateSyncError):
+    """The migration peer broke the wire protocol, the link failed or timed out, or a
+    frame did not authenticate (:mod:`statesync.wire`). Not a ``ValueError``: a dead
+    link is not bad input."""
+
+
+class AuthenticationError(ProtocolError):
+    """The peer does not hold the shared secret (or is not a statesync agent)."""
+
+
+class SecretError(StateSyncError, ValueError):
+    """The shared secret is missing, unreadable or too short. ``path`` names the
+    secret file when one was given."""
+
+    def __init__(self, msg: str, path=None):
+        self.path = str(path) if path is not None else None
+        super().__init__(msg)
+
+
+class RedisError(StateSyncError):
+    """redis-server answered with an error, or could not be reached
+    (:mod:`statesync.services`)."""
+
+
+class TestbedError(StateSyncError):
+    """The two-host harness could not be set up (not root, no ``ip``/``tc``, ...)
+    (:mod:`statesync.testbed`)."""
+
+
 __all__ = [
     "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone", "AlreadyTraced",
     "TrackingError", "TrackerUnavailable", "CriuError", "CriuImageError", "StreamError",
-    "MigrationError", "KpiInputError", "Infeasible",
+    "MigrationError", "KpiInputError", "Infeasible", "ProtocolError", "AuthenticationError",
+    "SecretError", "RedisError", "TestbedError",
 ]

@@ -24,11 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-from .errors import StateSyncError
-
-
-class RedisError(StateSyncError):
-    """redis-server answered with an error, or could not be reached."""
+from .errors import RedisError  # defined in errors, re-exported here
 
 
 def _resp(args: Sequence) -> bytes:

@@ -41,16 +41,12 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .errors import StateSyncError
+from .errors import TestbedError  # defined in errors, re-exported here
 
 NETNS_DIR = "/run/netns"
 _PREFIX = "ssm"
 _counter = itertools.count()
 CLONE_NEWNET = 0x40000000
-
-
-class TestbedError(StateSyncError):
-    """The two-host harness could not be set up (not root, no ``ip``/``tc``, ...)."""
 
 
 def parse_rate(rate) -> int:

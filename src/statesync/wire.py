@@ -34,7 +34,7 @@ import os
 import struct
 from typing import Optional, Tuple
 
-from .errors import StateSyncError
+from .errors import AuthenticationError, ProtocolError, SecretError
 
 MAGIC = b"SSMIGv1\n"
 NONCE = 32
@@ -51,31 +51,39 @@ NAMES = {v: k for k, v in dict(BEGIN=BEGIN, READY=READY, PAGES=PAGES, ROUND_END=
                                 DONE=DONE, ERROR=ERROR).items()}
 
 
-class ProtocolError(StateSyncError):
-    """The peer broke the protocol, the link failed, or a frame did not authenticate."""
-
-
-class AuthenticationError(ProtocolError):
-    """The peer does not hold the shared secret (or is not a statesync agent)."""
+_SECRET_HOWTO = "e.g. `head -c 32 /dev/urandom | base64 > FILE`, then pass secret=\"@FILE\""
 
 
 def load_secret(secret) -> bytes:
-    """A shared secret from bytes/str, or ``"@PATH"`` / ``"file:PATH"`` to read a file.
-    At least 16 bytes are required."""
+    """The shared secret as bytes, from ``bytes``/``str`` (used as given, UTF-8), or
+    from a file with ``"@PATH"`` / ``"file:PATH"`` (its contents, surrounding
+    whitespace stripped). At least 16 bytes are required. Raises
+    :class:`~statesync.errors.SecretError` (also a ``ValueError``) naming the file and
+    what to do when the secret is missing, unreadable or too short."""
     if secret is None:
-        raise ValueError("a shared secret is required (secret=..., or --secret-file PATH)")
+        raise SecretError("a shared secret is required (secret=..., or --secret-file PATH); "
+                          + _SECRET_HOWTO)
+    path = None
     if isinstance(secret, str):
         for prefix in ("@", "file:"):
             if secret.startswith(prefix):
-                with open(secret[len(prefix):], "rb") as f:
-                    secret = f.read().strip()
+                path = secret[len(prefix):]
+                try:
+                    with open(path, "rb") as f:
+                        secret = f.read().strip()
+                except OSError as exc:
+                    raise SecretError(f"secret file {path}: cannot read it "
+                                      f"({exc.strerror or exc}); create it on both hosts, "
+                                      f"readable only by the agents' user ({_SECRET_HOWTO})",
+                                      path) from exc
                 break
         else:
             secret = secret.encode()
     secret = bytes(secret)
     if len(secret) < 16:
-        raise ValueError(f"shared secret too short ({len(secret)} bytes; use >= 16, "
-                         f"e.g. `head -c 32 /dev/urandom | base64`)")
+        where = f"secret file {path}: " if path is not None else ""
+        raise SecretError(f"{where}shared secret too short ({len(secret)} bytes; use >= 16, "
+                          f"{_SECRET_HOWTO})", path)
     return secret
 
 
