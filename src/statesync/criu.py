@@ -40,7 +40,7 @@ from . import _criu_images as _img
 from ._criu_images import PE_LAZY, PE_PARENT, PE_PRESENT, VMA_DTYPE  # noqa: F401  (re-exported)
 from .errors import CriuError, CriuImageError, NoSuchProcess
 from .tracking import DirtySet
-from .workloads import PAGE_SIZE
+from ._consts import PAGE_SIZE
 
 __all__ = ["CriuInfo", "DumpResult", "RestoreResult", "ImageSet", "find_criu", "check", "dump",
            "restore", "diff", "write_incremental", "flatten", "write_image_set", "info",

@@ -55,7 +55,7 @@ from .errors import CriuError, MigrationError, StateSyncError
 from .memsource import MemorySource
 from .pagetable import PageTable
 from .report import Report, RoundReport
-from .workloads import PAGE_SIZE
+from ._consts import PAGE_SIZE
 
 STRATEGIES = ("auto", "cold", "precopy", "iterative")
 DEFAULT_PORT = 7411

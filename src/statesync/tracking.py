@@ -46,7 +46,7 @@ from . import _core, proc
 from .errors import (AccessDenied, AlreadyTraced, ProcessError, ProcessGone,
                      TrackerUnavailable, TrackingError)
 from .proc import Vma
-from .workloads import PAGE_SIZE
+from ._consts import PAGE_SIZE
 
 METHODS = ("uffd", "softdirty", "hash")
 

@@ -52,7 +52,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-PAGE_SIZE = mmap.PAGESIZE
+from ._consts import PAGE_SIZE  # re-exported: statesync.workloads.PAGE_SIZE
+
 _SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
