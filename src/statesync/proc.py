@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _core
 from .errors import AccessDenied, NoSuchProcess, ProcessGone, ProcessError
-from .workloads import PAGE_SIZE
+from ._consts import PAGE_SIZE
 
 PROCFS = "/proc"
 
