@@ -60,6 +60,13 @@ ssize_t ss_pagemap_read(int fd, uint64_t start, size_t npages, size_t page_size,
 ssize_t ss_pagemap_select(int fd, uint64_t start, uint64_t end, size_t page_size, uint64_t mask,
                           uint64_t *out, size_t cap, uint64_t *next)
 {
+    return ss_pagemap_select_ex(fd, start, end, page_size, mask, 0, out, cap, next);
+}
+
+ssize_t ss_pagemap_select_ex(int fd, uint64_t start, uint64_t end, size_t page_size,
+                             uint64_t mask, uint64_t exclude, uint64_t *out, size_t cap,
+                             uint64_t *next)
+{
     uint64_t buf[SS_PM_CHUNK];
     if (page_size == 0 || start % page_size || end % page_size || end < start)
         return -EINVAL;
@@ -79,7 +86,7 @@ ssize_t ss_pagemap_select(int fd, uint64_t start, uint64_t end, size_t page_size
             break;
         }
         for (ssize_t i = 0; i < got; i++)
-            if (buf[i] & mask)
+            if ((buf[i] & mask) && !(buf[i] & exclude))
                 out[n++] = addr + (uint64_t)i * page_size;
         addr += (uint64_t)got * page_size;
     }

@@ -40,6 +40,12 @@ ssize_t ss_pagemap_read(int fd, uint64_t start, size_t npages, size_t page_size,
 ssize_t ss_pagemap_select(int fd, uint64_t start, uint64_t end, size_t page_size, uint64_t mask,
                           uint64_t *out, size_t cap, uint64_t *next);
 
+/* ss_pagemap_select, leaving out pages whose entry has any bit of exclude set
+ * (SS_PM_FILE: page-cache pages of a file, which CRIU does not dump). */
+ssize_t ss_pagemap_select_ex(int fd, uint64_t start, uint64_t end, size_t page_size,
+                             uint64_t mask, uint64_t exclude, uint64_t *out, size_t cap,
+                             uint64_t *next);
+
 /* Copy n pages of process pid, at the page-aligned addresses addrs[0..n), into
  * out (n * page_size bytes). ok[i] is set to 1 when page i was read, 0 when it
  * could not be (unmapped or unreadable meanwhile: its bytes are zeroed).

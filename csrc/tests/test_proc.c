@@ -27,7 +27,7 @@ int main(void)
     CHECK(ss_pagemap_read(fd, base + 1, 1, ps, ent) == -EINVAL);
 
     /* selection with a small output buffer resumes exactly */
-    uint64_t sel[5], next = 0, cur = base;
+    uint64_t sel[5], addrs0[64], next = 0, cur = base;
     size_t total = 0;
     while (cur < base + n * ps) {
         ssize_t r = ss_pagemap_select(fd, cur, base + n * ps, ps, SS_PM_PRESENT, sel, 5, &next);
@@ -39,6 +39,13 @@ int main(void)
         cur = next;
     }
     CHECK(total == (n + 2) / 3);
+    /* exclude: anonymous private pages never carry SS_PM_FILE, present ones always
+     * carry SS_PM_PRESENT */
+    CHECK(ss_pagemap_select_ex(fd, base, base + n * ps, ps, SS_PM_PRESENT, SS_PM_FILE, addrs0,
+                               64, &next) == (ssize_t)((n + 2) / 3));
+    CHECK(next == base + n * ps && addrs0[1] == base + 3 * ps);
+    CHECK(ss_pagemap_select_ex(fd, base, base + n * ps, ps, SS_PM_PRESENT, SS_PM_PRESENT, addrs0,
+                               64, &next) == 0);
     close(fd);
 
     /* read with holes: unmap pages 10-11 and 40 */

@@ -10,6 +10,9 @@ cdef extern from "ss_proc.h" nogil:
                                uint64_t *out)
     Py_ssize_t ss_pagemap_select(int fd, uint64_t start, uint64_t end, size_t page_size,
                                  uint64_t mask, uint64_t *out, size_t cap, uint64_t *next)
+    Py_ssize_t ss_pagemap_select_ex(int fd, uint64_t start, uint64_t end, size_t page_size,
+                                    uint64_t mask, uint64_t exclude, uint64_t *out, size_t cap,
+                                    uint64_t *next)
     Py_ssize_t ss_read_pages(int pid, const uint64_t *addrs, size_t n, size_t page_size,
                              uint8_t *out, uint8_t *ok)
     Py_ssize_t ss_hash_remote(int pid, const uint64_t *addrs, size_t n, size_t page_size,
@@ -40,9 +43,10 @@ def pagemap_read(int fd, uint64_t start, size_t npages, size_t page_size=4096):
 
 
 def pagemap_select(int fd, uint64_t start, uint64_t end, uint64_t mask,
-                   size_t page_size=4096, size_t chunk=1 << 16):
+                   size_t page_size=4096, size_t chunk=1 << 16, uint64_t exclude=0):
     """Sorted uint64 addresses of the pages in [start, end) whose pagemap entry
-    has any bit of mask. Memory grows with the result, never with the range."""
+    has any bit of mask and no bit of exclude. Memory grows with the result,
+    never with the range."""
     parts = []
     buf = np.empty(chunk, dtype=np.uint64)
     cdef uint64_t[::1] b = buf
@@ -50,7 +54,8 @@ def pagemap_select(int fd, uint64_t start, uint64_t end, uint64_t mask,
     cdef Py_ssize_t r
     while cur < end:
         with nogil:
-            r = ss_pagemap_select(fd, cur, end, page_size, mask, &b[0], chunk, &nxt)
+            r = ss_pagemap_select_ex(fd, cur, end, page_size, mask, exclude, &b[0], chunk,
+                                     &nxt)
         _check(r, "read pagemap")
         if r:
             parts.append(buf[:r].copy())

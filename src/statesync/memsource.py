@@ -10,54 +10,27 @@ ok and skipped; the CRIU dump at switch-over is the authority on what exists.
 """
 from __future__ import annotations
 
-import os
-from typing import List, Tuple
+from typing import Tuple
 
 import numpy as np
 
-from .errors import NoSuchProcess, ProcessGone
-from .workloads import PAGE_SIZE
-
-_SKIP = ("[vsyscall]", "[vvar]", "[vdso]", "[vvar_vclock]", "[uprobes]")
-_PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
-
-
-def _maps(pid: int) -> List[Tuple[int, int, str, str]]:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise NoSuchProcess(pid, "no such process") from None
-    out = []
-    for line in lines:
-        parts = line.split(None, 5)
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        out.append((lo, hi, parts[1], parts[5] if len(parts) > 5 else ""))
-    return out
+from . import proc
+from .errors import ProcessGone
 
 
 def dumpable_pages(pid: int) -> np.ndarray:
-    """Sorted addresses of the pages CRIU would dump: present or swapped pages of
-    private mappings that are anonymous (not page-cache pages of a file)."""
-    chunks = []
-    try:
-        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-    except FileNotFoundError:
-        raise NoSuchProcess(pid, "no such process") from None
-    try:
-        for lo, hi, perms, name in _maps(pid):
-            if perms[3] != "p" or name in _SKIP or perms[0] != "r":
-                continue
-            n = (hi - lo) // PAGE_SIZE
-            raw = os.pread(fd, n * 8, (lo // PAGE_SIZE) * 8)
-            ent = np.frombuffer(raw, dtype="<u8")
-            sel = ((ent & np.uint64(_PRESENT | _SWAPPED)) != 0) & ((ent & np.uint64(_FILE)) == 0)
-            idx = np.flatnonzero(sel).astype(np.uint64)
-            if idx.size:
-                chunks.append(np.uint64(lo) + idx[: ent.size] * np.uint64(PAGE_SIZE))
-    finally:
-        os.close(fd)
-    return np.sort(np.concatenate(chunks)) if chunks else np.zeros(0, dtype=np.uint64)
+    """Sorted uint64 addresses of the pages CRIU would dump: present or swapped pages
+    of readable private mappings that are not page-cache pages of a file (bit 61 of
+    pagemap clear). Kernel areas ([vdso], [vvar] ...) are left out.
+
+    Reads /proc/PID/maps with :func:`statesync.proc.read_maps` and pagemap with
+    :func:`statesync.proc.present_pages` (bounded chunks, O_CLOEXEC): memory follows
+    the number of pages found, not the size of the mappings, so a 1 TiB
+    reservation costs nothing. Raises :class:`~statesync.errors.NoSuchProcess` /
+    :class:`~statesync.errors.AccessDenied` (with the pid) like :mod:`statesync.proc`.
+    """
+    vmas = [v for v in proc.read_maps(pid) if v.private and v.readable and not v.special]
+    return proc.present_pages(pid, vmas, swapped=True, exclude=proc.PM_FILE)
 
 
 class MemorySource:
@@ -74,7 +47,6 @@ class MemorySource:
         return dumpable_pages(self.pid)
 
     def read(self, addrs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        from . import proc
         if not proc.exists(self.pid):
             raise ProcessGone(self.pid, "exited during the migration")
         pages, ok = proc.read_pages(self.pid, addrs)

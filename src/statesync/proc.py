@@ -233,11 +233,13 @@ def pagemap(pid: int, start: int, end: int) -> PagemapEntries:
 
 
 def present_pages(pid: int, vmas: Optional[Iterable[Vma]] = None, *,
-                  swapped: bool = True) -> np.ndarray:
+                  swapped: bool = True, exclude: int = 0) -> np.ndarray:
     """Sorted uint64 addresses of the pages of ``vmas`` (default: every VMA except
     [vsyscall]-like special areas) that are present in RAM, or swapped out when
-    ``swapped`` is true. Memory use follows the number of pages found, not the
-    size of the VMAs."""
+    ``swapped`` is true, leaving out pages whose pagemap entry has any bit of
+    ``exclude`` (``PM_FILE``: page-cache pages of a file). Reads pagemap in bounded
+    chunks in C: memory use follows the number of pages found, not the size of
+    the VMAs."""
     if vmas is None:
         vmas = [v for v in read_maps(pid) if not v.special]
     mask = PM_PRESENT | (PM_SWAPPED if swapped else 0)
@@ -245,7 +247,7 @@ def present_pages(pid: int, vmas: Optional[Iterable[Vma]] = None, *,
     parts = []
     try:
         for v in sorted(vmas, key=lambda v: v.start):
-            a = _core.pagemap_select(fd, v.start, v.end, mask, PAGE_SIZE)
+            a = _core.pagemap_select(fd, v.start, v.end, mask, PAGE_SIZE, exclude=exclude)
             if a.size:
                 parts.append(a)
     except OSError as exc:
