@@ -51,11 +51,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import _criu_images, wire  # noqa: F401  (pre-import: the switch-over must not pay for it)
+from ._consts import PAGE_SIZE
+from ._fsutil import fsync_dir
 from .errors import CriuError, MigrationError, StateSyncError
 from .memsource import MemorySource
 from .pagetable import PageTable
 from .report import Report, RoundReport
-from ._consts import PAGE_SIZE
 
 STRATEGIES = ("auto", "cold", "precopy", "iterative")
 DEFAULT_PORT = 7411
@@ -940,21 +941,25 @@ class _DestinationSession:
                 raise MigrationError(f"cannot assemble {pages_file}: {miss.size} pages never "
                                      f"arrived, first at {int(miss[0]):#x}", "assemble")
             fd = os.open(os.path.join(self.tmp, pages_file),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 _write_rows(fd, self.store.rows, slots)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             for name in self.image_names:
-                fd = os.open(os.path.join(self.tmp, name), os.O_RDONLY)
+                fd = os.open(os.path.join(self.tmp, name), os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            # The files' entries in tmp, then the rename in images_dir: after a crash
+            # the set is either complete under its final name or still ".incoming-".
+            fsync_dir(self.tmp)
             final = os.path.join(self.images_dir,
                                  os.path.basename(self.tmp).replace(".incoming-", "migrated-", 1))
             os.rename(self.tmp, final)
+            fsync_dir(self.images_dir)
             return final
 
         self.final_dir = await asyncio.to_thread(assemble)
