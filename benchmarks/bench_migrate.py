@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from statesync.downtime import HeartbeatObserver, RequestProber
-from statesync.migrate import migrate
+from statesync import migrate
 from statesync.services import RedisClient, RedisWriter, spawn_redis
 from statesync.testbed import Testbed
 from statesync import workloads

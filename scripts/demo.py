@@ -18,7 +18,7 @@ import time
 
 from statesync import tracking, workloads
 from statesync.downtime import HeartbeatObserver
-from statesync.migrate import migrate
+from statesync import migrate
 from statesync.testbed import Testbed
 
 SECRET = os.urandom(32)

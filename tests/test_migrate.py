@@ -17,6 +17,7 @@ import asyncio
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -24,9 +25,9 @@ import numpy as np
 import pytest
 
 from conftest import find_program, have_root, require
-from statesync import wire
+from statesync import migrate, wire
+from statesync.engine import PageCodec
 from statesync.errors import MigrationError
-from statesync.migrate import PageCodec, migrate
 from statesync.pagetable import PageTable
 
 SECRET = b"statesync-test-secret-0123456789"
@@ -48,7 +49,7 @@ def test_pagetable_put_get_overwrite():
 @pytest.mark.parametrize("compression,xor", [(None, False), ("lz4", False), ("lz4", True)])
 def test_page_streams_round_trip_and_reject_corruption(compression, xor):
     from statesync.errors import StreamError
-    from statesync.migrate import decode_pages
+    from statesync.engine import decode_pages
 
     c = PageCodec(compression, xor=xor)
     addrs = np.arange(6, dtype=np.uint64) * np.uint64(4096) + np.uint64(1 << 30)
@@ -72,7 +73,7 @@ def test_page_streams_round_trip_and_reject_corruption(compression, xor):
 def test_page_stream_decode_fuzz():
     from hypothesis import given, settings, strategies as st
     from statesync.errors import StreamError
-    from statesync.migrate import decode_pages
+    from statesync.engine import decode_pages
 
     good = PageCodec("lz4").encode(np.array([4096, 8192], np.uint64),
                                    np.full((2, 4096), 7, np.uint8))
@@ -92,7 +93,7 @@ def test_page_stream_decode_fuzz():
 
 
 def test_criu_costs_learn_a_line_and_round_trip(tmp_path):
-    from statesync.migrate import CriuCosts
+    from statesync.engine import CriuCosts
     from statesync.report import Report
 
     c = CriuCosts()
@@ -149,6 +150,29 @@ def test_mutual_authentication():
         wire.load_secret("short")
 
 
+def test_public_namespace_migrate_is_a_function_and_submodules_resolve():
+    # A fresh interpreter: the CLI imports the engine module first, which used to
+    # rebind statesync.migrate to a module object.
+    code = """
+import inspect, types, statesync
+from statesync import cli
+cli.build_parser()
+import statesync.engine
+from statesync.engine import PageCodec
+assert inspect.isfunction(statesync.migrate), statesync.migrate
+assert statesync.migrate is statesync.engine.migrate
+assert statesync.serve_destination is statesync.engine.serve_destination
+for m in ("report", "wire", "services", "downtime", "memsource", "pagetable", "engine",
+          "testbed", "proc"):
+    assert isinstance(getattr(statesync, m), types.ModuleType), m
+assert statesync.Report is statesync.report.Report
+assert inspect.signature(statesync.migrate).return_annotation in ("Report", statesync.Report)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 def test_secret_errors_name_the_file_and_what_to_do(tmp_path):
     from statesync import SecretError, StateSyncError
     missing = tmp_path / "nope.key"
@@ -184,7 +208,7 @@ def _prereqs():
     require(have_root(), "needs root (namespaces, ptrace, CRIU)")
     for prog in ("ip", "tc", "nsenter", "unshare"):
         require(find_program(prog), f"{prog} not installed (scripts/setup-system.sh)")
-    from statesync.migrate import criu_binary
+    from statesync.engine import criu_binary
     try:
         criu = criu_binary()
     except Exception as exc:
@@ -580,7 +604,7 @@ def test_cli_agents_one_in_each_namespace(bed):
     assert bed.dest.wait(10) == 0
     assert bed.client("b").status()["pid"] == rep.restored_pid
     # The host's CRIU costs learned from this migration.
-    from statesync.migrate import CriuCosts
+    from statesync.engine import CriuCosts
     learned = CriuCosts.load(costs)
     assert len(learned.samples) == 1 and learned.samples[0][0] == pytest.approx(
         rep.state_pages * 4096 / 2**20)

@@ -10,9 +10,20 @@ Modules, one per concept:
 - :mod:`statesync.kpi`       migration targets and observations
 - :mod:`statesync.scheduler` pluggable migration schedulers
 - :mod:`statesync.sim`       scenario simulator for schedulers
-- :mod:`statesync.migrate`   the live migration engine
+- :mod:`statesync.engine`    the live migration engine (:func:`statesync.migrate`,
+  :func:`statesync.serve_destination`)
+- :mod:`statesync.wire`      the agents' authenticated wire protocol
+- :mod:`statesync.memsource` the migration source's view of a live process's memory
+- :mod:`statesync.pagetable` the destination's page store (address -> contents)
+- :mod:`statesync.report`    a migration's ``Report`` (JSON, Prometheus, table)
+- :mod:`statesync.downtime`  downtime measured from outside (a prober)
+- :mod:`statesync.testbed`   two "hosts" on one machine (network namespaces, tc)
+- :mod:`statesync.services`  third-party services (redis) as migration targets
 - :mod:`statesync.workloads` a controllable dirty-page workload process
 - :mod:`statesync.cli`       the ``statesync`` command
+
+``statesync.migrate`` is the function (``statesync.migrate(pid, dest, ...)``); the
+module that implements it is :mod:`statesync.engine`.
 
 Submodules load on first use, so ``import statesync`` stays cheap.
 """
@@ -30,21 +41,21 @@ _LAZY = {
     "Tracker": "tracking",
     "DirtySet": "tracking",
     "tracking_methods": "tracking",
-    "migrate": "migrate",
-    "serve_destination": "migrate",
+    "migrate": "engine",
+    "serve_destination": "engine",
+    "Report": "report",
     "Targets": "kpi",
     "Observations": "kpi",
 }
-_SUBMODULES = {"proc", "tracking", "criu", "stream", "kpi", "scheduler", "sim", "migrate",
-               "workloads", "cli", "testbed"}
+_SUBMODULES = {"proc", "tracking", "criu", "stream", "kpi", "scheduler", "sim", "engine",
+               "wire", "memsource", "pagetable", "report", "downtime", "testbed", "services",
+               "workloads", "cli"}
 
 
 def __getattr__(name):
     if name in _LAZY:
         mod = importlib.import_module(f".{_LAZY[name]}", __name__)
         value = getattr(mod, name)
-        if name == "migrate" and callable(getattr(mod, "migrate", None)):
-            value = mod.migrate
         globals()[name] = value
         return value
     if name in _SUBMODULES:

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES = ["tracking", "criu", "stream", "sim", "migrate", "workloads"]
+COMMAND_MODULES = ["tracking", "criu", "stream", "sim", "engine", "workloads"]
 
 
 def build_parser() -> argparse.ArgumentParser:

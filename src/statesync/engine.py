@@ -1,5 +1,10 @@
-"""The live migration engine: a source agent and a destination agent over one
-authenticated TCP connection.
+"""The live migration engine behind :func:`statesync.migrate`: a source agent and a
+destination agent over one authenticated TCP connection.
+
+The function is ``statesync.migrate`` (also ``statesync.engine.migrate``); this module
+is ``statesync.engine`` rather than ``statesync.migrate`` because a package attribute
+cannot be both a submodule and a function: importing a submodule rebinds the
+package attribute of its name to the module object.
 
 ::
 
@@ -1319,14 +1324,3 @@ def cli_register(sub) -> None:
     r.add_argument("--keep-images", action="store_true")
     r.add_argument("--io-timeout", type=float, default=30.0)
     r.set_defaults(func=_cmd_receive)
-
-
-class _CallableModule(type(sys)):
-    """``statesync.migrate`` is both this module and the function: importing the module
-    (as the CLI does) rebinds the package attribute to it, and it must stay callable."""
-
-    def __call__(self, *args, **kwargs) -> Report:
-        return migrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
