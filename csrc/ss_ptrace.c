@@ -77,10 +77,22 @@ struct job {
     uint64_t args[6];
     int out_fd;
     int rc;
+    int stopped; /* the thread is in a ptrace stop; last_st is that stop's status */
+    int last_st;
     struct ss_inject_info *info;
 };
 
-enum { ST_SEIZE = 1, ST_STOP, ST_REGS, ST_CALL, ST_GETFD, ST_CLOSE, ST_RESTOP, ST_RESTORE, ST_DONE };
+/* stages (ss_inject_info.stage) */
+enum {
+    ST_SEIZE = 1,
+    ST_STOP,
+    ST_REGS,
+    ST_CALL = SS_INJECT_STAGE_CALL, /* from here on the thread's state was changed */
+    ST_GETFD,
+    ST_CLOSE,
+    ST_RESTORE = 8,
+    ST_DONE,
+};
 
 /* Wait for the next ptrace stop of tid. Returns 0 with *status, -ESRCH if it
  * died, -ETIMEDOUT. */
@@ -93,7 +105,7 @@ static int wait_stop(int tid, int timeout_ms, int *status)
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            return -errno == -ECHILD ? -ESRCH : -errno;
+            return errno == ECHILD ? -ESRCH : -errno;
         }
         if (r == tid) {
             if (WIFEXITED(st) || WIFSIGNALED(st))
@@ -126,11 +138,14 @@ static int resume_until(struct job *j, int how, int want_sig, int want_event, in
     for (;;) {
         if (ptrace(how, j->tid, 0, (void *)(long)sig_to_pass) < 0)
             return -errno;
+        j->stopped = 0;
         sig_to_pass = 0;
         int st;
         int r = wait_stop(j->tid, j->timeout_ms, &st);
         if (r < 0)
             return r;
+        j->stopped = 1;
+        j->last_st = st;
         int sig = WSTOPSIG(st), event = (unsigned)st >> 16;
         if (event == want_event && sig == want_sig)
             return 0;
@@ -186,6 +201,62 @@ static int run_call(struct job *j, const struct user_regs_struct *base, long nr,
     return 0;
 }
 
+/* Put the saved registers and signal mask back and detach. Called once our
+ * calls have begun, whatever state they left the thread in: at a stop
+ * (j->stopped, status j->last_st) or running inside an injected call that
+ * outlived the timeout (a blocking read(), pause()...). A running thread is
+ * not in a ptrace stop, so PTRACE_CONT/SETREGS/DETACH would fail on it with
+ * ESRCH: it is first interrupted and waited for, never resumed before it
+ * stops. From a syscall stop it goes on to the trap inside get_signal(): any
+ * ptrace stop clears a pending interrupt (ptrace_stop()), so PTRACE_INTERRUPT
+ * again, then PTRACE_CONT. Registers and mask go back at the
+ * first stop inside get_signal(): the PTRACE_EVENT_STOP of our interrupt or
+ * of a group-stop (the thread stays stopped after detaching), or a
+ * signal-delivery-stop, whose signal is passed back with PTRACE_DETACH so it
+ * is delivered with the thread's own registers and mask. The kernel's
+ * syscall-restart logic then runs on the interrupted call's own ax/orig_ax.
+ * Returns 0 when restored and detached, else -errno (not restored). */
+static int put_back(struct job *j, const struct user_regs_struct *saved, uint64_t mask)
+{
+    int st = j->last_st, detach_sig = 0;
+    if (ptrace(PTRACE_INTERRUPT, j->tid, 0, 0) < 0)
+        return -errno;
+    for (int round = 0;; round++) {
+        if (!j->stopped) {
+            int r = wait_stop(j->tid, j->timeout_ms, &st);
+            if (r < 0)
+                return r;
+            j->stopped = 1;
+            j->last_st = st;
+        }
+        int sig = WSTOPSIG(st), event = (unsigned)st >> 16;
+        if (event == PTRACE_EVENT_STOP)
+            break;
+        if (event == 0 && !(sig & 0x80)) {
+            detach_sig = sig; /* signal-delivery-stop: hand it back on detach */
+            break;
+        }
+        /* a syscall stop: after PTRACE_CONT no further syscall stops come,
+         * so the next stop is in get_signal() */
+        if (round >= 8)
+            return -EPROTO;
+        if (ptrace(PTRACE_INTERRUPT, j->tid, 0, 0) < 0 || ptrace(PTRACE_CONT, j->tid, 0, 0) < 0)
+            return -errno;
+        j->stopped = 0;
+    }
+    int rr = 0;
+    if (ptrace(PTRACE_SETREGS, j->tid, 0, saved) < 0)
+        rr = -errno;
+    if (ptrace(PTRACE_SETSIGMASK, j->tid, (void *)8, &mask) < 0 && rr == 0)
+        rr = -errno;
+    if (rr < 0)
+        return rr;
+    if (ptrace(PTRACE_DETACH, j->tid, 0, (void *)(long)detach_sig) < 0)
+        return -errno;
+    j->stopped = 0;
+    return 0;
+}
+
 static void *inject_thread(void *arg)
 {
     struct job *j = arg;
@@ -210,8 +281,10 @@ static void *inject_thread(void *arg)
         rc = wait_stop(j->tid, j->timeout_ms, &st);
         if (rc < 0) {
             j->rc = rc;
-            return NULL; /* thread exit detaches */
+            return NULL; /* thread exit detaches; nothing was changed */
         }
+        j->stopped = 1;
+        j->last_st = st;
         int sig = WSTOPSIG(st), event = (unsigned)st >> 16;
         if (event == PTRACE_EVENT_STOP) {
             if (is_stop_signal(sig)) {
@@ -228,6 +301,7 @@ static void *inject_thread(void *arg)
             j->rc = -errno;
             return NULL;
         }
+        j->stopped = 0;
     }
 
     info->stage = ST_REGS;
@@ -274,35 +348,19 @@ static void *inject_thread(void *arg)
     } else {
         rc = run_call(j, &saved, j->nr, j->args, &ret);
     }
-    if (rc == -ESRCH) {
-        j->rc = rc;
-        return NULL;
-    }
+    int call_stage = info->stage;
 
-    /* Put everything back at a PTRACE_EVENT_STOP inside get_signal(), where we
-     * found the thread: the kernel's syscall-restart logic then sees the
-     * interrupted call's own ax/orig_ax once we let go. */
-    info->stage = ST_RESTOP;
-    int rr = 0;
-    if (ptrace(PTRACE_INTERRUPT, j->tid, 0, 0) < 0)
-        rr = -errno;
-    if (rr == 0)
-        rr = resume_until(j, PTRACE_CONT, SIGTRAP, PTRACE_EVENT_STOP, 1);
+    /* Whatever happened above (done, a timeout with the thread still inside
+     * the call, an error at a stop), the thread gets its own registers and
+     * mask back before we let go. */
     info->stage = ST_RESTORE;
-    if (rr == 0 || rr == -EAGAIN) {
-        if (ptrace(PTRACE_SETREGS, j->tid, 0, &saved) < 0 && rr == 0)
-            rr = -errno;
-        if (ptrace(PTRACE_SETSIGMASK, j->tid, (void *)8, &saved_mask) < 0 && rr == 0)
-            rr = -errno;
-    }
-    ptrace(PTRACE_DETACH, j->tid, 0, 0);
+    int rr = put_back(j, &saved, saved_mask);
+    info->restored = rr == 0;
     if (info->held_stop)
         syscall(SYS_tgkill, j->tgid, j->tid, info->held_stop);
-    info->stage = ST_DONE;
     j->rc = rc ? rc : rr;
-    if (j->rc < 0 && j->out_fd >= 0 && j->mode == CALL_UFFD && rr < 0) {
-        /* keep the fd: the target is restored or gone either way */
-    }
+    /* on failure, stage says where: the call that failed, or ST_RESTORE */
+    info->stage = rc ? call_stage : rr ? ST_RESTORE : ST_DONE;
     return NULL;
 }
 
@@ -316,25 +374,31 @@ static int run_job(struct job *j)
     return j->rc;
 }
 
+/* Common set-up of a job; info is where the caller wants the diagnostics. */
+static void job_init(struct job *j, struct ss_inject_info *info, int tid, int tgid,
+                     uint64_t syscall_addr, int timeout_ms, int mode)
+{
+    memset(j, 0, sizeof *j);
+    memset(info, 0, sizeof *info);
+    info->orig_syscall = -1;
+    j->tid = tid;
+    j->tgid = tgid;
+    j->pidfd = -1;
+    j->timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
+    j->syscall_addr = syscall_addr;
+    j->mode = mode;
+    j->out_fd = -1;
+    j->info = info;
+}
+
 int ss_inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr, int uffd_flags,
                           int timeout_ms, int *out_fd, struct ss_inject_info *info)
 {
     struct ss_inject_info local;
     struct job j;
-    memset(&j, 0, sizeof j);
-    if (!info)
-        info = &local;
-    memset(info, 0, sizeof *info);
-    info->orig_syscall = -1;
-    j.tid = tid;
-    j.tgid = pid;
+    job_init(&j, info ? info : &local, tid, pid, syscall_addr, timeout_ms, CALL_UFFD);
     j.pidfd = pidfd;
-    j.timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
-    j.syscall_addr = syscall_addr;
-    j.mode = CALL_UFFD;
     j.args[0] = (uint64_t)(unsigned)uffd_flags;
-    j.out_fd = -1;
-    j.info = info;
     int rc = run_job(&j);
     if (rc < 0) {
         if (j.out_fd >= 0)
@@ -345,38 +409,34 @@ int ss_inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr, in
     return 0;
 }
 
+/* Thread-group id of thread tid (from /proc/TID/status), or tid itself. */
+static int tgid_of(int tid)
+{
+    int tgid = tid;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/status", tid);
+    FILE *f = fopen(path, "re");
+    if (f) {
+        char line[256];
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "Tgid: %d", &tgid) == 1)
+                break;
+        fclose(f);
+    }
+    return tgid;
+}
+
 int ss_inject_syscall(int tid, uint64_t syscall_addr, long nr, const uint64_t args[6],
                       int timeout_ms, int64_t *ret, struct ss_inject_info *info)
 {
     struct ss_inject_info local;
     struct job j;
-    memset(&j, 0, sizeof j);
     if (!info)
         info = &local;
-    memset(info, 0, sizeof *info);
-    info->orig_syscall = -1;
-    j.tid = tid;
-    j.tgid = tid;
-    {
-        /* tgid for re-sending a held stop signal: from /proc/TID/status */
-        char path[64];
-        snprintf(path, sizeof path, "/proc/%d/status", tid);
-        FILE *f = fopen(path, "re");
-        if (f) {
-            char line[256];
-            while (fgets(line, sizeof line, f))
-                if (sscanf(line, "Tgid: %d", &j.tgid) == 1)
-                    break;
-            fclose(f);
-        }
-    }
-    j.timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
-    j.syscall_addr = syscall_addr;
-    j.mode = CALL_PLAIN;
+    /* tgid for re-sending a held stop signal */
+    job_init(&j, info, tid, tgid_of(tid), syscall_addr, timeout_ms, CALL_PLAIN);
     j.nr = nr;
     memcpy(j.args, args, sizeof j.args);
-    j.out_fd = -1;
-    j.info = info;
     int rc = run_job(&j);
     if (rc < 0)
         return rc;

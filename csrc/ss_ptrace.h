@@ -34,8 +34,17 @@ struct ss_inject_info {
     int64_t orig_ret;      /* its ax at the stop (e.g. -512 = -ERESTARTSYS) */
     int forwarded_signals; /* signals delivered through while waiting to stop */
     int held_stop;         /* a stop signal held during the calls and re-sent */
-    int stage;             /* last stage reached (see ss_ptrace.c), for errors */
+    int stage;             /* last stage reached (see ss_ptrace.c); on failure the
+                              stage that failed. >= SS_INJECT_STAGE_CALL: our calls had
+                              begun, the thread's registers and mask were changed */
+    int restored;          /* 1: the thread's registers and signal mask were put back
+                              and it was detached at a stop (always so on success);
+                              0 after a failure at or after SS_INJECT_STAGE_CALL: its
+                              state may be damaged (e.g. it stayed in uninterruptible
+                              sleep inside the injected call past a second timeout) */
 };
+
+#define SS_INJECT_STAGE_CALL 4
 
 /* Find a `syscall` instruction (0f 05) in [start, end) of process pid's memory
  * (read with process_vm_readv). *addr receives its address. Returns 0,
@@ -51,7 +60,11 @@ int ss_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr);
  *   -EPERM   no right to trace it (or already traced by someone else)
  *   -ESRCH   it does not exist or exited meanwhile
  *   -EAGAIN  it is stopped by job control (SIGSTOP): left as it was
- *   -ETIMEDOUT it did not stop in time (uninterruptible): left as it was
+ *   -ETIMEDOUT it did not stop in time (uninterruptible): left as it was when
+ *            info->stage < SS_INJECT_STAGE_CALL; at or after it, an injected call
+ *            outlived the timeout: the thread was interrupted, its registers and
+ *            mask put back (info->restored says whether that worked) and the
+ *            call's effects may remain (e.g. a descriptor left open in it)
  *   -ENOEXEC not a 64-bit x86 thread
  *   other    the error userfaultfd() itself returned inside the target
  */

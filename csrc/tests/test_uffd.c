@@ -4,8 +4,11 @@
  * the kernel lacks the features; the Python suite checks availability itself. */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/auxv.h>
 #include <sys/mman.h>
@@ -150,6 +153,157 @@ static void test_inject(void)
     munmap(buf, 8 * ps);
 }
 
+/* An injected call that blocks past the timeout (pause() here): the thread is
+ * then running inside it, not in a stop. It must be interrupted and get its
+ * own registers and signal mask back, and go on as if nothing happened; a
+ * signal sent meanwhile (blocked during our call) is delivered afterwards. */
+static volatile sig_atomic_t got_usr1;
+static void on_usr1(int sig)
+{
+    (void)sig;
+    got_usr1 = 1;
+}
+
+struct late_kill {
+    pid_t pid;
+    int sig, delay_us;
+};
+static void *kill_later(void *arg)
+{
+    struct late_kill *k = arg;
+    usleep(k->delay_us);
+    kill(k->pid, k->sig);
+    return NULL;
+}
+
+/* read exactly n bytes within ms milliseconds (a broken child must fail the
+ * test, not hang it) */
+static int read_within(int fd, void *buf, size_t n, int ms)
+{
+    size_t got = 0;
+    while (got < n) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, ms) != 1)
+            return -1;
+        ssize_t r = read(fd, (char *)buf + got, n - got);
+        if (r <= 0)
+            return -1;
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+#define CRUNCH_N 300000000L
+static __attribute__((noinline)) uint64_t crunch(long n)
+{
+    uint64_t x = 88172645463325252ull, acc = 0;
+    for (long k = 0; k < n; k++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        acc += x >> 60;
+    }
+    return acc ^ x;
+}
+
+static int tracer_and_blocked(pid_t pid, char *tracer, char *blocked)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof line, f)) {
+        sscanf(line, "TracerPid: %31s", tracer);
+        sscanf(line, "SigBlk: %31s", blocked);
+    }
+    fclose(f);
+    return 0;
+}
+
+static void test_inject_timeout(int cpu_bound)
+{
+    int cmd[2], ack[2];
+    CHECK(pipe(cmd) == 0 && pipe(ack) == 0);
+    pid_t child = fork();
+    if (child == 0) {
+        close(cmd[1]);
+        close(ack[0]);
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_usr1;
+        sa.sa_flags = SA_RESTART; /* the interrupted read(2) restarts */
+        sigaction(SIGUSR1, &sa, NULL);
+        unsigned char i = 0, out;
+        uint64_t acc = 0;
+        if (cpu_bound) {
+            /* interrupted in user mode, mid-computation: registers carry it */
+            if (write(ack[1], "S", 1) != 1)
+                _exit(3);
+            acc = crunch(CRUNCH_N);
+        }
+        if (read(cmd[0], &i, 1) != 1)
+            _exit(4);
+        sigset_t cur;
+        sigprocmask(SIG_BLOCK, NULL, &cur);
+        out = i;
+        if (!got_usr1)
+            out = 0xe1; /* the signal sent during our call was lost */
+        for (int s = 1; s < 32; s++)
+            if (sigismember(&cur, s))
+                out = 0xe2; /* our all-blocked mask stayed */
+        if (write(ack[1], &out, 1) != 1 || write(ack[1], &acc, 8) != 8)
+            _exit(3);
+        _exit(0);
+    }
+    close(cmd[0]);
+    close(ack[1]);
+    alarm(20);
+    unsigned char i = 42, a = 0;
+    if (cpu_bound) {
+        CHECK(read(ack[0], &a, 1) == 1 && a == 'S');
+        usleep(20000);
+    } else {
+        usleep(50000);
+    }
+    uint64_t vdso = getauxval(AT_SYSINFO_EHDR), insn = 0;
+    CHECK(ss_find_syscall_insn(child, vdso, vdso + 2 * ps, &insn) == 0);
+    uint64_t args[6] = {0};
+    int64_t ret = 0;
+    struct ss_inject_info info;
+    struct late_kill k = {child, SIGUSR1, 80000};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, kill_later, &k) == 0);
+    /* pause() never returns by itself: the wait for its syscall-exit stop times out */
+    int rc = ss_inject_syscall(child, insn, SYS_pause, args, 300, &ret, &info);
+    pthread_join(th, NULL);
+    CHECK(rc == -ETIMEDOUT);
+    CHECK(info.stage == SS_INJECT_STAGE_CALL);
+    CHECK(info.restored == 1);
+    CHECK(info.was_in_syscall == !cpu_bound);
+    char tracer[32] = "?", blocked[32] = "?";
+    CHECK(tracer_and_blocked(child, tracer, blocked) == 0);
+    CHECK(strcmp(tracer, "0") == 0);
+    CHECK(strcmp(blocked, "0000000000000000") == 0); /* the child blocks nothing */
+    /* the child is running on: a reply proves it resumed where it was, with its
+     * own registers, mask (no signal blocked) and the pending SIGUSR1 delivered */
+    CHECK(write(cmd[1], &i, 1) == 1);
+    uint64_t acc = 1;
+    int replied = read_within(ack[0], &a, 1, 5000) == 0 && read_within(ack[0], &acc, 8, 5000) == 0;
+    CHECK(replied);
+    CHECK(a == 42);
+    CHECK(acc == (cpu_bound ? crunch(CRUNCH_N) : 0));
+    if (!replied)
+        kill(child, SIGKILL);
+    int st = 0;
+    CHECK(waitpid(child, &st, 0) == child);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    if (!(WIFEXITED(st) && WEXITSTATUS(st) == 0))
+        printf("child status %#x (signal %d)\n", st, WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+    close(cmd[1]);
+    close(ack[0]);
+}
+
 int main(void)
 {
     ps = (size_t)sysconf(_SC_PAGESIZE);
@@ -161,5 +315,7 @@ int main(void)
     close(probe);
     test_self();
     test_inject();
+    test_inject_timeout(0);
+    test_inject_timeout(1);
     TEST_DONE();
 }
