@@ -33,6 +33,8 @@ cdef extern from "ss_ptrace.h" nogil:
         int forwarded_signals
         int held_stop
         int stage
+        int restored
+    int SS_INJECT_STAGE_CALL
     int ss_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr)
     int ss_inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr,
                               int uffd_flags, int timeout_ms, int *out_fd,
@@ -49,11 +51,14 @@ UFFD_FEATURE_WP_UNPOPULATED = SS_UFFD_FEATURE_WP_UNPOPULATED
 UFFD_FEATURE_WP_ASYNC = SS_UFFD_FEATURE_WP_ASYNC
 PM_SCAN_WP_MATCHING = SS_PM_SCAN_WP_MATCHING
 PM_SCAN_CHECK_WPASYNC = SS_PM_SCAN_CHECK_WPASYNC
+INJECT_STAGE_CALL = SS_INJECT_STAGE_CALL
 
 
 def uffd_create(int flags):
-    """userfaultfd(flags) in this process; returns the fd."""
-    cdef int r = ss_uffd_create(flags)
+    """userfaultfd(flags) in this process; returns the fd. Releases the GIL."""
+    cdef int r
+    with nogil:
+        r = ss_uffd_create(flags)
     _check(r, "userfaultfd")
     return r
 
@@ -167,7 +172,7 @@ cdef dict _info_dict(ss_inject_info *info):
             "ncalls": info.ncalls, "was_in_syscall": bool(info.was_in_syscall),
             "orig_syscall": info.orig_syscall, "orig_ret": info.orig_ret,
             "forwarded_signals": info.forwarded_signals, "held_stop": info.held_stop,
-            "stage": info.stage}
+            "stage": info.stage, "restored": bool(info.restored)}
 
 
 def inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr, int flags,

@@ -57,6 +57,24 @@ class TrackerUnavailable(TrackingError):
         super().__init__(f"tracking method {method!r} is unavailable: {reason}")
 
 
+class InjectionFailed(TrackingError):
+    """The system-call injection into ``pid`` failed after the injected calls had
+    begun (for instance a call that did not finish within the timeout). ``restored``
+    tells whether the thread's registers and signal mask were put back and it was
+    detached at a stop (it then runs on where it was; effects of the interrupted
+    call, such as a userfaultfd descriptor left open in it, may remain). When
+    ``restored`` is False the target's state may be damaged. ``stage`` is the
+    injection stage that failed; ``cause`` the OSError. Never retried."""
+
+    def __init__(self, pid: int, msg: str, restored: bool, stage: int = 0,
+                 cause: Optional[BaseException] = None):
+        self.pid = pid
+        self.restored = restored
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"pid {pid}: {msg}")
+
+
 class CriuError(StateSyncError):
     """A CRIU command failed. Carries the command, exit status and log tail."""
 

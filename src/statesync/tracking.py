@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from . import _core, proc
-from .errors import (AccessDenied, AlreadyTraced, ProcessError, ProcessGone,
+from .errors import (AccessDenied, AlreadyTraced, InjectionFailed, ProcessError, ProcessGone,
                      TrackerUnavailable, TrackingError)
 from .proc import Vma
 from ._consts import PAGE_SIZE
@@ -374,6 +374,29 @@ class _SoftDirtyBackend(_Backend):
         return np.unique(np.concatenate(parts)) if parts else _EMPTY
 
 
+def _calls_began(exc: Optional[OSError]) -> bool:
+    """True when an injection error happened once the injected calls had begun
+    (the thread's registers and mask had been changed)."""
+    info = getattr(exc, "inject_info", None) or {}
+    return info.get("stage", 0) >= _core.INJECT_STAGE_CALL
+
+
+def _raise_injection_failed(pid: int, exc: OSError):
+    info = getattr(exc, "inject_info", None) or {}
+    what = ("the injected call did not finish in time" if exc.errno == errno.ETIMEDOUT
+            else f"the injection failed after its calls began: {exc.strerror} "
+                 f"(errno {exc.errno})")
+    if info.get("restored"):
+        raise InjectionFailed(
+            pid, f"{what}; its registers and signal mask were put back and it runs on, "
+                 "but a userfaultfd descriptor may remain open in it; not retried",
+            True, info.get("stage", 0), exc)
+    raise InjectionFailed(
+        pid, f"{what}, and its registers and signal mask could NOT be put back: the "
+             "process's state may be damaged (check it; restarting it is the safe "
+             "course); not retried", False, info.get("stage", 0), exc)
+
+
 class _UffdBackend(_Backend):
     """See the module docstring. Holds our copy of the target's userfaultfd."""
 
@@ -450,6 +473,8 @@ class _UffdBackend(_Backend):
                 break
             except OSError as exc:
                 last = exc
+                if _calls_began(exc):
+                    break  # the target was changed: never try it again
                 if exc.errno in (errno.ETIMEDOUT, errno.ESRCH) and proc.exists(pid):
                     continue  # this thread would not stop: try another one
                 break
@@ -471,8 +496,10 @@ class _UffdBackend(_Backend):
     def _raise_inject_error(pid: int, exc: Optional[OSError]):
         e = exc.errno if exc else errno.EIO
         msg = exc.strerror if exc else "unknown error"
-        if e == errno.ESRCH or not proc.exists(pid):
+        if not proc.exists(pid) or (e == errno.ESRCH and not _calls_began(exc)):
             raise ProcessGone(pid, "exited while we attached", exc)
+        if _calls_began(exc):
+            _raise_injection_failed(pid, exc)
         if e == errno.EPERM:
             st = proc.status(pid)
             tracer = int(st.get("TracerPid", "0") or 0)
@@ -667,7 +694,9 @@ class Tracker:
     collect). Not thread-safe.
 
     Raises NoSuchProcess, AccessDenied (AlreadyTraced), TrackerUnavailable (for an
-    explicit method that cannot work here; ``auto`` falls back instead).
+    explicit method that cannot work here; ``auto`` falls back instead),
+    InjectionFailed (uffd's injection failed once its calls had begun; never
+    retried, and ``auto`` does not fall back: the caller must learn of it).
     """
 
     def __init__(self, pid: int, method: str = "auto", *, timeout: float = 2.0):
