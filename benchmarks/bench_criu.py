@@ -166,9 +166,10 @@ except ImportError:  # script use without pytest
 if pytest is not None:
     @pytest.fixture(scope="module", params=["256M", "1G"])
     def prepared(request):
+        from conftest import have_root, require
         from statesync import criu
-        if os.geteuid() != 0 or not criu.check().ok:
-            pytest.skip("needs root and a working CRIU")
+        require(have_root(), "needs root")
+        require(criu.check().ok, "needs a working CRIU (scripts/setup-system.sh installs it)")
         workdir = tempfile.mkdtemp(prefix="statesync-bench-criu-", dir="/var/tmp")
         try:
             yield prepare(request.param, workdir)

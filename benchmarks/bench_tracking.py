@@ -27,6 +27,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import require
 from statesync import _core, proc, workloads
 from statesync.tracking import Tracker, tracking_methods
 
@@ -93,8 +94,7 @@ def _run(benchmark, bench, frac, fn, rounds=5):
 
 @pytest.mark.parametrize("frac", FRACTIONS)
 def test_uffd_scan(benchmark, bench, frac):
-    if not bench.uffd:
-        pytest.skip("uffd unavailable")
+    require(bench.uffd is not None, f"uffd tracking unavailable: {tracking_methods()['uffd'][1]}")
     benchmark.group = f"collect per {MB} MiB, {frac:.1%} dirty"
     bench.uffd_scan()
     pages = _run(benchmark, bench, frac, bench.uffd_scan)
@@ -103,8 +103,7 @@ def test_uffd_scan(benchmark, bench, frac):
 
 @pytest.mark.parametrize("frac", FRACTIONS)
 def test_uffd_collect(benchmark, bench, frac):
-    if not bench.uffd:
-        pytest.skip("uffd unavailable")
+    require(bench.uffd is not None, f"uffd tracking unavailable: {tracking_methods()['uffd'][1]}")
     benchmark.group = f"collect per {MB} MiB, {frac:.1%} dirty"
     bench.uffd.collect()
     d = _run(benchmark, bench, frac, bench.uffd.collect)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from conftest import have_root, require
 from statesync import errors, proc
 from statesync.workloads import PAGE_SIZE
 
@@ -140,8 +141,7 @@ def _as_nobody(fn):
 
 
 def test_access_denied_for_an_unprivileged_reader(spawn_workload):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to drop to another user")
+    require(have_root(), "needs root to drop to another user")
     wl = spawn_workload(size="1M", rate=0)
     addr = wl.client.status()["addr"]
 
