@@ -420,8 +420,12 @@ class _UffdBackend(_Backend):
         try:
             self._attach(pid, timeout)
             self.hash = _HashState(pid, tracker._pm)
-            self._sync_vmas(arm=True)
-            self.hash.refresh(self._hashed, baseline=True)
+            try:
+                self._sync_vmas(arm=True)
+                self.hash.refresh(self._hashed, baseline=True)
+            except OSError as exc:  # e.g. it exited right after the injection
+                raise proc.os_error(pid, exc, "set up uffd tracking",
+                                    gone=True) from exc
         except BaseException:
             self.close()
             raise
