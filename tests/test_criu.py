@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import find_program, have_root, require
-from statesync import criu, workloads
+from statesync import criu, proc, workloads
 from statesync.errors import CriuError, NoSuchProcess
 
 
@@ -363,13 +363,7 @@ def test_redis_survives_dump_incremental_restore(criu_ok, tmp_path, reap):
     finally:
         # redis is the init of its own pid namespace and session: SIGKILL it by pid
         # (killing unshare alone would leave it running), then reap unshare.
-        for pid in [outer, p.pid]:
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        p.wait(timeout=20)
+        proc.kill_tree([outer], p, timeout=20)
 
 
 def test_write_image_set_from_page_store_restores(criu_ok, spawn_workload, tmp_path, reap):
@@ -457,10 +451,4 @@ def test_shared_anonymous_memory_round_trip(criu_ok, tmp_path, reap):
         reap.append(rr.pid)
         assert req("h") == h
     finally:
-        for pid in [outer, p.pid]:
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        p.wait(timeout=20)
+        proc.kill_tree([outer], p, timeout=20)

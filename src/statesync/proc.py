@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import subprocess
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
@@ -313,13 +315,75 @@ def threads(pid: int, procfs: str = PROCFS) -> List[int]:
     return tids
 
 
+def state(pid: int, procfs: str = PROCFS) -> Optional[str]:
+    """The one-letter state of process pid from /proc/PID/stat (``R`` running, ``S``
+    sleeping, ``D`` disk wait, ``T`` stopped, ``t`` traced, ``Z`` zombie, ``X``
+    dead ...), or None when there is no such process."""
+    try:
+        with open(f"{procfs}/{int(pid)}/stat", "rb") as f:
+            # comm (in parentheses) may hold spaces and ")": the state follows the last ")".
+            return f.read().rsplit(b")", 1)[1].split()[0].decode("ascii")
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
 def exists(pid: int) -> bool:
     """True while pid exists and is not a zombie."""
-    try:
-        with open(f"{PROCFS}/{int(pid)}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+    return state(pid) not in (None, "Z")
+
+
+def descendants(pid: int, procfs: str = PROCFS) -> List[int]:
+    """The pids of every descendant of process pid (children of any of its threads,
+    recursively), parents before their children; pid itself is not included. Empty
+    when pid does not exist. A snapshot: processes may start or exit meanwhile."""
+    out: List[int] = []
+    todo = [int(pid)]
+    seen = {int(pid)}
+    while todo:
+        p = todo.pop(0)
+        try:
+            tids = os.listdir(f"{procfs}/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"{procfs}/{p}/task/{tid}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            for c in kids:
+                if c not in seen:
+                    seen.add(c)
+                    out.append(c)
+                    todo.append(c)
+    return out
+
+
+def kill_tree(pids: Iterable[int], popen=None, timeout: float = 10.0) -> None:
+    """SIGKILL every process in ``pids`` and all their descendants, then reap
+    ``popen`` (a :class:`subprocess.Popen`, e.g. the ``unshare``/``nsenter`` wrapper
+    that started them), waiting at most ``timeout`` seconds. Pids that are 0, None
+    or already gone are skipped. SIGKILL because the init of a pid namespace ignores
+    SIGTERM sent from outside; descendants are collected before anything is killed,
+    so none is missed by being reparented."""
+    roots = [int(p) for p in pids if p]
+    if popen is not None:
+        roots.append(popen.pid)
+    victims: List[int] = []
+    for p in roots:
+        for q in [p] + descendants(p):
+            if q not in victims:
+                victims.append(q)
+    for q in victims:
+        try:
+            os.kill(q, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if popen is not None:
+        try:
+            popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def fd_count(pid: int) -> int:

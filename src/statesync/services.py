@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
+from . import proc
 from .errors import RedisError  # defined in errors, re-exported here
 
 
@@ -109,15 +110,8 @@ class RedisServer:
         return RedisClient(self.path)
 
     def kill(self) -> None:
-        for p in {self.pid, self.popen.pid}:
-            try:
-                os.kill(p, 9)
-            except ProcessLookupError:
-                pass
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        """SIGKILL the server (init of its pid namespace) and reap its wrapper."""
+        proc.kill_tree([self.pid], self.popen)
 
 
 def redis_binary() -> Optional[str]:
@@ -147,7 +141,7 @@ def spawn_redis(path: str, *, netns: Optional[str] = None, maxmemory: str = "2gb
         if popen.poll() is not None:
             raise RedisError(f"redis-server exited with {popen.returncode}: {' '.join(cmd)}")
         if pid is None:
-            pid = _find_child(popen.pid, os.path.basename(exe))
+            pid = _find_process(popen.pid, os.path.basename(exe))
         try:
             if pid and client.command("PING") == "PONG":
                 return RedisServer(pid, path, popen, cmd)
@@ -158,16 +152,14 @@ def spawn_redis(path: str, *, netns: Optional[str] = None, maxmemory: str = "2gb
     raise RedisError(f"redis-server did not answer on {path} within {ready_timeout}s")
 
 
-def _find_child(root: int, name: str) -> Optional[int]:
-    todo = [root]
-    while todo:
-        p = todo.pop()
+def _find_process(root: int, name: str) -> Optional[int]:
+    """root or its first descendant whose comm starts like ``name`` (the kernel
+    keeps 15 characters of it)."""
+    for p in [root] + proc.descendants(root):
         try:
             with open(f"/proc/{p}/comm") as f:
                 if f.read().strip().startswith(name[:15]):
                     return p
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                todo.extend(int(c) for c in f.read().split())
         except OSError:
             pass
     return None

@@ -433,27 +433,14 @@ class Workload:
         return WorkloadClient(self.control, netns=self.netns)
 
     def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        try:  # a zombie is not alive
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
+        """True while the workload exists and is not a zombie."""
+        from . import proc  # not at import time: the generator process itself needs none of it
+        return proc.exists(self.pid)
 
     def kill(self) -> None:
-        # The init of a pid namespace ignores SIGTERM sent from outside: SIGKILL.
-        for pid in {self.pid, self.popen.pid}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        """SIGKILL the workload (and anything it started), then reap its wrapper."""
+        from . import proc
+        proc.kill_tree([self.pid], self.popen)
 
     def __enter__(self):
         return self
@@ -471,7 +458,8 @@ def spawn(size="64M", rate: float = 1000.0, *, pattern: str = "uniform", fill: s
 
     ``own_pidns=True`` starts it as init of a new pid namespace and session
     (``unshare -p -f setsid``; root only), which ``criu restore`` needs to get the same
-    pids back. ``netns`` runs it inside a named network namespace (``ip netns exec``).
+    pids back. ``netns`` runs it inside a named network namespace
+    (``nsenter --net=/run/netns/NAME``). See docs/workloads.md.
     The returned handle's ``pid`` is the workload's pid in our namespace.
     """
     control = control or f"@statesync-wl-{os.getpid()}-{time.monotonic_ns()}"
@@ -517,7 +505,7 @@ def spawn(size="64M", rate: float = 1000.0, *, pattern: str = "uniform", fill: s
 
 
 def _wait_child_pid(popen: subprocess.Popen, cmd, timeout: float) -> int:
-    """Find the python process at the end of a wrapper chain (ip netns exec, unshare)."""
+    """Find the python process at the end of a wrapper chain (nsenter, unshare)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid = popen.pid
