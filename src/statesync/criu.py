@@ -167,13 +167,47 @@ def check(refresh: bool = False) -> CriuInfo:
     return _check_cached(find_criu())
 
 
+@functools.lru_cache(maxsize=8)
+def _version_cached(path: str):
+    return _version_of(path)
+
+
 def _criu_or_raise() -> str:
-    info = check()
-    if not info.path:
-        raise CriuError(info.reasons.get("criu", "CRIU not found"))
-    if not info.version_tuple or info.version_tuple < MIN_VERSION:
-        raise CriuError(info.reasons.get("criu", f"{info.path}: unusable CRIU"))
-    return info.path
+    """The CRIU binary for dump/restore: found and new enough. Only ``criu --version``
+    (once per binary), not the full :func:`check` (about 0.5 s of ``criu check`` runs
+    here): dump and restore sit on a migration's switch-over path. A CRIU that cannot
+    work on this kernel fails the command itself, with its log tail."""
+    path = find_criu()
+    if not path:
+        raise CriuError("no criu binary found (set STATESYNC_CRIU or run "
+                        "scripts/install-criu.sh as root)")
+    version, vt = _version_cached(path)
+    if not vt or vt < MIN_VERSION:
+        raise CriuError(f"{path}: CRIU {version or '(no version reported)'} is unusable, "
+                        f"statesync needs >= {'.'.join(map(str, MIN_VERSION))} "
+                        f"(run scripts/install-criu.sh as root)")
+    return path
+
+
+def netns_of(pid: int) -> Optional[str]:
+    """``/proc/PID/ns/net`` when process pid lives in another network namespace than
+    ours, else None: what :func:`dump` / :func:`restore` take as ``netns`` to run CRIU
+    beside the process (CRIU then never tries to dump a network namespace)."""
+    try:
+        if os.stat(f"/proc/{int(pid)}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
+            return None
+    except OSError:
+        return None
+    return f"/proc/{int(pid)}/ns/net"
+
+
+def _in_netns(netns: Optional[str]) -> List[str]:
+    """Command prefix that runs a program in network namespace ``netns``: a path to a
+    namespace file, or a name under /run/netns; nothing for None."""
+    if not netns:
+        return []
+    path = netns if "/" in netns else f"/run/netns/{netns}"
+    return ["nsenter", f"--net={path}", "--"]
 
 
 # --------------------------------------------------------------------------- dump / restore
@@ -203,18 +237,26 @@ class RestoreResult:
 
 
 def _log_tail(path: str, lines: int = 25) -> str:
+    """The last ``lines`` error lines of a CRIU log (the last lines when it has no
+    error line): what a CriuError carries. Reads at most the last 64 KiB."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
             size = f.tell()
-            f.seek(max(0, size - 16384))
+            f.seek(max(0, size - 65536))
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    all_lines = text.splitlines()
+    errors = [ln for ln in all_lines if "Error" in ln or "error" in ln]
+    return "\n".join((errors or all_lines)[-lines:])
 
 
-def _run_criu(cmd: List[str], log: str, what: str, timeout: float) -> float:
+def _run_criu(cmd: List[str], log: str, what: str, timeout: float,
+              netns: Optional[str] = None) -> float:
+    """Run a CRIU command line (in network namespace ``netns`` when given); returns
+    its wall time in seconds. Raises CriuError with the log tail of ``log``."""
+    cmd = _in_netns(netns) + list(cmd)
     t0 = time.monotonic()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -231,14 +273,18 @@ def _run_criu(cmd: List[str], log: str, what: str, timeout: float) -> float:
 
 def dump(pid: int, images_dir, leave_running: bool = False, parent=None,
          track_mem: Optional[bool] = None, extra_args: Sequence[str] = (),
-         timeout: float = 300.0) -> DumpResult:
+         timeout: float = 300.0, netns: Optional[str] = None) -> DumpResult:
     """``criu dump`` of process ``pid`` (and its children) into ``images_dir`` (created
     if missing). ``leave_running`` keeps it running afterwards (else CRIU kills it).
     ``parent`` is passed as ``--prev-images-dir`` (relative to images_dir); CRIU itself
     only accepts a pre-dump there and needs soft-dirty tracking (``track_mem``; None =
     on when a parent is given and the kernel supports it) — on kernels without
-    soft-dirty use a plain dump and :func:`write_incremental`. The log is
-    ``images_dir/dump.log``. Raises NoSuchProcess, CriuError."""
+    soft-dirty use a plain dump and :func:`write_incremental`. ``extra_args`` go to
+    CRIU as they are (``--leave-stopped``: keep the tree frozen after the dump, as a
+    migration's switch-over does). ``netns`` runs CRIU in that network namespace
+    (a path such as :func:`netns_of` returns, or a name under /run/netns): needed when
+    the process lives in another one, so CRIU does not try to dump it. ``timeout`` in
+    seconds. The log is ``images_dir/dump.log``. Raises NoSuchProcess, CriuError."""
     criu = _criu_or_raise()
     if not os.path.exists(f"/proc/{int(pid)}"):
         raise NoSuchProcess(int(pid), "no such process to dump")
@@ -254,7 +300,8 @@ def dump(pid: int, images_dir, leave_running: bool = False, parent=None,
     if track_mem:
         cmd.append("--track-mem")
     cmd += list(extra_args)
-    wall = _run_criu(cmd, os.path.join(images_dir, "dump.log"), "dump", timeout)
+    wall = _run_criu(cmd, os.path.join(images_dir, "dump.log"), f"dump of pid {int(pid)}",
+                     timeout, netns)
     stats = {}
     sp = os.path.join(images_dir, "stats-dump")
     if os.path.exists(sp):
@@ -263,11 +310,13 @@ def dump(pid: int, images_dir, leave_running: bool = False, parent=None,
 
 
 def restore(images_dir, detach: bool = True, extra_args: Sequence[str] = (),
-            timeout: float = 300.0) -> RestoreResult:
+            timeout: float = 300.0, netns: Optional[str] = None) -> RestoreResult:
     """``criu restore`` from ``images_dir``. With ``detach`` (``-d``) CRIU returns once
     the tree runs; the restored root's pid (in our pid namespace) is read from a pid
     file. The original pids must be free, or the dumped root was the init of its own
-    pid namespace (then CRIU makes a new one). Raises CriuError."""
+    pid namespace (then CRIU makes a new one). ``netns``: run CRIU in that network
+    namespace (as for :func:`dump`); the restored tree then lives there. Raises
+    CriuError."""
     criu = _criu_or_raise()
     images_dir = os.path.abspath(os.fspath(images_dir))
     if not os.path.isdir(images_dir):
@@ -278,7 +327,8 @@ def restore(images_dir, detach: bool = True, extra_args: Sequence[str] = (),
         cmd.append("-d")
     cmd += list(extra_args)
     try:
-        wall = _run_criu(cmd, os.path.join(images_dir, "restore.log"), "restore", timeout)
+        wall = _run_criu(cmd, os.path.join(images_dir, "restore.log"), "restore", timeout,
+                         netns)
         try:
             with open(pidfile) as f:
                 pid = int(f.read().strip())

@@ -36,7 +36,6 @@ not their own, so CRIU never tries to dump a network namespace.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
@@ -46,7 +45,6 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _criu_images, wire  # noqa: F401  (pre-import: the switch-over must not pay for it)
+from . import _criu_images, criu, proc, wire  # noqa: F401  (pre-import: the switch-over must not pay for it)
 from ._consts import PAGE_SIZE
 from ._fsutil import fsync_dir
 from .errors import CriuError, MigrationError, StateSyncError
@@ -169,50 +167,6 @@ def decode_pages(payload: bytes, table: PageTable) -> int:
 # --------------------------------------------------------------------------- CRIU
 
 
-def criu_binary() -> str:
-    """The CRIU that statesync.criu found (``STATESYNC_CRIU``, the one
-    scripts/install-criu.sh probed, or PATH)."""
-    from .criu import find_criu
-    found = find_criu()
-    if not found:
-        raise CriuError("criu not found: run scripts/install-criu.sh as root, or set "
-                        "STATESYNC_CRIU")
-    return found
-
-
-def _netns_prefix(pid: int) -> List[str]:
-    """``nsenter --net`` into pid's network namespace if it is not ours."""
-    try:
-        if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
-            return []
-    except OSError:
-        return []
-    return ["nsenter", f"--net=/proc/{pid}/ns/net", "--"]
-
-
-def _log_tail(path: str, n: int = 12) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
-    errs = [ln for ln in lines if "Error" in ln or "error" in ln]
-    return "\n".join((errs or lines)[-n:])
-
-
-def _run_criu(args: List[str], log: str, prefix: List[str], timeout: float,
-              what: str) -> None:
-    cmd = prefix + [criu_binary()] + args
-    try:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise CriuError(f"{what} timed out after {timeout}s", cmd, None, _log_tail(log))
-    if r.returncode != 0:
-        raise CriuError(f"{what} failed", cmd, r.returncode,
-                        _log_tail(log) or r.stderr[-2000:])
-
-
 # A client connecting to a UNIX socket of the frozen tree from outside makes the dump
 # fail (CRIU cannot dump half of a stream connection, nor an in-flight connection whose
 # peer it cannot see); the next attempt usually finds no such connection.
@@ -238,29 +192,6 @@ def _present_pages_of(pagemap_path: str) -> Tuple[int, np.ndarray]:
     first = np.repeat(v, n)
     within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
     return int(pm.pages_id), first + within.astype(np.uint64) * np.uint64(PAGE_SIZE)
-
-
-def _tree_pids(pid: int) -> List[int]:
-    """pid and all its descendants (threads are covered by their process)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return out
-
-
-def _proc_state(pid: int) -> Optional[str]:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
 
 
 def _ns_pid(pid: int) -> int:
@@ -688,10 +619,10 @@ class _SourceAgent:
                 except ProcessLookupError:
                     pass
             time.sleep(0.01)
-            st = _proc_state(self.pid)
+            st = proc.state(self.pid)
             self.report.source_resumed = st is not None and st not in ("T", "t", "Z", "X")
         elif not self.committed:
-            st = _proc_state(self.pid)
+            st = proc.state(self.pid)
             self.report.source_resumed = st is not None and st not in ("T", "t", "Z", "X")
 
     async def _switchover(self, t_start: float) -> None:
@@ -706,25 +637,27 @@ class _SourceAgent:
     async def _switchover_in(self, tmp: str) -> None:
         from . import _core
         rep = self.report
-        pids = _tree_pids(self.pid)
+        pids = [self.pid] + proc.descendants(self.pid)
         vpid = _ns_pid(self.pid)
-        prefix = _netns_prefix(self.pid)
+        netns = criu.netns_of(self.pid)
         self._emit("phase", phase="dump")
         t0 = time.monotonic()
         for attempt in range(self.dump_retries + 1):
             t0 = time.monotonic()
             try:
                 await asyncio.to_thread(
-                    _run_criu, ["dump", "-t", str(self.pid), "-D", tmp, "-o", "dump.log", "-v2",
-                                "--leave-stopped"] + self.criu_args,
-                    os.path.join(tmp, "dump.log"), prefix, 300.0, f"criu dump of pid {self.pid}")
+                    criu.dump, self.pid, tmp, extra_args=["--leave-stopped"] + self.criu_args,
+                    timeout=300.0, netns=netns)
                 break
-            except CriuError as exc:
-                # CRIU resumes the tree itself when a dump fails. A client connection in
-                # flight at the instant CRIU collects sockets fails a dump ("half of
-                # stream unix connection"): a later attempt usually finds none.
+            except StateSyncError as exc:
+                # CRIU resumes the tree itself when a dump fails; anything else failing
+                # after a --leave-stopped dump leaves it stopped: the abort resumes
+                # stopped_pids either way. A client connection in flight at the instant
+                # CRIU collects sockets fails a dump ("half of stream unix connection"):
+                # a later attempt usually finds none.
                 self.stopped_pids = pids
-                transient = any(m in (exc.log_tail or "") for m in _TRANSIENT_DUMP_ERRORS)
+                transient = isinstance(exc, CriuError) and any(
+                    m in (exc.log_tail or "") for m in _TRANSIENT_DUMP_ERRORS)
                 if (attempt == self.dump_retries or not transient
                         or not os.path.exists(f"/proc/{self.pid}")):
                     raise MigrationError(str(exc), "dump") from exc
@@ -867,11 +800,7 @@ class _DestinationSession:
 
     def _cleanup_failed(self) -> None:
         if self.restored_pid:
-            for p in _tree_pids(self.restored_pid):
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            proc.kill_tree([self.restored_pid])
             self.log(f"killed restored pid {self.restored_pid}")
             self.restored_pid = None
         for d in (self.tmp, self.final_dir):
@@ -976,15 +905,13 @@ class _DestinationSession:
             self.result.update(ok=True, images=self.final_dir)
             await self._wait_commit()
             return
-        pidfile = os.path.join(self.final_dir, "restored.pid")
         try:
-            await asyncio.to_thread(
-                _run_criu, ["restore", "-D", self.final_dir, "-o", "restore.log", "-v2", "-d",
-                            "--pidfile", pidfile],
-                os.path.join(self.final_dir, "restore.log"), [], 300.0, "criu restore")
-            with open(pidfile) as f:
-                self.restored_pid = int(f.read().strip())
-            st = _proc_state(self.restored_pid)
+            res = await asyncio.to_thread(criu.restore, self.final_dir, True, (), 300.0)
+            if res.pid <= 0:
+                raise MigrationError(f"criu restore from {self.final_dir} left no pid file",
+                                     "restore")
+            self.restored_pid = res.pid
+            st = proc.state(self.restored_pid)
             if st is None or st in ("Z", "X", "T", "t"):
                 raise MigrationError(f"restored pid {self.restored_pid} is not running "
                                      f"(state {st})", "restore")
@@ -1069,7 +996,7 @@ class DestinationServer:
             return removed
         for name in names:
             m = re.fullmatch(r"\.incoming-(\d+)-\d+-\w+", name)
-            if m and int(m.group(1)) != os.getpid() and _proc_state(int(m.group(1))) is None:
+            if m and int(m.group(1)) != os.getpid() and proc.state(int(m.group(1))) is None:
                 shutil.rmtree(os.path.join(self.images_dir, name), ignore_errors=True)
                 removed.append(name)
         if removed:
