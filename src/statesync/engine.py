@@ -1085,7 +1085,16 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
             costs: Optional[CriuCosts] = None, netns: Optional[str] = None,
             dump_retries: int = 4, calibration: Optional[str] = None) -> Report:
     """Live-migrate process ``pid`` (and its children) to the destination agent at
-    ``dest`` (``HOST:PORT``). Returns a :class:`~statesync.report.Report`.
+    ``dest`` (``HOST:PORT``; :func:`serve_destination` or ``statesync receive`` must be
+    listening there). Returns a :class:`~statesync.report.Report` (times in seconds,
+    sizes in bytes or pages as the field names say).
+
+    ``secret`` (required): the shared secret both agents hold, as ``bytes``, as a
+    ``str`` (its UTF-8 bytes), or ``"@PATH"`` / ``"file:PATH"`` to read it from a file
+    (surrounding whitespace stripped); at least 16 bytes. A missing, unreadable or
+    short secret raises :class:`~statesync.errors.SecretError` (a ``ValueError``)
+    before anything is sent. Nothing of the process leaves this host before the
+    destination proved it holds the same secret.
 
     ``strategy``: ``cold`` (dump, send everything, restore), ``precopy`` (one live
     round, then switch over), ``iterative`` (live rounds until the scheduler says stop,
@@ -1096,21 +1105,42 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     measured lz4 sample), ``None``/``"none"``, or ``"lz4"``; pages travel as
     :mod:`statesync.stream` streams (zero pages always elided). ``xor``: with lz4,
     send XBZRLE deltas of re-sent pages against the destination's copy (costs a
-    mirror of the state in the source's memory).
+    mirror of the state in the source's memory: one page per page of state).
     ``tracker``: a :class:`statesync.Tracker` method (``auto``, ``uffd``, ``hash``).
     ``link_rate`` (bits/s): the link's rate if known (else 100 Mbit/s until round 0
-    measured it). ``io_timeout`` (s) bounds every wait on the peer. ``netns``: make
-    the connection from this named network namespace (/run/netns/NAME) instead of
-    the caller's, as the two-host testbed does; CRIU always runs in the target's
-    network namespace. ``dump_retries``: further dump attempts when ``criu dump`` fails
-    because a client's UNIX stream connection was open or in flight when CRIU
-    collected sockets (other dump failures abort at once). ``calibration``: a JSON
-    file of :class:`CriuCosts` for this host, read before and refined after every
-    successful migration (``costs`` then is ignored).
+    measured it). ``io_timeout`` (seconds) bounds every wait on the peer. ``netns``:
+    make the connection from this named network namespace (/run/netns/NAME) instead
+    of the caller's, as the two-host testbed does; CRIU always runs in the target's
+    network namespace (:func:`statesync.criu.netns_of`).
+
+    ``work_dir``: the directory of the local CRIU dump at switch-over (a temporary
+    directory is made in it and removed afterwards; default ``/dev/shm``, so the dump
+    stays in memory: a disk there adds its write time to the downtime).
+    ``criu_args``: extra arguments for ``criu dump`` (after ``--leave-stopped``), e.g.
+    ``["--tcp-established"]`` for a process with open TCP connections.
+    ``costs``: a :class:`CriuCosts` (dump and restore cost priors in seconds and
+    seconds per MiB of state) for the scheduler's downtime model; ``calibration``: a
+    JSON file of :class:`CriuCosts` for this host, read before and refined after every
+    successful migration (``costs`` then is ignored). ``dump_retries``: further dump
+    attempts when ``criu dump`` fails because a client's UNIX stream connection was
+    open or in flight when CRIU collected sockets (other dump failures abort at once).
+
+    ``progress``: called with one ``dict`` per event, from the calling thread (keep it
+    quick; its exceptions are ignored). Every dict has ``"event"``:
+
+    - ``"plan"``: ``strategy``, ``codec``, ``state_pages``, ``dirty_rate_pages_per_s``,
+      ``dirty_rate_window_s``, ``predicted_downtime_s``, ``reason``;
+    - ``"round"`` (after each live round): ``round`` (0-based), ``pages``,
+      ``bytes_wire``, ``duration_s``, ``mbps`` (MB/s), ``dirty_pages`` (written
+      during the round, to send next), ``predicted_downtime_s``, ``decision``;
+    - ``"phase"`` (switch-over steps): ``phase`` = ``"dump"``, ``"final transfer"``
+      (with ``dump_s``) or ``"restore"`` (with ``final_pages``);
+    - ``"done"`` once the destination runs the process.
 
     On failure raises :class:`MigrationError` (``.phase``, ``.report``); the process
     then runs on at the source with its state intact (``report.source_resumed``).
-    Must be run as root (ptrace, CRIU). Blocking; runs its own event loop.
+    Must be run as root (ptrace, CRIU). Blocking; runs its own event loop, so call it
+    from a thread without a running loop. Not thread-safe for the same ``pid``.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
