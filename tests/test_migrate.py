@@ -14,6 +14,7 @@ What the tests prove:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -208,11 +209,9 @@ def _prereqs():
     require(have_root(), "needs root (namespaces, ptrace, CRIU)")
     for prog in ("ip", "tc", "nsenter", "unshare"):
         require(find_program(prog), f"{prog} not installed (scripts/setup-system.sh)")
-    from statesync.engine import criu_binary
-    try:
-        criu = criu_binary()
-    except Exception as exc:
-        require(False, f"CRIU missing: {exc}")
+    from statesync.criu import find_criu
+    criu = find_criu()
+    require(criu, "CRIU missing: run scripts/install-criu.sh as root, or set STATESYNC_CRIU")
     r = subprocess.run([criu, "check"], capture_output=True, text=True)
     require(r.returncode == 0, f"criu check fails: {r.stderr.strip()[-200:]}")
 
@@ -364,15 +363,6 @@ def test_migrate_workload_every_strategy(bed, strategy, compression, tracker):
     assert os.listdir(bed.tb.dir_b) == []   # image set removed after the commit
 
 
-def _wait_event(pred, timeout=30.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def _assert_aborted_cleanly(bed, exc_info, sum_before, dest_finishes=True):
     rep = exc_info.value.report
     assert rep is not None and not rep.ok and rep.source_resumed
@@ -389,6 +379,20 @@ def _assert_aborted_cleanly(bed, exc_info, sum_before, dest_finishes=True):
     leftovers = os.listdir(bed.tb.dir_b)
     assert leftovers == [], f"destination left {leftovers}"
     return rep
+
+
+def _expect_abort(bed, strategy, phase, obstacle=None, **kw):
+    """Migrate the (paused) workload with ``obstacle`` (a context manager: a socket, a
+    proxy, a link drop) in place; the migration must abort in ``phase`` (a name, a
+    tuple of names, or None for any) and leave everything as it was
+    (:func:`_assert_aborted_cleanly`). Returns the report."""
+    before = bed.client("a").checksum()
+    with obstacle if obstacle is not None else contextlib.nullcontext():
+        with pytest.raises(MigrationError) as ei:
+            bed.migrate(strategy=strategy, **kw)
+    if phase is not None:
+        assert ei.value.phase in ((phase,) if isinstance(phase, str) else phase)
+    return _assert_aborted_cleanly(bed, ei, before)
 
 
 @pytest.mark.parametrize("bed", ["100mbit"], indirect=True)
@@ -412,13 +416,17 @@ def test_fault_receiver_dies(bed):
 def test_fault_link_drops(bed):
     bed.start_dest(io_timeout=2.0)
     bed.spawn(size="16M", paused=True)
-    before = bed.client("a").checksum()
-    threading.Timer(0.6, lambda: bed.tb.set_link(False)).start()
-    with pytest.raises(MigrationError) as ei:
-        bed.migrate(strategy="iterative", io_timeout=2.0)
-    assert ei.value.phase in ("precopy", "switchover")
-    bed.tb.set_link(True)
-    _assert_aborted_cleanly(bed, ei, before)
+
+    @contextlib.contextmanager
+    def link_drops_after(delay):
+        threading.Timer(delay, lambda: bed.tb.set_link(False)).start()
+        try:
+            yield
+        finally:
+            bed.tb.set_link(True)
+
+    _expect_abort(bed, "iterative", ("precopy", "switchover"), link_drops_after(0.6),
+                  io_timeout=2.0)
 
 
 def _corrupting_proxy(tb, listen_port, target_port, flip_at):
@@ -464,15 +472,9 @@ def _corrupting_proxy(tb, listen_port, target_port, flip_at):
 def test_fault_bytes_corrupted_in_flight(bed):
     bed.start_dest()
     bed.spawn(size="6M", paused=True)
-    before = bed.client("a").checksum()
     pport = bed.tb.free_port("b")
-    lsock = _corrupting_proxy(bed.tb, pport, bed.port, flip_at=3 << 20)
-    try:
-        with pytest.raises(MigrationError) as ei:
-            bed.migrate(strategy="iterative", port=pport)
-    finally:
-        lsock.close()
-    _assert_aborted_cleanly(bed, ei, before)
+    _expect_abort(bed, "iterative", None,
+                  _corrupting_proxy(bed.tb, pport, bed.port, flip_at=3 << 20), port=pport)
     err = bed.dest.stderr.read().decode()
     assert "failed authentication" in err
 
@@ -480,36 +482,22 @@ def test_fault_bytes_corrupted_in_flight(bed):
 def test_fault_destination_restore_fails(bed):
     bed.start_dest()
     bed.spawn(size="6M", paused=True)
-    before = bed.client("a").checksum()
     # Someone in the destination namespace already holds the workload's abstract
     # socket name: CRIU cannot bind it again, so the real restore fails.
     squatter = bed.tb.socket("b", socket.AF_UNIX, socket.SOCK_STREAM)
     squatter.bind("\0" + bed.wl.control[1:])
     squatter.listen(1)
-    try:
-        with pytest.raises(MigrationError) as ei:
-            bed.migrate(strategy="iterative")
-    finally:
-        squatter.close()
-    assert ei.value.phase == "restore"
-    _assert_aborted_cleanly(bed, ei, before)
+    _expect_abort(bed, "iterative", "restore", squatter)
 
 
 def test_fault_source_dump_fails(bed):
     bed.start_dest()
     bed.spawn(size="6M", paused=True)
-    before = bed.client("a").checksum()
     # A connection from outside the process tree to the workload's control socket:
     # CRIU refuses to dump half of a stream connection, so the real dump fails.
     held = bed.tb.socket("a", socket.AF_UNIX, socket.SOCK_STREAM)
     held.connect("\0" + bed.wl.control[1:])
-    try:
-        with pytest.raises(MigrationError) as ei:
-            bed.migrate(strategy="precopy")
-    finally:
-        held.close()
-    assert ei.value.phase == "dump"
-    _assert_aborted_cleanly(bed, ei, before)
+    _expect_abort(bed, "precopy", "dump", held)
 
 
 def test_destination_refuses_wrong_secret(bed):
