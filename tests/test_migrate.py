@@ -200,6 +200,11 @@ def test_protocol_errors_live_in_errors_and_are_reexported():
     for name in ("ProtocolError", "AuthenticationError", "SecretError", "RedisError",
                  "TestbedError"):
         assert name in errors.__all__ and issubclass(getattr(errors, name), errors.StateSyncError)
+    # every exception class in errors is public and reachable as statesync.NAME
+    classes = {n for n, v in vars(errors).items()
+               if isinstance(v, type) and issubclass(v, errors.StateSyncError)}
+    assert classes == set(errors.__all__)
+    assert all(getattr(statesync, n) is getattr(errors, n) for n in classes)
 
 
 # --------------------------------------------------------------------------- real migrations

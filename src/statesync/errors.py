@@ -193,7 +193,7 @@ class TestbedError(StateSyncError):
 
 __all__ = [
     "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone", "AlreadyTraced",
-    "TrackingError", "TrackerUnavailable", "CriuError", "CriuImageError", "StreamError",
-    "MigrationError", "KpiInputError", "Infeasible", "ProtocolError", "AuthenticationError",
-    "SecretError", "RedisError", "TestbedError",
+    "TrackingError", "TrackerUnavailable", "InjectionFailed", "CriuError", "CriuImageError",
+    "StreamError", "MigrationError", "KpiInputError", "Infeasible", "ProtocolError",
+    "AuthenticationError", "SecretError", "RedisError", "TestbedError",
 ]
