@@ -221,8 +221,28 @@ static int tracer_and_blocked(pid_t pid, char *tracer, char *blocked)
     return 0;
 }
 
-static void test_inject_timeout(int cpu_bound)
+static int proc_state(pid_t pid)
 {
+    char path[64], line[256];
+    int state = '?';
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return state;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "State: %c", (char *)&state) == 1)
+            break;
+    fclose(f);
+    return state & 0xff;
+}
+
+/* mode 0: the child is blocked in read(2); 1: it is mid-computation; 2: as 0,
+ * but a SIGSTOP (which cannot be blocked) ends the injected pause() within the
+ * timeout: the call returns -ERESTARTNOHAND, the child is restored and then
+ * stops by job control, and runs on after SIGCONT. */
+static void test_inject_timeout(int mode)
+{
+    int cpu_bound = mode == 1;
     int cmd[2], ack[2];
     CHECK(pipe(cmd) == 0 && pipe(ack) == 0);
     pid_t child = fork();
@@ -271,20 +291,39 @@ static void test_inject_timeout(int cpu_bound)
     uint64_t args[6] = {0};
     int64_t ret = 0;
     struct ss_inject_info info;
-    struct late_kill k = {child, SIGUSR1, 80000};
+    struct late_kill k = {child, mode == 2 ? SIGSTOP : SIGUSR1, 80000};
     pthread_t th;
     CHECK(pthread_create(&th, NULL, kill_later, &k) == 0);
     /* pause() never returns by itself: the wait for its syscall-exit stop times out */
-    int rc = ss_inject_syscall(child, insn, SYS_pause, args, 300, &ret, &info);
+    int rc = ss_inject_syscall(child, insn, SYS_pause, args, mode == 2 ? 2000 : 300, &ret, &info);
     pthread_join(th, NULL);
-    CHECK(rc == -ETIMEDOUT);
-    CHECK(info.stage == SS_INJECT_STAGE_CALL);
+    if (mode == 2) {
+        CHECK(rc == 0 && ret == -514); /* -ERESTARTNOHAND */
+        int state = '?';
+        for (int n = 0; n < 200 && (state = proc_state(child)) != 'T'; n++)
+            usleep(10000);
+        CHECK(state == 'T'); /* the SIGSTOP took effect after we let go */
+    } else {
+        CHECK(rc == -ETIMEDOUT);
+        CHECK(info.stage == SS_INJECT_STAGE_CALL);
+    }
     CHECK(info.restored == 1);
     CHECK(info.was_in_syscall == !cpu_bound);
+    /* detached, and its own (empty) mask back; SigBlk is polled because the
+     * kernel blocks SIGUSR1 while the child's handler for it runs */
     char tracer[32] = "?", blocked[32] = "?";
-    CHECK(tracer_and_blocked(child, tracer, blocked) == 0);
+    for (int n = 0; n < 100; n++) {
+        CHECK(tracer_and_blocked(child, tracer, blocked) == 0);
+        if (strcmp(blocked, "0000000000000000") == 0)
+            break;
+        usleep(10000);
+    }
     CHECK(strcmp(tracer, "0") == 0);
     CHECK(strcmp(blocked, "0000000000000000") == 0); /* the child blocks nothing */
+    if (mode == 2) {
+        kill(child, SIGCONT);
+        kill(child, SIGUSR1);
+    }
     /* the child is running on: a reply proves it resumed where it was, with its
      * own registers, mask (no signal blocked) and the pending SIGUSR1 delivered */
     CHECK(write(cmd[1], &i, 1) == 1);
@@ -317,5 +356,6 @@ int main(void)
     test_inject();
     test_inject_timeout(0);
     test_inject_timeout(1);
+    test_inject_timeout(2);
     TEST_DONE();
 }
