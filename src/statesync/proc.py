@@ -14,6 +14,7 @@ import errno
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
@@ -362,7 +363,8 @@ def descendants(pid: int, procfs: str = PROCFS) -> List[int]:
 def kill_tree(pids: Iterable[int], popen=None, timeout: float = 10.0) -> None:
     """SIGKILL every process in ``pids`` and all their descendants, then reap
     ``popen`` (a :class:`subprocess.Popen`, e.g. the ``unshare``/``nsenter`` wrapper
-    that started them), waiting at most ``timeout`` seconds. Pids that are 0, None
+    that started them), and wait until none of them runs any more, at most ``timeout``
+    seconds in all. Pids that are 0, None
     or already gone are skipped. SIGKILL because the init of a pid namespace ignores
     SIGTERM sent from outside; descendants are collected before anything is killed,
     so none is missed by being reparented."""
@@ -379,11 +381,26 @@ def kill_tree(pids: Iterable[int], popen=None, timeout: float = 10.0) -> None:
             os.kill(q, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + timeout
     if popen is not None:
         try:
             popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
+    # SIGKILL is delivered asynchronously: a pid-namespace init first has to take
+    # down its namespace, and a victim reparented by the wrapper's death is reaped
+    # by its new parent later. Return only once none of them runs any more (reaping
+    # those that are our own children), so callers can rely on "killed" meaning gone.
+    pending = [q for q in victims if popen is None or q != popen.pid]
+    while pending and time.monotonic() < deadline:
+        for q in pending:
+            try:
+                os.waitpid(q, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        pending = [q for q in pending if exists(q)]
+        if pending:
+            time.sleep(0.005)
 
 
 def fd_count(pid: int) -> int:
