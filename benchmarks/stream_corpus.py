@@ -108,8 +108,10 @@ def _python_proc(code, arg):
                             stdout=subprocess.PIPE, text=True)
 
 
-def capture_pyservice(scale):
-    p = _python_proc(PY_SERVICE, int(60000 * scale))
+def _capture_python(code, arg):
+    """Two versions of a helper Python process that says "ready", then mutates its
+    state on "mutate" and answers "ok"."""
+    p = _python_proc(code, arg)
     try:
         _wait_line(p, "ready")
 
@@ -121,21 +123,14 @@ def capture_pyservice(scale):
     finally:
         p.kill()
         p.wait()
+
+
+def capture_pyservice(scale):
+    return _capture_python(PY_SERVICE, int(60000 * scale))
 
 
 def capture_numpy(scale):
-    p = _python_proc(NUMPY_PROC, scale)
-    try:
-        _wait_line(p, "ready")
-
-        def mutate():
-            p.stdin.write("mutate\n")
-            p.stdin.flush()
-            _wait_line(p, "ok")
-        return _two_versions(p.pid, mutate)
-    finally:
-        p.kill()
-        p.wait()
+    return _capture_python(NUMPY_PROC, scale)
 
 
 def _resp(*args):

@@ -123,6 +123,17 @@ static int wait_stop(int tid, int timeout_ms, int *status)
     }
 }
 
+/* wait_stop for the job's thread, recording that it is now in a stop. */
+static int job_wait_stop(struct job *j, int *status)
+{
+    int r = wait_stop(j->tid, j->timeout_ms, status);
+    if (r < 0)
+        return r;
+    j->stopped = 1;
+    j->last_st = *status;
+    return 0;
+}
+
 static int is_stop_signal(int sig)
 {
     return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
@@ -141,11 +152,9 @@ static int resume_until(struct job *j, int how, int want_sig, int want_event, in
         j->stopped = 0;
         sig_to_pass = 0;
         int st;
-        int r = wait_stop(j->tid, j->timeout_ms, &st);
+        int r = job_wait_stop(j, &st);
         if (r < 0)
             return r;
-        j->stopped = 1;
-        j->last_st = st;
         int sig = WSTOPSIG(st), event = (unsigned)st >> 16;
         if (event == want_event && sig == want_sig)
             return 0;
@@ -223,11 +232,9 @@ static int put_back(struct job *j, const struct user_regs_struct *saved, uint64_
         return -errno;
     for (int round = 0;; round++) {
         if (!j->stopped) {
-            int r = wait_stop(j->tid, j->timeout_ms, &st);
+            int r = job_wait_stop(j, &st);
             if (r < 0)
                 return r;
-            j->stopped = 1;
-            j->last_st = st;
         }
         int sig = WSTOPSIG(st), event = (unsigned)st >> 16;
         if (event == PTRACE_EVENT_STOP)
@@ -278,13 +285,11 @@ static void *inject_thread(void *arg)
         return NULL;
     }
     for (;;) {
-        rc = wait_stop(j->tid, j->timeout_ms, &st);
+        rc = job_wait_stop(j, &st);
         if (rc < 0) {
             j->rc = rc;
             return NULL; /* thread exit detaches; nothing was changed */
         }
-        j->stopped = 1;
-        j->last_st = st;
         int sig = WSTOPSIG(st), event = (unsigned)st >> 16;
         if (event == PTRACE_EVENT_STOP) {
             if (is_stop_signal(sig)) {
