@@ -60,3 +60,23 @@ def run(cmd, **kw):
     kw.setdefault("text", True)
     kw.setdefault("timeout", 120)
     return subprocess.run(cmd, **kw)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def criu_ok():
+    """A working CRIU >= 4 and root, or skip (fail on CI). Returns criu.check()'s info."""
+    from statesync import criu
+    require(have_root(), "CRIU dump/restore needs root")
+    info = criu.check()
+    require(info.ok, f"needs a working CRIU >= 4: {info.reasons.get('criu')}")
+    return info

@@ -15,17 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import find_program, have_root, require
+from conftest import find_program, free_port, require
 from statesync import criu, proc, workloads
 from statesync.errors import CriuError, NoSuchProcess
-
-
-@pytest.fixture(scope="module")
-def criu_ok():
-    require(have_root(), "CRIU dump/restore needs root")
-    info = criu.check()
-    require(info.ok, f"needs a working CRIU >= 4: {info.reasons.get('criu')}")
-    return info
 
 
 @pytest.fixture
@@ -238,14 +230,6 @@ def test_crit_decodes_our_images_like_criu_s(criu_ok, spawn_workload, tmp_path):
 # --------------------------------------------------------------------------- redis
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 class _Redis:
     """Just enough RESP for the test: pipelined commands, simple replies."""
 
@@ -298,7 +282,7 @@ def test_redis_survives_dump_incremental_restore(criu_ok, tmp_path, reap):
     require(redis, "needs redis-server (scripts/setup-system.sh installs it)")
     # A TCP listener on loopback (CRIU < 4.2 cannot dump one on Linux >= 6.16; the
     # installer makes sure ours can). No client connection is open during dumps.
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen(["unshare", "-p", "-f", "setsid", redis, "--port", str(port),
                           "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                           "--dir", str(tmp_path), "--daemonize", "no", "--protected-mode", "no"],

@@ -6,25 +6,9 @@ import subprocess
 import time
 
 import numpy as np
-import pytest
 
-from conftest import find_program, have_root, require
+from conftest import find_program, free_port, require
 from statesync import criu, proc
-
-
-@pytest.fixture(scope="module")
-def criu_ok():
-    require(have_root(), "CRIU dump/restore needs root")
-    info = criu.check()
-    require(info.ok, f"needs a working CRIU >= 4: {info.reasons.get('criu')}")
-
-
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class _Memcached:
@@ -101,7 +85,7 @@ def _wait_fds(pid, count, timeout=10.0):
 def test_memcached_survives_dump_incremental_restore(criu_ok, tmp_path):
     exe = find_program("memcached")
     require(exe, "needs memcached (scripts/setup-system.sh installs it)")
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen(["unshare", "-p", "-f", "setsid", exe, "-u", "root", "-l", "127.0.0.1",
                           "-p", str(port), "-U", "0", "-m", "64", "-t", "1"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
