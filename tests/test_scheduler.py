@@ -1,5 +1,4 @@
 """statesync.scheduler: registry, built-in rules, infeasibility, determinism."""
-import math
 
 import pytest
 

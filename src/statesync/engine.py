@@ -444,7 +444,6 @@ class _SourceAgent:
 
     def _sample_codec(self):
         """Measure lz4 on up to 256 of the process's pages: a kpi.Codec."""
-        import lz4.block
         from . import kpi
         n = self.state_addrs.size
         if n == 0:
@@ -626,7 +625,6 @@ class _SourceAgent:
             self.report.source_resumed = st is not None and st not in ("T", "t", "Z", "X")
 
     async def _switchover(self, t_start: float) -> None:
-        rep = self.report
         base = self.work_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
         tmp = tempfile.mkdtemp(prefix=f"statesync-dump-{self.pid}-", dir=base)
         try:

@@ -243,7 +243,7 @@ class MoseScheduler(BaseScheduler):
         return max(o.dirty_rate_pages_per_s, o.dirty_rate_peak_pages_per_s or 0.0)
 
     def _plan(self) -> Plan:
-        m, t, o = self.model, self.targets, self.obs
+        m, t = self.model, self.targets
         P, S, W = m.page_size, m.state_bytes, m.working_set
         bw = self.max_bandwidth
         rate = self._worst_rate()
@@ -448,7 +448,7 @@ class AdaptiveScheduler(BaseScheduler):
 
     # -- rounds -------------------------------------------------------------------------------
     def _decide(self, r: RoundStats) -> Decision:
-        m, t = self.model, self.targets
+        m = self.model
         x = float(r.dirty_pages)
         bws = [self.bandwidth]
         if self.bandwidth < self.max_bandwidth:
