@@ -601,3 +601,64 @@ def test_cli_agents_one_in_each_namespace(bed):
     learned = CriuCosts.load(costs)
     assert len(learned.samples) == 1 and learned.samples[0][0] == pytest.approx(
         rep.state_pages * 4096 / 2**20)
+
+
+# --------------------------------------------------------------------------- iperf3 (the paper's case)
+
+
+def _iperf3_client(bed, side, host, port):
+    """One short iperf3 run (4 MiB; this iperf3 reads ``-t 0.5`` as "forever") from
+    ``side`` against host:port; its JSON result."""
+    import json
+    r = subprocess.run(bed.tb.wrap(side, ["iperf3", "-c", host, "-p", str(port), "-n", "4M",
+                                          "-J"]),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout[-500:] + r.stderr[-500:]
+    return json.loads(r.stdout)
+
+
+def test_migrate_iperf3_server_keeps_serving_from_the_destination(bed):
+    """Debian's iperf3 server (a TCP listener; the MOSE paper's first service) moves
+    from host a to host b between tests and serves the next client there."""
+    from statesync import proc
+
+    require(find_program("iperf3"), "iperf3 not installed (scripts/setup-system.sh)")
+    bed.start_dest()
+    port = bed.tb.free_port("a")
+    # Listens on the wildcard address, so the restored socket binds on host b too.
+    srv = bed.tb.popen("a", ["unshare", "-p", "-f", "setsid", "iperf3", "-s", "-p", str(port)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, start_new_session=True)
+    pid = None
+    try:
+        # Wait for the listener without connecting: iperf3 serves one test at a time,
+        # and a bare probe connection would occupy it.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ss = subprocess.run(bed.tb.wrap("a", ["ss", "-Hltn", f"sport = :{port}"]),
+                                capture_output=True, text=True, timeout=10)
+            if ss.stdout.strip():
+                break
+            time.sleep(0.05)
+        pid = proc.descendants(srv.pid)[-1]
+        before = _iperf3_client(bed, "a", bed.tb.addr_a, port)
+        assert before["end"]["sum_received"]["bytes"] > 0
+        # The server closes its side of the finished test's connections on its own
+        # schedule; CRIU cannot dump a connection whose peer is outside the tree.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            est = subprocess.run(bed.tb.wrap("a", ["ss", "-Htn", "state", "established",
+                                                   f"( sport = :{port} )"]),
+                                 capture_output=True, text=True, timeout=10)
+            if not est.stdout.strip():
+                break
+            time.sleep(0.02)
+        assert not est.stdout.strip(), est.stdout
+        rep = bed.migrate(pid, strategy="iterative", compression="lz4", tracker="uffd")
+        bed.restored.append(rep.restored_pid)
+        assert rep.ok and rep.restored_pid and _gone(pid)
+        after = _iperf3_client(bed, "b", bed.tb.addr_b, port)
+        assert after["end"]["sum_received"]["bytes"] > 0
+        assert bed.dest.wait(10) == 0
+    finally:
+        proc.kill_tree([pid], srv, timeout=20)
