@@ -469,7 +469,8 @@ class _UffdBackend(_Backend):
             raise proc.os_error(pid, exc, "pidfd_open") from exc
         flags = os.O_CLOEXEC | os.O_NONBLOCK | _core.UFFD_USER_MODE_ONLY
         last: Optional[OSError] = None
-        tids = [t for t in proc.threads(pid) if _thread_state(pid, t) not in ("Z", "X", "D")]
+        tids = [t for t in proc.threads(pid)
+                if proc.state(t, procfs=f"{proc.PROCFS}/{pid}/task") not in (None, "Z", "X", "D")]
         for tid in tids[:3] or [pid]:
             try:
                 self.uffd, self.inject_info = _core.inject_userfaultfd(
@@ -674,14 +675,6 @@ class _UffdBackend(_Backend):
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-
-
-def _thread_state(pid: int, tid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return "X"
 
 
 # --------------------------------------------------------------------------- Tracker
