@@ -401,7 +401,6 @@ class _UffdBackend(_Backend):
     """See the module docstring. Holds our copy of the target's userfaultfd."""
 
     name = "uffd"
-    SCAN_FLAGS = None  # set at first use (needs _core)
 
     def __init__(self, tracker: "Tracker", timeout: float):
         self.t = tracker
