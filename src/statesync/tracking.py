@@ -140,6 +140,17 @@ def _in_sorted(x: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[i] == x
 
 
+def _select(pm: int, ranges, mask: int) -> np.ndarray:
+    """Sorted addresses of the pages in ``ranges`` ([(start, end)], ascending and
+    disjoint, as VMAs and runs of them are) whose pagemap entry (read through the
+    descriptor pm) has any bit of mask."""
+    parts = [_core.pagemap_select(pm, s, e, mask, PAGE_SIZE) for s, e in ranges]
+    parts = [p for p in parts if p.size]
+    if not parts:
+        return _EMPTY
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def _tracked(v: Vma) -> bool:
     """VMAs whose pages the process can write: writable, not kernel-special."""
     return v.writable and not v.special
@@ -287,17 +298,10 @@ class _HashState:
         self.addrs = _EMPTY
         self.hashes = np.zeros((0, 2), dtype=np.uint64)
 
-    def _present(self, vmas: List[Vma]) -> np.ndarray:
-        mask = proc.PM_PRESENT | proc.PM_SWAPPED
-        parts = [_core.pagemap_select(self.pm, v.start, v.end, mask, PAGE_SIZE) for v in vmas]
-        parts = [p for p in parts if p.size]
-        if not parts:
-            return _EMPTY
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
     def refresh(self, vmas: List[Vma], baseline: bool = False) -> np.ndarray:
         vmas = sorted(vmas, key=lambda v: v.start)
-        addrs = self._present(vmas)
+        addrs = _select(self.pm, [(v.start, v.end) for v in vmas],
+                        proc.PM_PRESENT | proc.PM_SWAPPED)
         hashes, ok = _core.hash_remote(self.pid, addrs, PAGE_SIZE)
         if not ok.all():  # vanished between pagemap and read: not there now
             addrs, hashes = addrs[ok], hashes[ok]
@@ -366,12 +370,9 @@ class _SoftDirtyBackend(_Backend):
         # freezes the task around it): a write landing between the pagemap read
         # and the clear_refs write below can be missed. See docs/tracking.md.
         vmas = self.t._vmas_now(_tracked)
-        pm = self.t._pm
-        parts = [_core.pagemap_select(pm, v.start, v.end, proc.PM_SOFT_DIRTY, PAGE_SIZE)
-                 for v in vmas]
+        pages = _select(self.t._pm, [(v.start, v.end) for v in vmas], proc.PM_SOFT_DIRTY)
         self._clear()
-        parts = [p for p in parts if p.size]
-        return np.unique(np.concatenate(parts)) if parts else _EMPTY
+        return pages
 
 
 def _calls_began(exc: Optional[OSError]) -> bool:
@@ -554,7 +555,7 @@ class _UffdBackend(_Backend):
         self._synced_maps, self._runs_cache = maps, runs
         self._restrict_present(runs)
         if arm:
-            self.present = self._present_in(runs)
+            self.present = _select(self.t._pm, runs, proc.PM_PRESENT | proc.PM_SWAPPED)
             for s, e in runs:
                 _, err = _core.scan_written(self.t._pm, s, e, self.flags, arm_only=True)
                 if err == -errno.EPERM:
@@ -563,12 +564,6 @@ class _UffdBackend(_Backend):
                     self.registered.pop(s, None)
         self._hashed = hashed
         return runs
-
-    def _present_in(self, runs) -> np.ndarray:
-        mask = proc.PM_PRESENT | proc.PM_SWAPPED
-        parts = [_core.pagemap_select(self.t._pm, s, e, mask, PAGE_SIZE) for s, e in runs]
-        parts = [p for p in parts if p.size]
-        return np.concatenate(parts) if parts else _EMPTY
 
     def _restrict_present(self, runs) -> None:
         """Forget present pages outside the registered VMAs (unmapped ones)."""
