@@ -262,11 +262,16 @@ def tracking_methods(pid: Optional[int] = None) -> Dict[str, Tuple[bool, str]]:
     """``{method: (available, reason)}`` for this kernel, and for process ``pid``
     when given (rights, seccomp, tracer). Ordered best first, as ``auto`` tries."""
     out: Dict[str, Tuple[bool, str]] = {}
+    unreadable = None  # why pid's maps cannot be read (no such process, no rights)
+    if pid is not None:
+        try:
+            proc.read_maps(pid)
+        except ProcessError as exc:
+            unreadable = str(exc)
     ok, why = _probe_uffd()
     if ok and pid is not None:
         try:
-            proc.read_maps(pid)
-            problem = _target_problem(pid)
+            problem = unreadable or _target_problem(pid)
         except ProcessError as exc:
             problem = str(exc)
         if problem:
@@ -274,13 +279,10 @@ def tracking_methods(pid: Optional[int] = None) -> Dict[str, Tuple[bool, str]]:
     out["uffd"] = (ok, why)
     out["softdirty"] = _probe_softdirty()
     hok, hwhy = True, "content hashing works wherever the pages can be read"
-    if pid is not None:
-        try:
-            proc.read_maps(pid)
-            if not os.access(f"/proc/{int(pid)}/mem", os.R_OK):
-                hok, hwhy = False, f"no read access to pid {pid}'s memory"
-        except ProcessError as exc:
-            hok, hwhy = False, str(exc)
+    if unreadable:
+        hok, hwhy = False, unreadable
+    elif pid is not None and not os.access(f"/proc/{int(pid)}/mem", os.R_OK):
+        hok, hwhy = False, f"no read access to pid {pid}'s memory"
     out["hash"] = (hok, hwhy)
     return out
 
