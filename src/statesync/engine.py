@@ -196,11 +196,8 @@ def _present_pages_of(pagemap_path: str) -> Tuple[int, np.ndarray]:
 
 def _ns_pid(pid: int) -> int:
     """pid as the innermost pid namespace sees it (CRIU names image files by it)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("NSpid:"):
-                return int(line.split()[-1])
-    return pid
+    nspid = proc.status(pid).get("NSpid")
+    return int(nspid.split()[-1]) if nspid else pid
 
 
 # --------------------------------------------------------------------------- costs
