@@ -55,7 +55,7 @@ import numpy as np
 
 from . import _criu_images, criu, proc, wire  # noqa: F401  (pre-import: the switch-over must not pay for it)
 from ._consts import PAGE_SIZE
-from ._fsutil import fsync_dir
+from ._fsutil import atomic_replace, discard, fsync_dir, temp_beside
 from .errors import CriuError, MigrationError, StateSyncError
 from .memsource import MemorySource
 from .pagetable import PageTable
@@ -267,25 +267,19 @@ class CriuCosts:
         return cls(**known)
 
     def save(self, path: str) -> None:
-        """Write atomically (temporary file, fsync, rename)."""
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".costs-", dir=d)
+        """Write atomically (temporary file, fsync, rename; see :mod:`statesync._fsutil`)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd, tmp = temp_beside(path)
         try:
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "w", closefd=False) as f:
                 json.dump({"dump_fixed_s": self.dump_fixed_s, "dump_s_per_mib": self.dump_s_per_mib,
                            "restore_fixed_s": self.restore_fixed_s,
                            "restore_s_per_mib": self.restore_s_per_mib,
                            "samples": self.samples}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, path)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            discard(tmp, fd)
             raise
+        atomic_replace(tmp, path, fd)
 
 
 # --------------------------------------------------------------------------- source
