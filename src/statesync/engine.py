@@ -194,6 +194,15 @@ def _present_pages_of(pagemap_path: str) -> Tuple[int, np.ndarray]:
     return int(pm.pages_id), first + within.astype(np.uint64) * np.uint64(PAGE_SIZE)
 
 
+def _signal_all(pids, sig: int) -> None:
+    """Send ``sig`` to each pid in order; pids already gone are skipped."""
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
 def _ns_pid(pid: int) -> int:
     """pid as the innermost pid namespace sees it (CRIU names image files by it)."""
     nspid = proc.status(pid).get("NSpid")
@@ -602,16 +611,10 @@ class _SourceAgent:
                                        2.0)
             except BaseException:
                 pass
-        if self.stopped_pids and not self.committed:
-            for p in self.stopped_pids:
-                try:
-                    os.kill(p, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.01)
-            st = proc.state(self.pid)
-            self.report.source_resumed = st is not None and st not in ("T", "t", "Z", "X")
-        elif not self.committed:
+        if not self.committed:
+            if self.stopped_pids:
+                _signal_all(self.stopped_pids, signal.SIGCONT)
+                time.sleep(0.01)
             st = proc.state(self.pid)
             self.report.source_resumed = st is not None and st not in ("T", "t", "Z", "X")
 
@@ -630,7 +633,6 @@ class _SourceAgent:
         vpid = _ns_pid(self.pid)
         netns = criu.netns_of(self.pid)
         self._emit("phase", phase="dump")
-        t0 = time.monotonic()
         for attempt in range(self.dump_retries + 1):
             t0 = time.monotonic()
             try:
@@ -650,11 +652,8 @@ class _SourceAgent:
                 if (attempt == self.dump_retries or not transient
                         or not os.path.exists(f"/proc/{self.pid}")):
                     raise MigrationError(str(exc), "dump") from exc
-                for p in pids:  # as after any failed dump: make sure nothing stays stopped
-                    try:
-                        os.kill(p, signal.SIGCONT)
-                    except ProcessLookupError:
-                        pass
+                # as after any failed dump: make sure nothing stays stopped
+                _signal_all(pids, signal.SIGCONT)
                 self.stopped_pids = []
                 rep.notes.append(f"dump attempt {attempt + 1} failed, retried: "
                                  f"{str(exc).splitlines()[-1].strip()}")
@@ -743,11 +742,7 @@ class _SourceAgent:
         rep.criu_restore_stats = info.get("stats", {})
         rep.downtime_s = t4 - t_freeze
         # The destination runs the service: now the stopped source copy goes.
-        for p in reversed(self.stopped_pids):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _signal_all(reversed(self.stopped_pids), signal.SIGKILL)
         self.committed = True
         # From here the service runs at the destination only: a lost COMMIT is worth a
         # note (the destination keeps what it restored), not a failed migration.
