@@ -41,6 +41,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
+from . import proc
 from .errors import TestbedError  # defined in errors, re-exported here
 
 NETNS_DIR = "/run/netns"
@@ -110,16 +111,6 @@ def socket_in_netns(netns: str, family=socket.AF_INET, type=socket.SOCK_STREAM) 
     return result["sock"]  # type: ignore[return-value]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def sweep_stale() -> List[str]:
     """Delete testbed namespaces whose creating process no longer exists."""
     removed = []
@@ -129,7 +120,7 @@ def sweep_stale() -> List[str]:
         return removed
     for name in names:
         m = re.fullmatch(_PREFIX + r"(\d+)x\d+[ab]", name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and proc.state(int(m.group(1))) is None:
             _run(["ip", "netns", "delete", name], check=False)
             removed.append(name)
     return removed
