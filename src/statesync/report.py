@@ -127,22 +127,14 @@ class Report:
         from prometheus_client import CollectorRegistry, Gauge
 
         reg = registry if registry is not None else CollectorRegistry()
-        labels = ["strategy"]
         s = self.strategy
-
-        def g(name, doc, value, extra=None):
-            names = labels + list(extra or {})
-            gauge = Gauge(f"{prefix}_{name}", doc, names, registry=reg)
-            return gauge, names
-
         for name, doc, value in (
                 ("downtime_seconds", "Service downtime (freeze to restored)", self.downtime_s),
                 ("total_seconds", "Total migration time", self.total_s),
                 ("bytes_total", "Bytes sent on the wire", self.bytes_wire_total),
                 ("rounds", "Pre-copy rounds", len(self.rounds)),
                 ("success", "1 if the migration succeeded", 1 if self.ok else 0)):
-            gauge, _ = g(name, doc, value)
-            gauge.labels(strategy=s).set(value)
+            Gauge(f"{prefix}_{name}", doc, ["strategy"], registry=reg).labels(strategy=s).set(value)
         ph = Gauge(f"{prefix}_phase_seconds", "Switch-over phase durations",
                    ["strategy", "phase"], registry=reg)
         for k, v in self.phases.items():
