@@ -556,11 +556,8 @@ def test_migrate_redis_under_write_load(bed, strategy, compression, tracker):
 
 
 def _gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
+    from statesync import proc
+    return proc.state(pid) in (None, "Z", "X")
 
 
 def test_cli_agents_one_in_each_namespace(bed):
