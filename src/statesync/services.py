@@ -148,7 +148,9 @@ def spawn_redis(path: str, *, netns: Optional[str] = None, maxmemory: str = "2gb
         except OSError:
             pass
         time.sleep(0.02)
-    popen.kill()
+    # redis-server is the init of its own pid namespace and session: killing the
+    # unshare/nsenter wrapper alone would leave it running.
+    proc.kill_tree([pid], popen)
     raise RedisError(f"redis-server did not answer on {path} within {ready_timeout}s")
 
 
