@@ -8,8 +8,6 @@ cdef extern from "ss_proc.h" nogil:
     int ss_pagemap_open(int pid)
     Py_ssize_t ss_pagemap_read(int fd, uint64_t start, size_t npages, size_t page_size,
                                uint64_t *out)
-    Py_ssize_t ss_pagemap_select(int fd, uint64_t start, uint64_t end, size_t page_size,
-                                 uint64_t mask, uint64_t *out, size_t cap, uint64_t *next)
     Py_ssize_t ss_pagemap_select_ex(int fd, uint64_t start, uint64_t end, size_t page_size,
                                     uint64_t mask, uint64_t exclude, uint64_t *out, size_t cap,
                                     uint64_t *next)

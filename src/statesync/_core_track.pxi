@@ -44,9 +44,6 @@ cdef extern from "ss_ptrace.h" nogil:
 
 
 UFFD_USER_MODE_ONLY = SS_UFFD_USER_MODE_ONLY
-PAGE_IS_WPALLOWED = SS_PAGE_IS_WPALLOWED
-PAGE_IS_PRESENT = SS_PAGE_IS_PRESENT
-PAGE_IS_SWAPPED = SS_PAGE_IS_SWAPPED
 UFFD_FEATURE_WP_UNPOPULATED = SS_UFFD_FEATURE_WP_UNPOPULATED
 UFFD_FEATURE_WP_ASYNC = SS_UFFD_FEATURE_WP_ASYNC
 PM_SCAN_WP_MATCHING = SS_PM_SCAN_WP_MATCHING
@@ -126,33 +123,6 @@ def scan_written(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
     if not parts:
         return np.zeros(0, dtype=np.uint64), err
     return (parts[0] if len(parts) == 1 else np.concatenate(parts)), err
-
-
-def pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
-                 uint64_t category_mask, uint64_t inverted, uint64_t anyof_mask,
-                 uint64_t return_mask, size_t max_regions=4096):
-    """PAGEMAP_SCAN of [start, end) for pages whose categories XOR inverted have
-    all of category_mask (and any of anyof_mask when non-zero); returns an (n, 3)
-    uint64 array of (start, end, categories & return_mask) regions, walking the
-    whole range in calls of max_regions regions. Releases the GIL."""
-    regions = np.zeros((max_regions, 3), dtype=np.uint64)
-    cdef uint64_t[:, ::1] rv = regions
-    cdef uint64_t we = 0, cur = start
-    cdef Py_ssize_t r
-    parts = []
-    while cur < end:
-        with nogil:
-            r = ss_pagemap_scan(pagemap_fd, cur, end, flags, category_mask, inverted,
-                                anyof_mask, return_mask, 0, &rv[0, 0], max_regions, &we)
-        _check(r, "PAGEMAP_SCAN")
-        if r:
-            parts.append(regions[:r].copy())
-        if <size_t>r < max_regions or we <= cur:
-            break
-        cur = we
-    if not parts:
-        return np.zeros((0, 3), dtype=np.uint64)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def find_syscall_insn(int pid, uint64_t start, uint64_t end):
