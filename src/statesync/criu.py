@@ -69,6 +69,12 @@ def _version_of(path: str):
     return m.group(1), nums
 
 
+@functools.lru_cache(maxsize=8)
+def _version_cached(path: str):
+    """:func:`_version_of`, run once per binary (until ``check(refresh=True)``)."""
+    return _version_of(path)
+
+
 INSTALL_STAMP = "/var/lib/statesync/criu-ok"
 
 
@@ -99,7 +105,7 @@ def _find_criu_cached(path_env: str) -> Optional[str]:
             continue
         seen.add(p)
         found.append(p)
-        _, ver = _version_of(p)
+        _, ver = _version_cached(p)
         if ver and ver >= MIN_VERSION:
             return p
     return found[0] if found else None
@@ -132,7 +138,7 @@ def _check_cached(path: Optional[str]) -> CriuInfo:
     if not path:
         return CriuInfo(None, None, (), False, {}, {
             "criu": "no criu binary found (set STATESYNC_CRIU or run scripts/install-criu.sh)"})
-    version, vt = _version_of(path)
+    version, vt = _version_cached(path)
     info = CriuInfo(path, version, vt or (), False)
     if not version:
         info.reasons["criu"] = f"{path} --version did not report a version"
@@ -164,12 +170,8 @@ def check(refresh: bool = False) -> CriuInfo:
     if refresh:
         _check_cached.cache_clear()
         _find_criu_cached.cache_clear()
+        _version_cached.cache_clear()
     return _check_cached(find_criu())
-
-
-@functools.lru_cache(maxsize=8)
-def _version_cached(path: str):
-    return _version_of(path)
 
 
 def _criu_or_raise() -> str:
