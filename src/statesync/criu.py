@@ -663,9 +663,10 @@ def _cli_info(a) -> int:
 
 def _cli_diff(a) -> int:
     t0 = time.monotonic()
-    d = diff(a.old, a.new, a.pid)
+    new = ImageSet(a.new)
+    d = diff(a.old, new, a.pid)
     dt = time.monotonic() - t0
-    n = ImageSet(a.new).table(a.pid).addrs.size
+    n = new.table(a.pid).addrs.size
     print(f"{len(d)} of {n} pages differ ({_mb(d.nbytes)}) in {dt * 1000:.1f} ms")
     if a.list:
         for x in d.pages.tolist():
