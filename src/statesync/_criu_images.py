@@ -381,10 +381,6 @@ class Pagemap:
     def present_pages(self) -> int:
         return int(self.nr_pages[(self.flags & PE_PRESENT) != 0].sum())
 
-    @property
-    def total_pages(self) -> int:
-        return int(self.nr_pages.sum())
-
 
 def encode_pagemap(pages_id: int, vaddr: np.ndarray, nr_pages: np.ndarray,
                    flags: np.ndarray, wide: bool = False) -> bytes:
@@ -431,13 +427,6 @@ def pagemap_files(directory) -> List[str]:
     """pagemap-*.img names in a directory, sorted."""
     return sorted(n for n in os.listdir(directory)
                   if n.startswith("pagemap-") and n.endswith(".img"))
-
-
-def pages_file_size(path) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return -1
 
 
 # --------------------------------------------------------------------------- image sets
