@@ -429,6 +429,11 @@ def pagemap_files(directory) -> List[str]:
                   if n.startswith("pagemap-") and n.endswith(".img"))
 
 
+def is_task_pagemap(name: str) -> bool:
+    """True for a process's pagemap-PID.img (not a shared-memory pagemap-shmem-*)."""
+    return name[len("pagemap-"):-len(".img")].isdigit()
+
+
 # --------------------------------------------------------------------------- image sets
 
 MAX_CHAIN = 64  # deeper parent chains are refused (CRIU itself has no limit; loops do)
@@ -555,7 +560,7 @@ class ImageSet:
         if isinstance(pid, str):
             return pid
         if pid is None:
-            names = [n for n in self.pagemap_names if n[8:-4].isdigit()]
+            names = [n for n in self.pagemap_names if is_task_pagemap(n)]
             if len(names) == 1:
                 return names[0]
             pid = self.root_pid

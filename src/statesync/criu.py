@@ -408,10 +408,6 @@ def _as_set(x) -> ImageSet:
     return x if isinstance(x, _img.ImageSet) else ImageSet(x)
 
 
-def _is_task_pagemap(name: str) -> bool:
-    return name[len("pagemap-"):-len(".img")].isdigit()
-
-
 def diff(old, new, pid=None) -> DirtySet:
     """The pages of ``new`` whose content differs from ``old`` (both image sets or
     directories of the same process), as a :class:`DirtySet` of page addresses.
@@ -481,7 +477,7 @@ def _write(base: ImageSet, out_dir, parent: Optional[ImageSet],
     ptables = {}
     if parent is not None:
         for n in names:
-            if _is_task_pagemap(n) and os.path.exists(os.path.join(parent.path, n)):
+            if _img.is_task_pagemap(n) and os.path.exists(os.path.join(parent.path, n)):
                 ptables[n] = parent.table(n)
     with _img.AtomicDir(out_dir) as ad:
         _img.copy_non_memory(base.path, ad.tmp)
@@ -576,7 +572,7 @@ def write_image_set(template_dir, out_dir, addrs, pages: Union[np.ndarray, Calla
     name = base._name(pid)
     parent = _as_set(parent_dir) if parent_dir is not None else None
     addrs = np.asarray(addrs, dtype=np.uint64)
-    if _is_task_pagemap(name) and addrs.size:
+    if _img.is_task_pagemap(name) and addrs.size:
         # Pages outside every VMA of the template would make criu restore fail late.
         v = base.vmas(name)
         i = np.searchsorted(v["start"], addrs, side="right") - 1
@@ -600,7 +596,7 @@ def info(path) -> dict:
                  "pages": int(t.addrs.size), "bytes": int(t.addrs.size) * s.page_size,
                  "pages_here": pm.present_pages,
                  "pages_in_parent": int(pm.nr_pages[(pm.flags & PE_PARENT) != 0].sum())}
-        if _is_task_pagemap(n):
+        if _img.is_task_pagemap(n):
             try:
                 v = s.vmas(n)
                 entry["vmas"] = int(v.size)
