@@ -292,12 +292,8 @@ def test_redis_survives_dump_incremental_restore(criu_ok, tmp_path, reap):
     try:
         deadline = time.monotonic() + 20
         while outer is None and time.monotonic() < deadline:
-            try:
-                with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
-                    kids = f.read().split()
-                outer = int(kids[0]) if kids else None
-            except OSError:
-                pass
+            kids = proc.descendants(p.pid)
+            outer = kids[0] if kids else None
             if outer is None:
                 time.sleep(0.02)
         r = _Redis(port)
@@ -419,8 +415,7 @@ def test_shared_anonymous_memory_round_trip(criu_ok, tmp_path, reap):
     outer = None
     try:
         req("h")
-        with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
-            outer = int(f.read().split()[0])
+        outer = proc.descendants(p.pid)[0]
         criu.dump(outer, tmp_path / "d1", leave_running=True)
         req("w 5")
         h = req("w 8")
