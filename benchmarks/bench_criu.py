@@ -30,11 +30,6 @@ import numpy as np
 FRACTIONS = (0.001, 0.01, 0.1)
 
 
-def _dir_bytes(path):
-    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
-               if os.path.isfile(os.path.join(path, n)) and not os.path.islink(os.path.join(path, n)))
-
-
 def _mem_bytes(path):
     """Bytes of pages-*.img and pagemap-*.img (the memory part of a set)."""
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
@@ -54,7 +49,7 @@ def prepare(size: str, workdir: str, seed: int = 1) -> dict:
         full = criu.dump(wl.pid, os.path.join(workdir, "full"), leave_running=True)
         out["full_dump_s"] = full.wall_time
         out["full_frozen_s"] = full.stats.get("frozen_time", 0) / 1e6
-        out["full_bytes"] = _dir_bytes(full.images_dir)
+        out["full_bytes"] = criu._dir_bytes(full.images_dir)
         out["full_mem_bytes"] = _mem_bytes(full.images_dir)
         out["full_pages"] = criu.ImageSet(full.images_dir).npages
         perm = np.random.default_rng(seed).permutation(npages)
@@ -72,7 +67,7 @@ def prepare(size: str, workdir: str, seed: int = 1) -> dict:
             w = criu.write_incremental(d, full.images_dir, inc)
             t_inc = time.perf_counter() - t0
             out["runs"].append({"fraction": f, "dirty_buffer_pages": upto, "dump_dir": d,
-                                "dump_s": r.wall_time, "dump_bytes": _dir_bytes(d),
+                                "dump_s": r.wall_time, "dump_bytes": criu._dir_bytes(d),
                                 "inc_s": t_inc, "inc_bytes": w.nbytes,
                                 "inc_pages": w.pages_written, "inc_dir": inc})
     finally:
@@ -90,7 +85,7 @@ def exact_sizes(full_dir: str, workdir: str, seed: int = 2) -> list:
 
     full = criu.ImageSet(full_dir)
     addrs = full.addresses()
-    full_bytes = _dir_bytes(full_dir)
+    full_bytes = criu._dir_bytes(full_dir)
     rng = np.random.default_rng(seed)
     out = []
     for f in FRACTIONS:
