@@ -266,11 +266,12 @@ long ss_enc_block(const ss_enc_input *in, ss_dedup_table *tab, size_t start, siz
                         out[o++] = (uint8_t)(in->hashes[2 * i + w] >> (8 * b));
             } else if (kd == SS_REC_XOR) {
                 size_t dlen = (size_t)src[t + r];
-                uint64_t h[2];
                 o += ss_uleb_put(out + o, dlen);
-                ss_hash128(pg, ps, 0, h);
+                /* Pass 1 hashed every non-zero page already when dedup is on. */
+                if (!dedup)
+                    ss_hash128(pg, ps, 0, in->hashes + 2 * i);
                 for (int b = 0; b < 8; b++)
-                    out[o++] = (uint8_t)(h[0] >> (8 * b));
+                    out[o++] = (uint8_t)(in->hashes[2 * i] >> (8 * b));
                 long d = ss_xor_encode(pg, page_at(in->prev, i, ps), ps, out + o, dlen);
                 if (d != (long)dlen) { /* cannot happen: same inputs as pass 1 */
                     free(kind);
