@@ -5,7 +5,7 @@ from libc.stdint cimport UINT32_MAX
 
 
 cdef extern from "errno.h":
-    int EINVAL, E2BIG, ERANGE, EBADMSG, ENOSPC, ENOMEM
+    int E2BIG, ERANGE, EBADMSG
 
 cdef extern from "ss_codec.h" nogil:
     ctypedef struct ss_dedup_table:
@@ -66,7 +66,6 @@ DEC_PAGE_DTYPE = np.dtype({
 })
 assert sizeof(ss_dec_page) == 40, "ss_dec_page layout changed: update DEC_PAGE_DTYPE"
 
-CODEC_EINVAL = EINVAL
 CODEC_E2BIG = E2BIG
 CODEC_ERANGE = ERANGE
 CODEC_EBADMSG = EBADMSG
