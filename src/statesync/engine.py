@@ -741,8 +741,11 @@ class _SourceAgent:
         rep.restored_pid = info.get("pid")
         rep.criu_restore_stats = info.get("stats", {})
         rep.downtime_s = t4 - t_freeze
-        # The destination runs the service: now the stopped source copy goes.
-        _signal_all(reversed(self.stopped_pids), signal.SIGKILL)
+        # The destination runs the service: now the stopped source copy goes, and is
+        # gone when migrate() returns (SIGKILL of a pid-namespace init is asynchronous;
+        # kill_tree waits). Off the event loop: the wait is a few milliseconds of polling.
+        await asyncio.get_running_loop().run_in_executor(
+            None, proc.kill_tree, list(reversed(self.stopped_pids)))
         self.committed = True
         # From here the service runs at the destination only: a lost COMMIT is worth a
         # note (the destination keeps what it restored), not a failed migration.
