@@ -7,7 +7,12 @@ cd "$(dirname "$0")/.."
 # python3/-venv/-dev: a minimal Debian image has no venv module and no Python.h (the Makefile builds
 # the extension in a venv); install-criu.sh's probes and the crit wrapper use /usr/bin/python3.
 APT_PACKAGES=(python3 python3-venv python3-dev gcc liblz4-dev redis-server memcached iperf3 sockperf
-              iproute2 util-linux python3-protobuf)
+              iproute2 util-linux python3-protobuf
+              # containers (docs/containers.md): runc drives CRIU for container checkpoints; podman with
+              # --runtime runc (crun here is built without CRIU); mmdebstrap builds the test rootfs without a
+              # registry; iptables/nftables carry CRIU's network lock to the destination; arping announces
+              # a moved service IP.
+              runc podman conmon containernetworking-plugins mmdebstrap iptables nftables iputils-arping)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -17,6 +22,8 @@ done
 if [ "$(id -u)" -ne 0 ]; then
     [ ${#missing[@]} -eq 0 ] || echo "statesync setup: not root; missing Debian packages: ${missing[*]} (run 'make setup' as root, or apt-get install them)" >&2
     bash scripts/install-criu.sh --check-only || echo "statesync setup: not root; CRIU >= 4 missing (run 'make setup' as root)" >&2
+    bash scripts/build-rootfs.sh --check-only >/dev/null \
+        || echo "statesync setup: not root; container test rootfs missing (scripts/build-rootfs.sh --podman as root)" >&2
     exit 0
 fi
 
@@ -27,8 +34,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
         || { echo "statesync setup: apt-get install ${missing[*]} failed" >&2; exit 1; }
     # Services are started by the tests themselves, on private ports and sockets.
-    for svc in redis-server memcached; do
+    for svc in redis-server memcached podman podman-restart; do
         systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
     done
 fi
 bash scripts/install-criu.sh || { echo "statesync setup: CRIU installation failed" >&2; exit 1; }
+# The root file system the container tests run (cached outside the tree; a stat when it exists).
+bash scripts/build-rootfs.sh --podman >/dev/null || { echo "statesync setup: building the container test rootfs failed" >&2; exit 1; }
