@@ -38,7 +38,8 @@ def _mem_bytes(path):
 
 def prepare(size: str, workdir: str, seed: int = 1) -> dict:
     """Spawn, dump the parent, then dirty + dump + write_incremental per fraction."""
-    from statesync import criu, workloads
+    from statesync import criu
+    from statesync.testing import workloads
 
     out = {"size": size, "runs": []}
     wl = workloads.spawn(size, 0, own_pidns=True, paused=True, fill="mixed", seed=seed)

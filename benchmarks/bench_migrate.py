@@ -34,11 +34,11 @@ import time
 
 import numpy as np
 
-from statesync.downtime import HeartbeatObserver, RequestProber
+from statesync.testing.downtime import HeartbeatObserver, RequestProber
 from statesync import migrate
-from statesync.services import RedisClient, RedisWriter, spawn_redis
-from statesync.testbed import Testbed
-from statesync import workloads
+from statesync.testing.services import RedisClient, RedisWriter, spawn_redis
+from statesync.testing.testbed import Testbed
+from statesync.testing import workloads
 
 SECRET = b"statesync-benchmark-secret-0123456789"
 

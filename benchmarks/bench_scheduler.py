@@ -10,7 +10,7 @@ The four schedulers are measured side by side in one run; compare their ratios.
 import pytest
 
 from statesync import scheduler as S
-from statesync.kpi import Codec, Observations, RoundStats, Targets
+from statesync.planning.kpi import Codec, Observations, RoundStats, Targets
 
 OBS = Observations(
     state_bytes=4 << 30, dirty_rate_pages_per_s=20000.0, bandwidth_bytes_per_s=125e6,

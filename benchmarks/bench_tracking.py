@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 
 from conftest import require
-from statesync import _core, proc, workloads
+from statesync import _core, proc
+from statesync.testing import workloads
 from statesync.tracking import Tracker, tracking_methods
 
 MB = int(os.environ.get("BENCH_MB", "256"))

@@ -16,10 +16,12 @@ import subprocess
 import sys
 import time
 
-from statesync import tracking, workloads
-from statesync.downtime import HeartbeatObserver
+from statesync import tracking
+
+from statesync.testing import workloads
+from statesync.testing.downtime import HeartbeatObserver
 from statesync import migrate
-from statesync.testbed import Testbed
+from statesync.testing.testbed import Testbed
 
 SECRET = os.urandom(32)
 RATE = "100mbit"

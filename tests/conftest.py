@@ -40,7 +40,7 @@ def root():
 def spawn_workload():
     """Factory: ``spawn_workload(size=..., rate=..., **kw)``; every workload it starts
     is killed at teardown."""
-    from statesync import workloads
+    from statesync.testing import workloads
 
     started = []
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import find_program, free_port, require
-from statesync import criu, proc, workloads
+from statesync import criu, proc
+from statesync.testing import workloads
 from statesync.errors import CriuError, NoSuchProcess
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from conftest import have_root, require
 from statesync import criu
-from statesync import _criu_images as ci
+from statesync.criu import images as ci
 from statesync.errors import CriuImageError
 
 PS = 4096
@@ -394,7 +394,7 @@ def test_fuzz_synthetic_chain(synthetic_chain, name, muts):
 def real_dump(tmp_path_factory):
     require(have_root(), "real CRIU images need root")
     require(criu.check().ok, "needs a working CRIU")
-    from statesync import workloads
+    from statesync.testing import workloads
     d = tmp_path_factory.mktemp("fuzzreal")
     wl = workloads.spawn("1M", 0, own_pidns=True, paused=True)
     try:

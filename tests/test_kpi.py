@@ -4,7 +4,7 @@ import math
 import pytest
 
 from statesync.errors import KpiInputError
-from statesync.kpi import (MIB, Codec, CostModel, Observations, RoundStats, Targets, Weights,
+from statesync.planning.kpi import (MIB, Codec, CostModel, Observations, RoundStats, Targets, Weights,
                            best_codec)
 
 

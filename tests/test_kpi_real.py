@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import require
-from statesync.kpi import CostModel, Observations, RoundStats
+from statesync.planning.kpi import CostModel, Observations, RoundStats
 from statesync.tracking import Tracker, tracking_methods
 
 SIZE = 16 << 20

@@ -8,7 +8,7 @@ import pytest
 
 from statesync import NoSuchProcess
 from statesync._consts import PAGE_SIZE
-from statesync.memsource import dumpable_pages
+from statesync.migration.memsource import dumpable_pages
 
 PS = PAGE_SIZE
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value; Python < 3.12 lacks it

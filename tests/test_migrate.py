@@ -26,10 +26,11 @@ import numpy as np
 import pytest
 
 from conftest import find_program, have_root, require
-from statesync import migrate, wire
-from statesync.engine import PageCodec
+from statesync import migrate
+from statesync.migration import protocol as wire
+from statesync.migration.codec import PageCodec
 from statesync.errors import MigrationError
-from statesync.pagetable import PageTable
+from statesync.migration.pagetable import PageTable
 
 SECRET = b"statesync-test-secret-0123456789"
 
@@ -50,7 +51,7 @@ def test_pagetable_put_get_overwrite():
 @pytest.mark.parametrize("compression,xor", [(None, False), ("lz4", False), ("lz4", True)])
 def test_page_streams_round_trip_and_reject_corruption(compression, xor):
     from statesync.errors import StreamError
-    from statesync.engine import decode_pages
+    from statesync.migration.codec import decode_pages
 
     c = PageCodec(compression, xor=xor)
     addrs = np.arange(6, dtype=np.uint64) * np.uint64(4096) + np.uint64(1 << 30)
@@ -74,7 +75,7 @@ def test_page_streams_round_trip_and_reject_corruption(compression, xor):
 def test_page_stream_decode_fuzz():
     from hypothesis import given, settings, strategies as st
     from statesync.errors import StreamError
-    from statesync.engine import decode_pages
+    from statesync.migration.codec import decode_pages
 
     good = PageCodec("lz4").encode(np.array([4096, 8192], np.uint64),
                                    np.full((2, 4096), 7, np.uint8))
@@ -94,8 +95,8 @@ def test_page_stream_decode_fuzz():
 
 
 def test_criu_costs_learn_a_line_and_round_trip(tmp_path):
-    from statesync.engine import CriuCosts
-    from statesync.report import Report
+    from statesync.planning.costs import CriuCosts
+    from statesync.migration.report import Report
 
     c = CriuCosts()
     for mib, dump, restore in ((25, 0.05, 0.09), (250, 0.30, 0.40), (25, 0.05, 0.09)):
@@ -158,15 +159,15 @@ def test_public_namespace_migrate_is_a_function_and_submodules_resolve():
 import inspect, types, statesync
 from statesync import cli
 cli.build_parser()
-import statesync.engine
-from statesync.engine import PageCodec
+import statesync.migration
+from statesync.migration.codec import PageCodec
 assert inspect.isfunction(statesync.migrate), statesync.migrate
-assert statesync.migrate is statesync.engine.migrate
-assert statesync.serve_destination is statesync.engine.serve_destination
-for m in ("report", "wire", "services", "downtime", "memsource", "pagetable", "engine",
-          "testbed", "proc"):
+assert statesync.migrate is statesync.migration.migrate
+assert statesync.serve_destination is statesync.migration.serve_destination
+for m in ("proc", "tracking", "criu", "stream", "planning", "migration", "testing", "cli",
+          "scheduler", "kpi", "sim"):
     assert isinstance(getattr(statesync, m), types.ModuleType), m
-assert statesync.Report is statesync.report.Report
+assert statesync.Report is statesync.migration.report.Report
 assert inspect.signature(statesync.migrate).return_annotation in ("Report", statesync.Report)
 print("ok")
 """
@@ -193,7 +194,9 @@ def test_secret_errors_name_the_file_and_what_to_do(tmp_path):
 
 def test_protocol_errors_live_in_errors_and_are_reexported():
     import statesync
-    from statesync import errors, services, testbed
+    from statesync import errors
+    from statesync.testing import services
+    from statesync.testing import testbed
     assert wire.ProtocolError is errors.ProtocolError is statesync.ProtocolError
     assert wire.AuthenticationError is errors.AuthenticationError
     assert services.RedisError is errors.RedisError and testbed.TestbedError is errors.TestbedError
@@ -241,7 +244,7 @@ class Bed:
         return self.dest
 
     def spawn(self, size="6M", rate=300.0, **kw):
-        from statesync import workloads
+        from statesync.testing import workloads
         self.wl = workloads.spawn(size=size, rate=rate, own_pidns=True, netns=self.tb.ns_a,
                                   heartbeat=self.hb_path, heartbeat_interval=0.002,
                                   control=f"@ssm-test-{os.getpid()}-{time.monotonic_ns()}", **kw)
@@ -253,7 +256,7 @@ class Bed:
                        secret=SECRET, netns=self.tb.ns_a, **kw)
 
     def client(self, side):
-        from statesync.workloads import WorkloadClient
+        from statesync.testing.workloads import WorkloadClient
         return WorkloadClient(self.wl.control, netns=self.tb.ns(side))
 
     def python_procs_with_control(self):
@@ -284,7 +287,7 @@ class Bed:
 @pytest.fixture
 def bed(request, tmp_path, criu_ok):
     _prereqs()
-    from statesync.testbed import Testbed
+    from statesync.testing.testbed import Testbed
     rate = getattr(request, "param", "1gbit")
     with Testbed(rate) as tb:
         b = Bed(tb, tmp_path)
@@ -325,7 +328,7 @@ def _codec_kw(compression, tracker):
 
 @pytest.mark.parametrize("strategy,compression,tracker", STRATEGY_CASES)
 def test_migrate_workload_every_strategy(bed, strategy, compression, tracker):
-    from statesync.downtime import HeartbeatObserver
+    from statesync.testing.downtime import HeartbeatObserver
 
     bed.start_dest()
     with HeartbeatObserver(bed.hb_path) as obs:
@@ -518,8 +521,8 @@ def test_destination_refuses_wrong_secret(bed):
 def test_migrate_redis_under_write_load(bed, strategy, compression, tracker):
     """Debian's redis-server with data, written to while it moves: every key is there
     afterwards, no acknowledged write is lost, and it answers on the same socket path."""
-    from statesync.downtime import RequestProber
-    from statesync.services import RedisWriter, load_keys, redis_binary, spawn_redis, value_for
+    from statesync.testing.downtime import RequestProber
+    from statesync.testing.services import RedisWriter, load_keys, redis_binary, spawn_redis, value_for
 
     require(redis_binary(), "redis-server not installed (scripts/setup-system.sh)")
     bed.start_dest()
@@ -578,7 +581,7 @@ def test_cli_agents_one_in_each_namespace(bed):
     assert src.returncode == 0, se.decode()[-2000:]
     assert "round   0:" in text and "downtime" in text and ": OK" in text
     import json
-    from statesync.report import Report
+    from statesync.migration.report import Report
     rep = Report.from_dict(json.load(open(out)))
     bed.restored.append(rep.restored_pid)
     assert rep.ok and rep.rounds and rep.downtime_s > 0
@@ -589,7 +592,7 @@ def test_cli_agents_one_in_each_namespace(bed):
     assert bed.dest.wait(10) == 0
     assert bed.client("b").status()["pid"] == rep.restored_pid
     # The host's CRIU costs learned from this migration.
-    from statesync.engine import CriuCosts
+    from statesync.planning.costs import CriuCosts
     learned = CriuCosts.load(costs)
     assert len(learned.samples) == 1 and learned.samples[0][0] == pytest.approx(
         rep.state_pages * 4096 / 2**20)

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import have_root, require
 from statesync import errors, proc
-from statesync.workloads import PAGE_SIZE
+from statesync.testing.workloads import PAGE_SIZE
 
 PS = PAGE_SIZE
 

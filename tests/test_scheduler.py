@@ -4,7 +4,7 @@ import pytest
 
 from statesync import scheduler as S
 from statesync.errors import Infeasible, KpiInputError, StateSyncError
-from statesync.kpi import (ABORT, CONTINUE, STOP_AND_COPY, Codec, Observations, RoundStats, Targets,
+from statesync.planning.kpi import (ABORT, CONTINUE, STOP_AND_COPY, Codec, Observations, RoundStats, Targets,
                            Weights)
 
 GBIT = 125e6

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from statesync import scheduler as S
 from statesync.errors import Infeasible, KpiInputError
-from statesync.kpi import ABORT, CONTINUE, STOP_AND_COPY, Codec, Decision, Observations, Plan, RoundStats, Targets
+from statesync.planning.kpi import ABORT, CONTINUE, STOP_AND_COPY, Codec, Decision, Observations, Plan, RoundStats, Targets
 
 pos = st.floats(min_value=1e-4, max_value=1e4, allow_nan=False, allow_infinity=False)
 small = st.floats(min_value=0.0, max_value=2.0, allow_nan=False, allow_infinity=False)

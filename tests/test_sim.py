@@ -10,7 +10,7 @@ import pytest
 
 from statesync import scheduler as S
 from statesync import sim
-from statesync.kpi import PAGE_SIZE
+from statesync.planning.kpi import PAGE_SIZE
 
 DEFAULT_DIGEST = "9ee6ca72194ef3ccf4eee3c545c6fb1a900369800cea6f724e9fe597115e1a01"
 

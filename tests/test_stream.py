@@ -238,7 +238,7 @@ def test_file_targets_rename_durably_and_never_follow_a_planted_temp(tmp_path, m
 
 
 def test_atomic_dir_fsyncs_the_parent_after_the_rename(tmp_path, monkeypatch):
-    from statesync._criu_images import AtomicDir
+    from statesync.criu.imageset import AtomicDir
     log = _SyscallLog(monkeypatch)
     final = tmp_path / "out"
     with AtomicDir(str(final)) as ad:
@@ -652,7 +652,8 @@ def test_criu_image_set_target_restores(spawn_workload, tmp_path):
     exactly the source's state."""
     import signal
     from conftest import have_root, require
-    from statesync import criu, workloads
+    from statesync import criu
+    from statesync.testing import workloads
     require(have_root(), "CRIU dump/restore needs root")
     info = criu.check()
     require(info.ok, f"needs a working CRIU >= 4: {info.reasons.get('criu')}")

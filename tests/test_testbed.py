@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import find_program, have_root, require
-from statesync.testbed import NETNS_DIR, Testbed, parse_rate
+from statesync.testing.testbed import NETNS_DIR, Testbed, parse_rate
 
 
 def _prereqs():

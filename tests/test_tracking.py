@@ -12,6 +12,7 @@ import pytest
 
 from conftest import have_root, require
 from statesync import _core, errors, proc, tracking
+import statesync.tracking.uffd
 from statesync.tracking import DirtySet, Tracker, tracking_methods
 
 PS = proc.PAGE_SIZE
@@ -438,9 +439,9 @@ def test_injected_call_past_the_timeout_leaves_the_target_whole(spawn_workload):
     st = proc.status(wl.pid)
     assert st["TracerPid"] == "0" and st["SigBlk"] == blocked
     _assert_still_writing(wl)
-    assert tracking._calls_began(exc)
+    assert tracking.uffd._calls_began(exc)
     with pytest.raises(errors.InjectionFailed) as ei2:
-        tracking._UffdBackend._raise_inject_error(wl.pid, exc)
+        tracking.uffd._UffdBackend._raise_inject_error(wl.pid, exc)
     assert ei2.value.restored and ei2.value.pid == wl.pid and ei2.value.cause is exc
     assert "put back" in str(ei2.value) and "not retried" in str(ei2.value)
     assert isinstance(ei2.value, errors.TrackingError)

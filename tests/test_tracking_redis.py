@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import have_root, require
-from statesync import proc, services
+from statesync import proc
+from statesync.testing import services
 from statesync.tracking import Tracker, tracking_methods
 
 

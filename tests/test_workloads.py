@@ -1,7 +1,7 @@
 """The workload generator: what it reports it wrote is what it wrote."""
 import numpy as np
 
-from statesync import workloads
+from statesync.testing import workloads
 
 
 def test_parse_size():

@@ -1,29 +1,21 @@
 """statesync: move the state of a running Linux process to another host with the
 least possible downtime.
 
-Modules, one per concept:
+Packages, one per layer (docs/design.md walks through them):
 
-- :mod:`statesync.proc`      /proc maps, pagemap and page reads of a live process
-- :mod:`statesync.tracking`  which pages a running process writes (``Tracker``)
-- :mod:`statesync.criu`      CRIU driving, image reading/writing, image deltas
-- :mod:`statesync.stream`    the compressed page-delta wire format
-- :mod:`statesync.kpi`       migration targets and observations
-- :mod:`statesync.scheduler` pluggable migration schedulers
-- :mod:`statesync.sim`       scenario simulator for schedulers
-- :mod:`statesync.engine`    the live migration engine (:func:`statesync.migrate`,
-  :func:`statesync.serve_destination`)
-- :mod:`statesync.wire`      the agents' authenticated wire protocol
-- :mod:`statesync.memsource` the migration source's view of a live process's memory
-- :mod:`statesync.pagetable` the destination's page store (address -> contents)
-- :mod:`statesync.report`    a migration's ``Report`` (JSON, Prometheus, table)
-- :mod:`statesync.downtime`  downtime measured from outside (a prober)
-- :mod:`statesync.testbed`   two "hosts" on one machine (network namespaces, tc)
-- :mod:`statesync.services`  third-party services (redis) as migration targets
-- :mod:`statesync.workloads` a controllable dirty-page workload process
-- :mod:`statesync.cli`       the ``statesync`` command
+- :mod:`statesync.proc`       /proc maps, pagemap and page reads of a live process
+- :mod:`statesync.tracking`   which pages a running process writes (``Tracker``)
+- :mod:`statesync.criu`       CRIU driving, image reading/writing, image deltas
+- :mod:`statesync.stream`     the compressed page-delta wire format
+- :mod:`statesync.planning`   KPI targets, cost model, schedulers, simulator
+- :mod:`statesync.migration`  the live migration engine (:func:`statesync.migrate`,
+  :func:`statesync.serve_destination`), its protocol, agents and report
+- :mod:`statesync.testing`    workloads, services, the two-host testbed, downtime probes
+- :mod:`statesync.cli`        the ``statesync`` command
 
-``statesync.migrate`` is the function (``statesync.migrate(pid, dest, ...)``); the
-module that implements it is :mod:`statesync.engine`.
+``statesync.scheduler``, ``statesync.kpi`` and ``statesync.sim`` remain as names for
+:mod:`statesync.planning.scheduler`, :mod:`~statesync.planning.kpi` and
+:mod:`~statesync.planning.sim`.
 
 Submodules load on first use, so ``import statesync`` stays cheap.
 """
@@ -38,28 +30,34 @@ __version__ = "0.1.0"
 
 # Public names that live in submodules, loaded lazily on first access.
 _LAZY = {
-    "Tracker": "tracking",
-    "DirtySet": "tracking",
-    "tracking_methods": "tracking",
-    "migrate": "engine",
-    "serve_destination": "engine",
-    "Report": "report",
-    "Targets": "kpi",
-    "Observations": "kpi",
+    "Tracker": "statesync.tracking",
+    "DirtySet": "statesync.dirtyset",
+    "tracking_methods": "statesync.tracking",
+    "migrate": "statesync.migration.api",
+    "serve_destination": "statesync.migration.api",
+    "Report": "statesync.migration.report",
+    "Targets": "statesync.planning.kpi",
+    "Observations": "statesync.planning.kpi",
 }
-_SUBMODULES = {"proc", "tracking", "criu", "stream", "kpi", "scheduler", "sim", "engine",
-               "wire", "memsource", "pagetable", "report", "downtime", "testbed", "services",
-               "workloads", "cli"}
+_SUBMODULES = {
+    "proc": "statesync.proc", "tracking": "statesync.tracking", "criu": "statesync.criu",
+    "stream": "statesync.stream", "planning": "statesync.planning",
+    "migration": "statesync.migration", "testing": "statesync.testing", "cli": "statesync.cli",
+    "errors": "statesync.errors", "dirtyset": "statesync.dirtyset",
+    # names of the 0.1 flat layout that users met in the docs
+    "scheduler": "statesync.planning.scheduler", "kpi": "statesync.planning.kpi",
+    "sim": "statesync.planning.sim",
+}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        mod = importlib.import_module(f".{_LAZY[name]}", __name__)
+        mod = importlib.import_module(_LAZY[name])
         value = getattr(mod, name)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        mod = importlib.import_module(f".{name}", __name__)
+        mod = importlib.import_module(_SUBMODULES[name])
         globals()[name] = mod
         return mod
     raise AttributeError(f"module 'statesync' has no attribute {name!r}")

@@ -164,7 +164,7 @@ class Infeasible(StateSyncError):
 
 class ProtocolError(StateSyncError):
     """The migration peer broke the wire protocol, the link failed or timed out, or a
-    frame did not authenticate (:mod:`statesync.wire`). Not a ``ValueError``: a dead
+    frame did not authenticate (:mod:`statesync.migration.protocol`). Not a ``ValueError``: a dead
     link is not bad input."""
 
 
@@ -183,12 +183,12 @@ class SecretError(StateSyncError, ValueError):
 
 class RedisError(StateSyncError):
     """redis-server answered with an error, or could not be reached
-    (:mod:`statesync.services`)."""
+    (:mod:`statesync.testing.services`)."""
 
 
 class TestbedError(StateSyncError):
     """The two-host harness could not be set up (not root, no ``ip``/``tc``, ...)
-    (:mod:`statesync.testbed`)."""
+    (:mod:`statesync.testing.testbed`)."""
 
 
 __all__ = [

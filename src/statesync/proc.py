@@ -21,8 +21,8 @@ from typing import Iterable, List, Optional, Tuple
 import numpy as np
 
 from . import _core
-from .errors import AccessDenied, NoSuchProcess, ProcessGone, ProcessError
 from ._consts import PAGE_SIZE
+from .errors import AccessDenied, NoSuchProcess, ProcessError, ProcessGone
 
 PROCFS = "/proc"
 

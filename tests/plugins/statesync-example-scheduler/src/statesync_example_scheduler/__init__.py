@@ -3,7 +3,7 @@
 Written against the public API only (``statesync.kpi``), without the built-ins' base class,
 to show what a scheduler needs: ``plan(obs, targets) -> Plan`` and ``on_round(round) -> Decision``.
 """
-from statesync.kpi import CONTINUE, STOP_AND_COPY, Decision, Plan
+from statesync.planning.kpi import CONTINUE, STOP_AND_COPY, Decision, Plan
 
 
 class ShrinkScheduler:

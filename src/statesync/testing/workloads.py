@@ -1,7 +1,7 @@
 """A controllable dirty-page workload: the process statesync tracks, dumps and migrates
 in its tests, benchmarks and demo.
 
-Run as a process (``python -m statesync.workloads --size 64M --rate 2000``) it maps a
+Run as a process (``python -m statesync.testing.workloads --size 64M --rate 2000``) it maps a
 private anonymous buffer, fills it, and rewrites pages at a set rate (pages/s) over a
 working set chosen uniformly or hot/cold. Every write stores a fresh 64-bit sequence
 number with its top bit set (a value no fill pattern contains) into the page, so a
@@ -52,7 +52,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ._consts import PAGE_SIZE  # re-exported: statesync.workloads.PAGE_SIZE
+from statesync._consts import PAGE_SIZE  # re-exported: statesync.workloads.PAGE_SIZE
 
 _SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -303,7 +303,7 @@ def _heartbeat(server: WorkloadServer, path: str, interval: float) -> None:
 
 
 def run_workload(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m statesync.workloads",
+    p = argparse.ArgumentParser(prog="python -m statesync.testing.workloads",
                                 description="Dirty-page workload generator.")
     p.add_argument("--size", default="64M", help="buffer size (bytes; K/M/G suffixes)")
     p.add_argument("--rate", type=float, default=1000.0, help="page writes per second")
@@ -349,7 +349,7 @@ class WorkloadClient:
 
     def _socket(self) -> socket.socket:
         if self.netns:
-            from .testbed import socket_in_netns
+            from statesync.testing.testbed import socket_in_netns
             return socket_in_netns(self.netns, socket.AF_UNIX, socket.SOCK_STREAM)
         return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
@@ -434,12 +434,12 @@ class Workload:
 
     def alive(self) -> bool:
         """True while the workload exists and is not a zombie."""
-        from . import proc  # not at import time: the generator process itself needs none of it
+        from statesync import proc
         return proc.exists(self.pid)
 
     def kill(self) -> None:
         """SIGKILL the workload (and anything it started), then reap its wrapper."""
-        from . import proc
+        from statesync import proc
         proc.kill_tree([self.pid], self.popen)
 
     def __enter__(self):
@@ -463,7 +463,7 @@ def spawn(size="64M", rate: float = 1000.0, *, pattern: str = "uniform", fill: s
     The returned handle's ``pid`` is the workload's pid in our namespace.
     """
     control = control or f"@statesync-wl-{os.getpid()}-{time.monotonic_ns()}"
-    cmd = [python or sys.executable, "-m", "statesync.workloads", "--size", str(size),
+    cmd = [python or sys.executable, "-m", "statesync.testing.workloads", "--size", str(size),
            "--rate", str(rate), "--pattern", pattern, "--fill", fill, "--seed", str(seed),
            "--control", control]
     if heartbeat:
@@ -527,13 +527,6 @@ def _wait_child_pid(popen: subprocess.Popen, cmd, timeout: float) -> int:
             pid = int(kids[0])
         time.sleep(0.02)
     raise TimeoutError(f"workload did not start: {' '.join(cmd)}")
-
-
-def cli_register(sub) -> None:
-    p = sub.add_parser("workload", help="run the dirty-page workload generator",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: run_workload(a.rest))
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
-from . import proc
-from .errors import TestbedError  # defined in errors, re-exported here
+from statesync import proc
+from statesync.errors import TestbedError  # defined in errors, re-exported here
 
 NETNS_DIR = "/run/netns"
 _PREFIX = "ssm"

@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-from . import proc
-from .errors import RedisError  # defined in errors, re-exported here
+from statesync import proc
+from statesync.errors import RedisError  # defined in errors, re-exported here
 
 
 def _resp(args: Sequence) -> bytes:

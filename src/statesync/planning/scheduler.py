@@ -1,7 +1,7 @@
 """Pluggable migration schedulers.
 
-A scheduler plans a migration from :class:`~statesync.kpi.Observations` and
-:class:`~statesync.kpi.Targets`, then decides after every live round whether to
+A scheduler plans a migration from :class:`~statesync.planning.kpi.Observations` and
+:class:`~statesync.planning.kpi.Targets`, then decides after every live round whether to
 run another one, stop and copy, or abort::
 
     s = statesync.scheduler.get("adaptive")
@@ -26,9 +26,21 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
-from .errors import Infeasible, KpiInputError, StateSyncError
-from .kpi import (ABORT, CONTINUE, NO_CODEC, STOP_AND_COPY, Action, CostModel, Decision,
-                  Observations, Option, Plan, RoundStats, Targets)
+from statesync.errors import Infeasible, KpiInputError, StateSyncError
+from statesync.planning.kpi import (
+    ABORT,
+    CONTINUE,
+    NO_CODEC,
+    STOP_AND_COPY,
+    Action,
+    CostModel,
+    Decision,
+    Observations,
+    Option,
+    Plan,
+    RoundStats,
+    Targets,
+)
 
 ENTRY_POINT_GROUP = "statesync.schedulers"
 
@@ -70,9 +82,9 @@ class BaseScheduler:
 
     def plan(self, obs: Observations, targets: Targets) -> Plan:
         if not isinstance(obs, Observations):
-            raise KpiInputError("obs", f"expected statesync.kpi.Observations (got {type(obs).__name__})")
+            raise KpiInputError("obs", f"expected statesync.planning.kpi.Observations (got {type(obs).__name__})")
         if not isinstance(targets, Targets):
-            raise KpiInputError("targets", f"expected statesync.kpi.Targets (got {type(targets).__name__})")
+            raise KpiInputError("targets", f"expected statesync.planning.kpi.Targets (got {type(targets).__name__})")
         self._reset(obs, targets)
         try:
             p, infeasible = self._plan(), None
@@ -112,7 +124,7 @@ class BaseScheduler:
         if self.current is None:
             raise StateSyncError(f"{self.name}: on_round() called before plan()")
         if not isinstance(round, RoundStats):
-            raise KpiInputError("round", f"expected statesync.kpi.RoundStats (got {type(round).__name__})")
+            raise KpiInputError("round", f"expected statesync.planning.kpi.RoundStats (got {type(round).__name__})")
         expected = len(self.rounds)
         if round.index != expected:
             raise KpiInputError("RoundStats.index", f"expected round {expected}, got {round.index}")
@@ -286,7 +298,7 @@ class AdaptiveScheduler(BaseScheduler):
     """Model-predictive scheduler (ours); docs/scheduler.md describes it in full.
 
     ``plan`` evaluates every codec and every "stop after j rounds" option (j = 0 is
-    cold) with :class:`~statesync.kpi.CostModel` and picks by the objective among the
+    cold) with :class:`~statesync.planning.kpi.CostModel` and picks by the objective among the
     options that meet the targets (forecasts with a safety ``margin``; ``safe_margin``
     for objectives that push to the edge of the targets). After every round ``on_round``
     recalibrates the model from what was measured and re-plans from the real dirty set:

@@ -34,7 +34,7 @@ import os
 import struct
 from typing import Optional, Tuple
 
-from .errors import AuthenticationError, ProtocolError, SecretError
+from statesync.errors import AuthenticationError, ProtocolError, SecretError
 
 MAGIC = b"SSMIGv1\n"
 NONCE = 32

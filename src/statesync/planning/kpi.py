@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from .errors import Infeasible, KpiInputError
+from statesync.errors import Infeasible, KpiInputError
 
 MIB = 1 << 20
 GIB = 1 << 30

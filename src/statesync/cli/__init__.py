@@ -1,8 +1,9 @@
 """The ``statesync`` command.
 
-Each concept module that offers commands defines ``cli_register(subparsers)``,
-which adds its sub-commands and sets ``func`` on them; this module only collects
-them, so a command lives next to the code it drives.
+One module per command group (``statesync.cli.track``, ``.criu``, ``.stream``, ``.sim``,
+``.migrate``, ``.workload``), each defining ``cli_register(subparsers)``, which adds its
+sub-commands and sets ``func`` on them; this module only collects them. The commands
+are thin: the work is in the library.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import importlib
 import sys
 
 # Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES = ["tracking", "criu", "stream", "sim", "engine", "workloads"]
+COMMAND_MODULES = ["track", "criu", "stream", "sim", "migrate", "workload"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
-            mod = importlib.import_module(f"statesync.{name}")
+            mod = importlib.import_module(f"statesync.cli.{name}")
         except ImportError as exc:  # a module not built yet must not break the others
-            print(f"statesync: commands of statesync.{name} unavailable: {exc}", file=sys.stderr)
+            print(f"statesync: commands of statesync.cli.{name} unavailable: {exc}", file=sys.stderr)
             continue
         register = getattr(mod, "cli_register", None)
         if register is not None:
@@ -34,12 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .errors import StateSyncError
+    from statesync.errors import StateSyncError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__
+        from statesync import __version__
         print(__version__)
         return 0
     if not getattr(args, "func", None):

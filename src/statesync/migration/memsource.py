@@ -14,8 +14,8 @@ from typing import Tuple
 
 import numpy as np
 
-from . import proc
-from .errors import ProcessGone
+from statesync import proc
+from statesync.errors import ProcessGone
 
 
 def dumpable_pages(pid: int) -> np.ndarray:
@@ -54,7 +54,7 @@ class MemorySource:
 
     def attach_tracker(self, method: str = "auto") -> str:
         """Start dirty tracking; returns the method actually used."""
-        from .tracking import Tracker
+        from statesync.tracking import Tracker
         self.tracker = Tracker(self.pid, method=method)
         return str(self.tracker.method)
 

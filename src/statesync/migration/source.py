@@ -1,0 +1,332 @@
+"""The source agent: plan, pre-copy rounds, then the switch-over (see switchover.py)."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+from statesync import proc
+from statesync._consts import PAGE_SIZE
+from statesync.errors import MigrationError, StateSyncError
+from statesync.migration import protocol as wire
+from statesync.migration.codec import PageCodec, decode_pages
+from statesync.migration.common import BATCH_PAGES, _parse_hostport, _signal_all
+from statesync.migration.memsource import MemorySource
+from statesync.migration.pagetable import PageTable
+from statesync.migration.report import Report, RoundReport
+from statesync.migration.switchover import SwitchOver
+from statesync.planning.costs import CriuCosts
+
+
+class _SourceAgent(SwitchOver):
+    def __init__(self, pid: int, dest: str, secret: bytes, strategy: str,
+                 tracker: str, compression: str, max_rounds: int, targets,
+                 scheduler_name: str, work_dir: Optional[str], io_timeout: float,
+                 progress: Optional[Callable[[dict], None]], criu_args: List[str],
+                 link_rate_Bps: Optional[float], costs: "CriuCosts",
+                 netns: Optional[str] = None, xor: bool = False):
+        self.pid = pid
+        self.netns = netns
+        self.dest = dest
+        self.secret = secret
+        self.strategy = strategy            # as asked
+        self.mode = strategy                # what runs: cold / precopy / iterative
+        self.tracker_method = tracker
+        self.compression = compression      # "auto" (scheduler picks), "none", "lz4"
+        self.xor = xor
+        self.codec = self._make_codec("none" if compression in ("auto", "none") else compression)
+        self.max_rounds = max_rounds
+        self.targets = targets
+        self.scheduler_name = scheduler_name
+        self.sched = None
+        self.work_dir = work_dir
+        self.io_timeout = io_timeout
+        self.progress = progress or (lambda ev: None)
+        self.criu_args = list(criu_args)
+        self.link_rate_Bps = link_rate_Bps
+        self.costs = costs
+        self.dump_retries = 4
+        self.mem = MemorySource(pid)
+        self.shadow = PageTable(2, np.uint64)     # hash of each page the destination holds
+        self.mirror = PageTable(PAGE_SIZE)        # contents the destination holds (xor only)
+        self.report = Report(pid=pid, dest=dest, strategy=strategy, codec=self.codec.name,
+                             memory_backend=self.mem.backend)
+        self.chan: Optional[wire.Channel] = None
+        self.stopped_pids: List[int] = []
+        self.committed = False
+        self.state_addrs = np.zeros(0, dtype=np.uint64)
+        self.t_start = 0.0
+
+    def _emit(self, kind: str, **kw) -> None:
+        try:
+            self.progress({"event": kind, **kw})
+        except Exception:
+            pass
+
+    async def _send_pages(self, addrs: np.ndarray, reader) -> Tuple[int, int]:
+        """Read (``reader(addrs) -> (pages, ok)``), hash, encode and send; returns
+        (pages sent, wire bytes). A worker thread prepares the next batches while the
+        event loop sends the previous ones (at most two batches ahead)."""
+        from statesync import _core
+        sent = 0
+        b0 = self.chan.bytes_sent
+        codec = self.codec
+
+        def work(a):
+            pages, ok = reader(a)
+            if not ok.all():
+                a, pages = a[ok], pages[ok]
+            if a.size == 0:
+                return a, None, b""
+            p2 = np.ascontiguousarray(pages)
+            h = _core.hash_pages(p2)
+            prev = mask = None
+            if codec.xor:
+                slots, mask = self.mirror.lookup(a)
+                prev = np.zeros_like(p2)
+                if mask.any():
+                    prev[mask] = self.mirror.rows[slots[mask]]
+            payload = codec.encode(a, p2, prev, mask)
+            if codec.xor:
+                self.mirror.put(a, p2)
+            return a, h, payload
+
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2)
+
+        async def produce():
+            for i in range(0, addrs.size, BATCH_PAGES):
+                await queue.put(await asyncio.to_thread(work, addrs[i:i + BATCH_PAGES]))
+            await queue.put(None)
+
+        producer = asyncio.ensure_future(produce())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                a2, h, payload = item
+                if a2.size == 0:
+                    continue
+                await self.chan.send(wire.PAGES, payload)
+                self.shadow.put(a2, h)
+                sent += int(a2.size)
+            await producer      # re-raises a reader/encoder error
+        finally:
+            if not producer.done():
+                producer.cancel()
+                try:
+                    await producer
+                except BaseException:
+                    pass
+        return sent, self.chan.bytes_sent - b0
+
+    async def _connect(self, host: str, port: int):
+        if not self.netns:
+            return await asyncio.open_connection(host, port, limit=wire.MAX_FRAME + 1024)
+        from statesync.testing.testbed import socket_in_netns
+        sock = socket_in_netns(self.netns)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, limit=wire.MAX_FRAME + 1024)
+
+    async def _round(self, index: int, addrs: np.ndarray) -> RoundReport:
+        t0 = time.monotonic()
+        n, nbytes = await self._send_pages(addrs, self.mem.read)
+        await self.chan.send_json(wire.ROUND_END, {"round": index, "pages": n})
+        _, payload = await self.chan.expect(wire.ROUND_ACK)
+        ack, _ = wire.unpack_json(payload)
+        if ack.get("held_pages", -1) != len(self.shadow):
+            raise MigrationError(f"destination holds {ack.get('held_pages')} pages after round "
+                                 f"{index}, source sent {len(self.shadow)}", "precopy")
+        dt = time.monotonic() - t0
+        return RoundReport(index=index, pages=n, bytes_raw=n * PAGE_SIZE, bytes_wire=nbytes,
+                           duration_s=dt)
+
+    def _make_codec(self, kpi_name: str) -> PageCodec:
+        """The engine codec for a kpi codec name (``none``/``lz4``)."""
+        if kpi_name == "lz4":
+            return PageCodec("lz4", xor=self.xor)
+        return PageCodec(None, xor=False)
+
+    def _sample_codec(self):
+        """Measure lz4 on up to 256 of the process's pages: a kpi.Codec."""
+        from statesync.planning import kpi
+        n = self.state_addrs.size
+        if n == 0:
+            return None
+        take = np.unique(self.state_addrs[np.linspace(0, n - 1, min(n, 256)).astype(np.int64)])
+        pages, ok = self.mem.read(take)
+        p = np.ascontiguousarray(pages[ok])
+        if p.size == 0:
+            return None
+        codec = PageCodec("lz4", xor=False)
+        t0 = time.perf_counter()
+        payload = codec.encode(take[ok], p)
+        t1 = time.perf_counter()
+        decode_pages(payload, PageTable(PAGE_SIZE))
+        t2 = time.perf_counter()
+        return kpi.Codec("lz4", p.nbytes / max(len(payload), 1), p.nbytes / max(t1 - t0, 1e-6),
+                         p.nbytes / max(t2 - t1, 1e-6))
+
+    async def _plan(self) -> None:
+        """Observe (state size, dirty rate, codec), ask the scheduler for a plan."""
+        from statesync.errors import Infeasible
+        from statesync.planning import kpi, scheduler
+        rep = self.report
+        self.state_addrs = await asyncio.to_thread(self.mem.present_pages)
+        rate, window = 0.0, 1.0
+        if self.strategy != "cold":
+            rep.tracker = await asyncio.to_thread(self.mem.attach_tracker, self.tracker_method)
+            t0 = time.monotonic()
+            await asyncio.sleep(0.1)
+            probe = await asyncio.to_thread(self.mem.collect)
+            window = max(time.monotonic() - t0, 1e-3)
+            rate = probe.size / window
+        codecs = ()
+        if self.compression in ("auto", "lz4"):
+            c = await asyncio.to_thread(self._sample_codec)
+            codecs = (c,) if c is not None else ()
+        obs = kpi.Observations(
+            state_bytes=max(1, int(self.state_addrs.size)) * PAGE_SIZE,
+            dirty_rate_pages_per_s=rate, dirty_rate_window_s=window,
+            bandwidth_bytes_per_s=self.link_rate_Bps or 12.5e6,
+            # A full dump every time: its cost is fixed for this process (see CriuCosts).
+            dump_fixed_s=self.costs.dump_fixed_s
+            + self.costs.dump_s_per_mib * self.state_addrs.size * PAGE_SIZE / (1 << 20),
+            dump_s_per_mib=0.0,
+            restore_fixed_s=self.costs.restore_fixed_s,
+            restore_s_per_mib=self.costs.restore_s_per_mib,
+            rtt_s=0.001, codecs=codecs)
+        targets = self.targets or kpi.Targets(max_downtime_s=1.0)
+        self.sched = scheduler.get(self.scheduler_name)
+        rep.scheduler = getattr(self.sched, "name", self.scheduler_name)
+        try:
+            plan = self.sched.plan(obs, targets)
+        except Infeasible as exc:
+            plan = exc.best
+            rep.notes.append(f"targets not achievable ({exc}); running the best plan")
+        if self.strategy == "auto":
+            self.mode = "iterative" if plan.strategy == "precopy" else "cold"
+        if self.compression == "auto":
+            self.codec = self._make_codec(plan.codec)
+        rep.codec = self.codec.name
+        rep.strategy = self.mode if self.strategy == self.mode else f"{self.strategy}->{self.mode}"
+        if self.mode == "cold":
+            if self.mem.tracker is not None:
+                self.mem.detach()
+                rep.tracker = ""
+            model = kpi.CostModel(obs)
+            rep.predicted_downtime_s = model.downtime(
+                self.state_addrs.size, "lz4" if self.codec.compression and codecs else "none",
+                obs.bandwidth_bytes_per_s)
+        self._emit("plan", strategy=self.mode, codec=self.codec.name, state_pages=int(self.state_addrs.size),
+                   dirty_rate_pages_per_s=rate, dirty_rate_window_s=window, predicted_downtime_s=plan.predicted_downtime_s,
+                   reason=plan.reason)
+
+    async def _precopy(self) -> None:
+        from statesync.planning import kpi
+        rep = self.report
+        addrs = self.state_addrs
+        index = 0
+        while True:
+            rnd = await self._round(index, addrs)
+            rep.rounds.append(rnd)
+            dirty = await asyncio.to_thread(self.mem.collect)
+            rnd.dirty_pages_after = int(dirty.size)
+            kcodec = "lz4" if self.codec.compression else "none"
+            d = self.sched.on_round(kpi.RoundStats(
+                index=index, duration_s=max(rnd.duration_s, 1e-6), pages_sent=rnd.pages,
+                bytes_sent=rnd.bytes_wire, dirty_pages=rnd.dirty_pages_after,
+                transfer_s=max(rnd.duration_s, 1e-6), elapsed_s=time.monotonic() - self.t_start,
+                codec=kcodec))
+            m = self.sched.model
+            rnd.predicted_downtime_s = m.downtime(dirty.size, kcodec, m.bandwidth)
+            if d.action is kpi.ABORT:
+                raise MigrationError(f"scheduler {rep.scheduler} aborted: {d.reason}", "precopy")
+            if self.mode == "precopy":
+                reason = "precopy: one round"
+            elif d.action is not kpi.CONTINUE:
+                reason = d.reason or "scheduler: stop and copy"
+            elif index + 1 >= self.max_rounds:
+                reason = f"max rounds ({self.max_rounds})"
+            else:
+                reason = ""
+            rnd.decision = reason or f"continue: {d.reason}"
+            self._emit("round", round=index, pages=rnd.pages, bytes_wire=rnd.bytes_wire,
+                       duration_s=rnd.duration_s, mbps=rnd.mbps, dirty_pages=rnd.dirty_pages_after,
+                       predicted_downtime_s=rnd.predicted_downtime_s, decision=rnd.decision)
+            if reason:
+                break
+            if self.compression == "auto" and d.codec in ("none", "lz4"):
+                self.codec = self._make_codec(d.codec)
+                rep.codec = self.codec.name
+            index += 1
+            addrs = dirty
+        rep.predicted_downtime_s = rep.rounds[-1].predicted_downtime_s
+        self.mem.detach()
+
+    async def run(self) -> Report:
+        host, port = _parse_hostport(self.dest)
+        t_start = self.t_start = time.monotonic()
+        phase = "connect"
+        try:
+            try:
+                reader, writer = await asyncio.wait_for(self._connect(host, port),
+                                                        self.io_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise MigrationError(f"cannot connect to destination {host}:{port}: {exc}",
+                                     phase) from None
+            phase = "authenticate"
+            self.chan = await wire.Channel.client(reader, writer, self.secret, self.io_timeout)
+            await self.chan.send_json(wire.BEGIN, {"pid": self.pid, "page_size": PAGE_SIZE,
+                                                   "strategy": self.strategy,
+                                                   "codec": self.codec.name})
+            await self.chan.expect(wire.READY)
+            phase = "plan"
+            await self._plan()
+            if self.mode != "cold":
+                phase = "precopy"
+                await self._precopy()
+            phase = "switchover"
+            await self._switchover(t_start)
+            self.report.ok = True
+        except BaseException as exc:
+            self.report.ok = False
+            self.report.failed_phase = getattr(exc, "phase", None) or phase
+            self.report.error = str(exc)
+            await self._abort(exc)
+            if isinstance(exc, (StateSyncError, OSError, asyncio.TimeoutError)):
+                raise MigrationError(f"migration of pid {self.pid} aborted: {exc}",
+                                     self.report.failed_phase, self.report) from exc
+            raise
+        finally:
+            self.report.total_s = time.monotonic() - t_start
+            if self.chan is not None:
+                self.report.bytes_wire_total = self.chan.bytes_sent
+                self.chan.close()
+        return self.report
+
+    async def _abort(self, exc: BaseException) -> None:
+        try:
+            self.mem.detach()
+        except Exception:
+            pass
+        if self.chan is not None:
+            try:
+                await asyncio.wait_for(self.chan.send_json(wire.ABORT, {"reason": str(exc)[:500]}),
+                                       2.0)
+            except BaseException:
+                pass
+        if not self.committed:
+            if self.stopped_pids:
+                _signal_all(self.stopped_pids, signal.SIGCONT)
+                time.sleep(0.01)
+            st = proc.state(self.pid)
+            self.report.source_resumed = st is not None and st not in ("T", "t", "Z", "X")

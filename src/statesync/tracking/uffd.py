@@ -1,0 +1,329 @@
+"""userfaultfd write-protect tracking (WP_ASYNC + PAGEMAP_SCAN), injected with ptrace."""
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from statesync import _core, proc
+from statesync.errors import (
+    AccessDenied,
+    AlreadyTraced,
+    InjectionFailed,
+    ProcessGone,
+    TrackerUnavailable,
+    TrackingError,
+)
+from statesync.proc import Vma
+from statesync.tracking.common import (
+    _EMPTY,
+    _in_sorted,
+    _merge,
+    _select,
+    _tracked,
+    _uffd_candidate,
+)
+from statesync.tracking.hashing import _Backend, _HashState
+from statesync.tracking.probes import _probe_uffd, _target_problem
+
+if TYPE_CHECKING:
+    from statesync.tracking.tracker import Tracker
+
+
+
+def _calls_began(exc: Optional[OSError]) -> bool:
+    """True when an injection error happened once the injected calls had begun
+    (the thread's registers and mask had been changed)."""
+    info = getattr(exc, "inject_info", None) or {}
+    return info.get("stage", 0) >= _core.INJECT_STAGE_CALL
+
+
+def _raise_injection_failed(pid: int, exc: OSError):
+    info = getattr(exc, "inject_info", None) or {}
+    what = ("the injected call did not finish in time" if exc.errno == errno.ETIMEDOUT
+            else f"the injection failed after its calls began: {exc.strerror} "
+                 f"(errno {exc.errno})")
+    if info.get("restored"):
+        raise InjectionFailed(
+            pid, f"{what}; its registers and signal mask were put back and it runs on, "
+                 "but a userfaultfd descriptor may remain open in it; not retried",
+            True, info.get("stage", 0), exc)
+    raise InjectionFailed(
+        pid, f"{what}, and its registers and signal mask could NOT be put back: the "
+             "process's state may be damaged (check it; restarting it is the safe "
+             "course); not retried", False, info.get("stage", 0), exc)
+
+
+class _UffdBackend(_Backend):
+    """See the module docstring. Holds our copy of the target's userfaultfd."""
+
+    name = "uffd"
+
+    def __init__(self, tracker: "Tracker", timeout: float):
+        self.t = tracker
+        pid = tracker.pid
+        self.uffd = -1
+        self.pidfd = -1
+        self.registered: Dict[int, int] = {}   # start -> end of VMAs registered by us
+        self.refused: Dict[Tuple[int, int], int] = {}  # (start, end) -> -errno
+        self.inject_info: dict = {}
+        self.flags = _core.PM_SCAN_WP_MATCHING | _core.PM_SCAN_CHECK_WPASYNC
+        self._synced_maps: Optional[List[Vma]] = None
+        self._runs_cache: List[Tuple[int, int]] = []
+        self._hashed: List[Vma] = []
+        self.present = _EMPTY   # present/swapped pages of the registered VMAs
+        self.rescans = 0        # scans redone after CHECK_WPASYNC found a replaced VMA
+        try:
+            self._attach(pid, timeout)
+            self.hash = _HashState(pid, tracker._pm)
+            try:
+                self._sync_vmas(arm=True)
+                self.hash.refresh(self._hashed, baseline=True)
+            except OSError as exc:  # e.g. it exited right after the injection
+                raise proc.os_error(pid, exc, "set up uffd tracking",
+                                    gone=True) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    # -- attach
+
+    def _attach(self, pid: int, timeout: float) -> None:
+        ok, why = _probe_uffd()
+        if not ok:
+            raise TrackerUnavailable("uffd", why)
+        problem = _target_problem(pid)
+        if problem and problem.startswith("already traced"):
+            tracer = int(problem.split()[-1])
+            raise AlreadyTraced(pid, f"cannot attach: {problem} (detach it first, or use "
+                                     "method='hash')", tracer)
+        if problem:
+            raise TrackerUnavailable("uffd", f"pid {pid} {problem}")
+        if pid == os.getpid():
+            # Our own memory: no injection needed (and ptrace cannot attach to its
+            # own thread group).
+            self.uffd = _core.uffd_create(os.O_CLOEXEC | os.O_NONBLOCK |
+                                          _core.UFFD_USER_MODE_ONLY)
+            self._api(pid)
+            return
+        vmas = proc.read_maps(pid)
+        addr = None
+        for v in [x for x in vmas if x.path == "[vdso]"] + \
+                 [x for x in vmas if x.executable and x.readable and not x.special]:
+            try:
+                addr = _core.find_syscall_insn(pid, v.start, v.end)
+            except OSError as exc:
+                raise proc.os_error(pid, exc, "look for a syscall instruction") from exc
+            if addr is not None:
+                break
+        if addr is None:
+            raise TrackerUnavailable("uffd", f"pid {pid} has no readable `syscall` instruction "
+                                             "to run userfaultfd() with")
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            raise proc.os_error(pid, exc, "pidfd_open") from exc
+        flags = os.O_CLOEXEC | os.O_NONBLOCK | _core.UFFD_USER_MODE_ONLY
+        last: Optional[OSError] = None
+        tids = [t for t in proc.threads(pid)
+                if proc.state(t, procfs=f"{proc.PROCFS}/{pid}/task") not in (None, "Z", "X", "D")]
+        for tid in tids[:3] or [pid]:
+            try:
+                self.uffd, self.inject_info = _core.inject_userfaultfd(
+                    pid, tid, self.pidfd, addr, flags, int(timeout * 1000))
+                break
+            except OSError as exc:
+                last = exc
+                if _calls_began(exc):
+                    break  # the target was changed: never try it again
+                if exc.errno in (errno.ETIMEDOUT, errno.ESRCH) and proc.exists(pid):
+                    continue  # this thread would not stop: try another one
+                break
+        if self.uffd < 0:
+            self._raise_inject_error(pid, last)
+        self._api(pid)
+
+    def _api(self, pid: int) -> None:
+        want = _core.UFFD_FEATURE_WP_ASYNC | _core.UFFD_FEATURE_WP_UNPOPULATED
+        try:
+            got = _core.uffd_api(self.uffd, want)
+        except OSError as exc:
+            raise TrackerUnavailable("uffd", f"UFFDIO_API on pid {pid}'s userfaultfd failed: "
+                                             f"{exc.strerror}") from exc
+        if got & want != want:
+            raise TrackerUnavailable("uffd", "kernel lacks async write-protect features")
+
+    @staticmethod
+    def _raise_inject_error(pid: int, exc: Optional[OSError]):
+        e = exc.errno if exc else errno.EIO
+        msg = exc.strerror if exc else "unknown error"
+        if not proc.exists(pid) or (e == errno.ESRCH and not _calls_began(exc)):
+            raise ProcessGone(pid, "exited while we attached", exc)
+        if _calls_began(exc):
+            _raise_injection_failed(pid, exc)
+        if e == errno.EPERM:
+            st = proc.status(pid)
+            tracer = int(st.get("TracerPid", "0") or 0)
+            if tracer:
+                raise AlreadyTraced(pid, f"already traced by pid {tracer}", tracer, exc)
+            raise AccessDenied(pid, "may not ptrace it (needs CAP_SYS_PTRACE or the same user "
+                                    "and Yama ptrace_scope 0)", exc)
+        if e == errno.EAGAIN:
+            raise TrackerUnavailable("uffd", f"pid {pid} is stopped by job control; resume it "
+                                             "(SIGCONT) first")
+        if e == errno.ETIMEDOUT:
+            raise TrackerUnavailable("uffd", f"pid {pid} did not stop for the injection in time "
+                                             "(uninterruptible sleep?); it was left as it was")
+        if e == errno.ENOEXEC:
+            raise TrackerUnavailable("uffd", f"pid {pid} is not a 64-bit x86 process")
+        raise TrackerUnavailable("uffd", f"userfaultfd() inside pid {pid} failed: {msg} "
+                                         f"(errno {e}); it was left as it was")
+
+    # -- VMAs
+
+    def _sync_vmas(self, arm: bool = False) -> List[Tuple[int, int]]:
+        """Register new candidate VMAs, forget vanished ones, and update the hashed
+        set. Returns the runs [(start, end)] of adjacent registered VMAs."""
+        maps = self.t._maps()
+        if maps is self._synced_maps and not arm:
+            return self._runs_cache
+        present = {v.start: v for v in maps}
+        for s in [s for s, e in self.registered.items()
+                  if s not in present or present[s].end != e]:
+            del self.registered[s]
+        hashed = []
+        for v in maps:
+            if not _tracked(v):
+                continue
+            if self.registered.get(v.start) == v.end:
+                continue
+            rc = -errno.EINVAL
+            if _uffd_candidate(v):
+                rc = _core.uffd_register_wp(self.uffd, v.start, v.size)
+                if rc == -errno.ESRCH:
+                    self.t._check_alive()
+            if rc == 0:
+                self.registered[v.start] = v.end
+            else:
+                self.refused[(v.start, v.end)] = rc
+                hashed.append(v)
+        runs = self._runs()
+        self._synced_maps, self._runs_cache = maps, runs
+        self._restrict_present(runs)
+        if arm:
+            self.present = _select(self.t._pm, runs, proc.PM_PRESENT | proc.PM_SWAPPED)
+            for s, e in runs:
+                _, err = _core.scan_written(self.t._pm, s, e, self.flags, arm_only=True)
+                if err == -errno.EPERM:
+                    # replaced since the maps read: the next collect registers the
+                    # new VMA and reports all its pages
+                    self.registered.pop(s, None)
+        self._hashed = hashed
+        return runs
+
+    def _restrict_present(self, runs) -> None:
+        """Forget present pages outside the registered VMAs (unmapped ones)."""
+        if not self.present.size:
+            return
+        starts = np.array([s for s, _ in runs], dtype=np.uint64)
+        ends = np.array([e for _, e in runs], dtype=np.uint64)
+        k = np.searchsorted(starts, self.present, side="right") - 1
+        keep = (k >= 0) & (self.present < ends[np.maximum(k, 0)]) if runs else \
+            np.zeros(self.present.size, dtype=bool)
+        if not keep.all():
+            self.present = self.present[keep]
+
+    def _vanished(self, runs) -> np.ndarray:
+        """Pages present at the last collect that are neither present nor swapped
+        now (MADV_DONTNEED, munmap of part of a VMA...): their content changed
+        (to zero) without a write, which uffd-wp cannot see. One PAGEMAP_SCAN per
+        run for the not-present regions, matched against the present set."""
+        if not self.present.size:
+            return _EMPTY
+        r = _core.not_present_runs(self.t._pm, np.asarray(runs, dtype=np.uint64))
+        if not r.size:
+            return _EMPTY
+        lo = np.searchsorted(self.present, r[:, 0])
+        hi = np.searchsorted(self.present, r[:, 1])
+        sel = hi > lo
+        if not sel.any():
+            return _EMPTY
+        # Mark the present-set indices that fall inside a not-present region.
+        mark = np.zeros(self.present.size + 1, dtype=np.int32)
+        np.add.at(mark, lo[sel], 1)
+        np.add.at(mark, hi[sel], -1)
+        inside = np.cumsum(mark[:-1]) > 0
+        gone = self.present[inside]
+        self.present = self.present[~inside]
+        return gone
+
+    def _runs(self) -> List[Tuple[int, int]]:
+        runs: List[Tuple[int, int]] = []
+        for s in sorted(self.registered):
+            e = self.registered[s]
+            if runs and runs[-1][1] == s:
+                runs[-1] = (runs[-1][0], e)
+            else:
+                runs.append((s, e))
+        return runs
+
+    def _reregister(self, s: int, e: int) -> None:
+        """Register every candidate VMA of [s, e) again: a no-op for those still
+        registered, and the way back for one the target replaced in place (same
+        maps line, new VMA), which then reports all its present pages. VMAs the
+        kernel refuses now are forgotten, so the next sync hashes them."""
+        self._synced_maps = None
+        self.rescans += 1
+        for v in self.t._maps():
+            if s <= v.start and v.end <= e and _uffd_candidate(v):
+                if _core.uffd_register_wp(self.uffd, v.start, v.size) == 0:
+                    self.registered[v.start] = v.end
+                else:
+                    self.registered.pop(v.start, None)
+            elif s <= v.start < e:
+                self.registered.pop(v.start, None)
+
+    def collect(self) -> np.ndarray:
+        runs = self._sync_vmas()
+        parts = []
+        todo = np.asarray(runs, dtype=np.uint64).reshape(-1, 2)
+        for attempt in range(4):
+            pages, err, failed = _core.scan_written_runs(self.t._pm, todo, self.flags)
+            if pages.size:
+                parts.append(pages)
+            if err == 0:
+                break
+            s, e = int(todo[failed, 0]), int(todo[failed, 1])
+            if err == -errno.EPERM and attempt < 3:
+                # A VMA of that run lost its registration (the target replaced
+                # it since we read its maps): read the maps again, register what
+                # can be, hash the rest, and go on from that run (the pages
+                # reported so far are already re-armed).
+                self._reregister(s, e)
+                runs = self._sync_vmas()
+                todo = np.asarray([r for r in runs if r[1] > s], dtype=np.uint64).reshape(-1, 2)
+                continue
+            self.t._check_alive()
+            raise TrackingError(f"pid {self.t.pid}: PAGEMAP_SCAN {s:#x}-{e:#x} failed: "
+                                f"{os.strerror(-err)}")
+        written = _merge(parts)
+        gone = self._vanished(runs)
+        if written.size:
+            new = written[~_in_sorted(written, self.present)]
+            if new.size:
+                self.present = _merge([self.present, new])
+        hashed = self.hash.refresh(self._hashed)
+        return _merge([written, gone, hashed])
+
+    def close(self) -> None:
+        if self.uffd >= 0:
+            for s, e in list(self.registered.items()):
+                _core.uffd_unregister(self.uffd, s, e - s)  # errors: VMA gone, fine
+            self.registered.clear()
+            os.close(self.uffd)
+            self.uffd = -1
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
