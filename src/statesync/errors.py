@@ -191,9 +191,34 @@ class TestbedError(StateSyncError):
     (:mod:`statesync.testing.testbed`)."""
 
 
+# --------------------------------------------------------------------------- operate (issue 14)
+
+
+class MigrationCancelled(MigrationError):
+    """The migration was cancelled (:meth:`statesync.Migration.cancel`, a cancelled
+    task awaiting :func:`statesync.migrate_async`, Ctrl-C) before its commit; the
+    source process runs on (``report.source_resumed``)."""
+
+
+class UsageError(StateSyncError, ValueError):
+    """An argument of a ``statesync`` command (or of an API call) is invalid: its
+    value, a path it names, or an optional dependency it needs. Raised before
+    anything touches a process. ``option`` names the argument (``--json``)."""
+
+    def __init__(self, msg: str, option: Optional[str] = None):
+        self.option = option
+        super().__init__(f"{option}: {msg}" if option else msg)
+
+
+class PrerequisiteMissing(StateSyncError):
+    """Something the host must provide is missing or broken (CRIU, a kernel feature,
+    root, a Python package); the message says what to install or enable."""
+
+
 __all__ = [
     "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone", "AlreadyTraced",
     "TrackingError", "TrackerUnavailable", "InjectionFailed", "CriuError", "CriuImageError",
     "StreamError", "MigrationError", "KpiInputError", "Infeasible", "ProtocolError",
     "AuthenticationError", "SecretError", "RedisError", "TestbedError",
+    "MigrationCancelled", "UsageError", "PrerequisiteMissing",
 ]

@@ -40,10 +40,17 @@ not their own, so CRIU never tries to dump a network namespace.
 """
 from __future__ import annotations
 
-from statesync.migration.api import migrate, serve_destination
+from statesync.migration.api import (
+    Migration,
+    migrate,
+    migrate_async,
+    serve_destination,
+    serve_destination_async,
+)
 from statesync.migration.common import DEFAULT_PORT, STRATEGIES
 from statesync.migration.destination import DestinationServer
 from statesync.migration.report import Report, RoundReport
 
-__all__ = ["migrate", "serve_destination", "DestinationServer", "Report", "RoundReport",
+__all__ = ["migrate", "migrate_async", "Migration", "serve_destination",
+           "serve_destination_async", "DestinationServer", "Report", "RoundReport",
            "STRATEGIES", "DEFAULT_PORT"]

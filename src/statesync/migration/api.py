@@ -1,10 +1,26 @@
-"""The public entry points: migrate() and serve_destination()."""
+"""The public entry points: :func:`migrate`, :func:`migrate_async`, :class:`Migration`,
+:func:`serve_destination` and :func:`serve_destination_async`.
+
+Blocking or asyncio, the same engine runs: :func:`migrate` is a thin wrapper that runs
+a :class:`Migration` on a private event loop in the calling thread.
+
+Cancellation (:meth:`Migration.cancel`, or cancelling the task that awaits
+:func:`migrate_async`) is safe at any phase: before the destination confirmed that the
+restored process runs, the migration aborts the way a failed one does (the source
+process resumes with its state intact, the destination kills what it restored and
+deletes its partial image set). Work that must not be cut in half (a tracker attaching,
+``criu dump``) finishes first, then the abort undoes it. Once the destination has
+confirmed the restore, the migration is committed: ``cancel()`` returns ``False`` and
+the migration completes (the process then runs at the destination only).
+"""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
-from typing import Callable, List, Optional
+from typing import Any, AsyncIterator, Callable, List, Optional
 
+from statesync.errors import MigrationCancelled, MigrationError, NoSuchProcess
 from statesync.migration import protocol as wire
 from statesync.migration.common import DEFAULT_PORT, STRATEGIES
 from statesync.migration.destination import DestinationServer
@@ -12,12 +28,51 @@ from statesync.migration.report import Report
 from statesync.migration.source import _SourceAgent
 from statesync.planning.costs import CriuCosts
 
+ABORT_IF = (None, "predicted_downtime")
+
+
+def _no_running_loop(what: str, instead: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(f"{what}() blocks and cannot run inside a running event loop "
+                       f"(this thread runs one): use `await statesync.{instead}(...)` there, "
+                       f"or call {what}() from another thread")
+
+
+# --------------------------------------------------------------------------- destination
+
+
+async def serve_destination_async(listen: str = f"127.0.0.1:{DEFAULT_PORT}",
+                                  images_dir: str = ".", secret=None, *, once: bool = True,
+                                  restore: bool = True, keep_images: bool = False,
+                                  io_timeout: float = 30.0, timeout: Optional[float] = None,
+                                  ready: Optional[Callable[[int], None]] = None,
+                                  log: Optional[Callable[[str], None]] = None,
+                                  ) -> List[dict]:
+    """The destination agent as a coroutine (see :func:`serve_destination` for the
+    arguments): serves on the running loop until one migration finished (``once``),
+    ``timeout`` seconds passed (``asyncio.TimeoutError``) or the awaiting task is
+    cancelled (the listening socket closes; a migration in progress is aborted by
+    the session's cleanup: whatever it restored is killed, its images deleted).
+    ``log(message)`` receives the agent's log lines (default: stderr).
+    For finer control (the port before serving, several servers on one loop) use
+    :class:`~statesync.migration.destination.DestinationServer` directly."""
+    srv = await DestinationServer(listen, images_dir, secret, once=once, restore=restore,
+                                  keep_images=keep_images, io_timeout=io_timeout,
+                                  log=log).start()
+    if ready:
+        ready(srv.port)
+    return await srv.serve(timeout)
+
 
 def serve_destination(listen: str = f"127.0.0.1:{DEFAULT_PORT}", images_dir: str = ".",
                       secret=None, *, once: bool = True, restore: bool = True,
                       keep_images: bool = False, io_timeout: float = 30.0,
                       timeout: Optional[float] = None,
-                      ready: Optional[Callable[[int], None]] = None) -> List[dict]:
+                      ready: Optional[Callable[[int], None]] = None,
+                      log: Optional[Callable[[str], None]] = None) -> List[dict]:
     """Run a destination agent until one migration finished (``once``) or forever.
 
     Listens on ``listen`` (``HOST:PORT``; loopback unless told otherwise), accepts
@@ -26,18 +81,289 @@ def serve_destination(listen: str = f"127.0.0.1:{DEFAULT_PORT}", images_dir: str
     process's network namespace. Returns one result dict per migration attempt
     (``ok``, ``pid`` of the restored process, ``error``...). ``ready(port)`` is called
     once listening.
+
+    Blocking: runs a private event loop in the calling thread, so it works from any
+    thread that does not itself run an event loop (there it raises ``RuntimeError``:
+    use :func:`serve_destination_async`).
     """
-    async def main():
-        srv = await DestinationServer(listen, images_dir, secret, once=once, restore=restore,
-                                      keep_images=keep_images, io_timeout=io_timeout).start()
-        if ready:
-            ready(srv.port)
-        return await srv.serve(timeout)
-
-    return asyncio.run(main())
+    _no_running_loop("serve_destination", "serve_destination_async")
+    return asyncio.run(serve_destination_async(
+        listen, images_dir, secret, once=once, restore=restore, keep_images=keep_images,
+        io_timeout=io_timeout, timeout=timeout, ready=ready, log=log))
 
 
-# --------------------------------------------------------------------------- public API
+# --------------------------------------------------------------------------- source
+
+
+class Migration:
+    """One live migration of process ``pid`` to the destination agent at ``dest``,
+    for asyncio programs. The arguments are those of :func:`migrate`.
+
+    ::
+
+        m = statesync.Migration(pid, "10.0.0.2:7411", secret="@/etc/statesync/secret")
+        m.start()                      # on the running loop (or: async with m / await m)
+        async for ev in m.events():    # progress dicts as migrate() documents them
+            print(ev)
+        report = await m               # the Report; raises MigrationError on failure
+
+    Every event is kept: each :meth:`events` iterator starts from the first event and
+    ends after the last one, so late or several consumers see them all. The
+    ``progress`` callback, if given, is called with each event as well (from the
+    loop's thread; keep it quick; its exceptions are ignored, except a
+    :class:`~statesync.errors.MigrationError`, which aborts the migration).
+
+    Thread-safety: create, start and await a Migration on one event loop. Only
+    :meth:`cancel` may be called from any thread.
+
+    Cancellation: :meth:`cancel` (or cancelling the task awaiting it) aborts safely
+    at any phase before the commit: the source process runs on with its state
+    intact, the destination keeps nothing, and awaiting the migration raises
+    :class:`~statesync.errors.MigrationCancelled` (a ``MigrationError``; its
+    ``.report`` says ``source_resumed``). A worker thread in a step that must not be
+    cut (tracker attach, ``criu dump``) finishes first, so an abort can take up to the
+    length of that step. After the destination confirmed the restored process runs
+    (the ``"commit"`` phase event), the migration is committed: ``cancel()`` returns
+    ``False`` and the migration completes normally.
+    """
+
+    def __init__(self, pid: int, dest: str, strategy: str = "auto", targets=None,
+                 secret=None, *, tracker: str = "auto", compression: Optional[str] = "auto",
+                 xor: bool = False, max_rounds: int = 10, scheduler: str = "adaptive",
+                 work_dir: Optional[str] = None, io_timeout: float = 30.0,
+                 progress: Optional[Callable[[dict], None]] = None, criu_args=(),
+                 link_rate: Optional[float] = None, costs: Optional[CriuCosts] = None,
+                 netns: Optional[str] = None, dump_retries: int = 4,
+                 calibration: Optional[str] = None, abort_if: Optional[str] = None,
+                 encryption: Optional[str] = None):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of "
+                             f"{', '.join(STRATEGIES)}")
+        if compression not in (None, "none", "auto", "lz4"):
+            raise ValueError(f"unknown compression {compression!r} (auto, none, lz4)")
+        if max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+        if abort_if not in ABORT_IF:
+            raise ValueError(f"unknown abort_if {abort_if!r} (None or 'predicted_downtime')")
+        if link_rate is not None and not (link_rate > 0 and math.isfinite(link_rate)):
+            raise ValueError(f"link_rate must be a positive number of bits/s, got {link_rate!r}")
+        if not os.path.exists(f"/proc/{int(pid)}"):
+            raise NoSuchProcess(int(pid), "no such process: nothing to migrate")
+        key = wire.load_secret(secret)
+        if calibration:
+            costs = CriuCosts.load(calibration)
+        # The wire protocol's encryption option (statesync.migration.protocol) is plumbed
+        # here once the protocol offers it; None keeps the protocol's default.
+        self.encryption = encryption
+        self.pid = int(pid)
+        self.dest = dest
+        self.targets = targets
+        self.abort_if = abort_if
+        self.calibration = calibration
+        self._user_progress = progress
+        self._agent = _SourceAgent(self.pid, dest, key, strategy, tracker, compression or "none",
+                                   max_rounds, targets, scheduler, work_dir, io_timeout,
+                                   self._on_event, list(criu_args),
+                                   link_rate / 8 if link_rate else None,
+                                   costs or CriuCosts(), netns, xor)
+        self._agent.dump_retries = max(0, int(dump_retries))
+        self._events: List[dict] = []
+        self._changed: Optional[asyncio.Event] = None
+        self._task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._cancel_requested = False
+        self._running = False
+        self._finished = False
+
+    # -- state
+
+    @property
+    def report(self) -> Report:
+        """The report so far (final once the migration finished)."""
+        return self._agent.report
+
+    @property
+    def phase(self) -> str:
+        """The last phase reached: ``"starting"``, ``"plan"``, ``"precopy"``, ``"dump"``,
+        ``"final transfer"``, ``"restore"``, ``"commit"``, ``"done"``, or ``"failed"``."""
+        if self._finished and not self._agent.report.ok:
+            return "failed"
+        for ev in reversed(self._events):
+            kind = ev.get("event")
+            if kind == "phase":
+                return str(ev.get("phase"))
+            if kind in ("plan", "done"):
+                return str(kind)
+            if kind == "round":
+                return "precopy"
+        return "starting"
+
+    @property
+    def committed(self) -> bool:
+        """True once the destination runs the process: cancel() can no longer abort."""
+        return bool(self._agent.committed or getattr(self._agent, "committing", False))
+
+    def done(self) -> bool:
+        return self._finished
+
+    # -- life cycle
+
+    def start(self) -> "Migration":
+        """Start the migration as a task of the running loop (idempotent)."""
+        if self._task is None:
+            self._loop = asyncio.get_running_loop()
+            self._changed = asyncio.Event()
+            self._task = self._loop.create_task(self._run(), name=f"statesync-migrate-{self.pid}")
+        return self
+
+    def _cancelled(self) -> MigrationCancelled:
+        rep = self._agent.report
+        rep.ok = False
+        rep.error = "cancelled" + (f" ({rep.error})" if rep.error else "")
+        return MigrationCancelled(f"migration of pid {self.pid} cancelled in phase "
+                                  f"{rep.failed_phase or self.phase}; source resumed: "
+                                  f"{rep.source_resumed}", rep.failed_phase, rep)
+
+    async def _run(self) -> Report:
+        self._running = True
+        try:
+            if self._cancel_requested:      # cancelled before it began: nothing touched
+                self._agent.report.failed_phase = "start"
+                self._agent.report.source_resumed = True
+                raise self._cancelled()
+            report = await self._agent.run()
+        except asyncio.CancelledError:
+            raise self._cancelled() from None
+        except MigrationCancelled:
+            raise
+        except MigrationError as exc:
+            if self._cancel_requested:      # the agent's own check before its commit
+                raise self._cancelled() from exc
+            raise
+        finally:
+            self._finished = True
+            if self._changed is not None:
+                self._changed.set()
+        if self.calibration:
+            try:
+                self._agent.costs.observe(report).save(self.calibration)
+            except OSError as exc:
+                report.notes.append(f"could not save the calibration to {self.calibration}: {exc}")
+        return report
+
+    def cancel(self) -> bool:
+        """Ask the migration to abort (see the class docstring). Thread-safe. Returns
+        False if it is too late (committed, or already finished), True if the abort
+        was requested; await the migration to learn when the source runs again."""
+        if self._finished or self.committed:
+            return False
+        self._cancel_requested = True
+        self._agent.cancel_requested = True     # checked by the agent before its commit
+        if self._task is None or not self._running:
+            return True                         # the task aborts as it begins
+        loop = self._loop
+        assert loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._task.cancel()
+        else:
+            loop.call_soon_threadsafe(self._task.cancel)
+        return True
+
+    async def wait(self) -> Report:
+        """Start if needed and wait for the end: the Report, or MigrationError
+        (MigrationCancelled after cancel()). Cancelling the task that waits here
+        cancels the migration (safely, as :meth:`cancel`) and waits for its abort."""
+        self.start()
+        task = self._task
+        assert task is not None
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            # Our waiter was cancelled, not the migration: abort it, wait for the abort.
+            self.cancel()
+            try:
+                await asyncio.wait([task])
+            finally:
+                raise asyncio.CancelledError()
+
+    def __await__(self):
+        return self.wait().__await__()
+
+    async def __aenter__(self) -> "Migration":
+        return self.start()
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if self._task is not None and not self._task.done():
+            if exc_type is not None:
+                self.cancel()
+            await asyncio.wait([self._task])
+
+    async def events(self) -> AsyncIterator[dict]:
+        """Progress events from the first one, until the migration ends. Does not
+        raise the migration's error: await the Migration for that."""
+        self.start()
+        assert self._changed is not None
+        i = 0
+        while True:
+            while i < len(self._events):
+                yield self._events[i]
+                i += 1
+            if self._finished:
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+    def __aiter__(self) -> AsyncIterator[dict]:
+        return self.events()
+
+    # -- the agent's progress hook (runs on the loop, inside the agent's task)
+
+    def _on_event(self, ev: dict) -> None:
+        self._events.append(ev)
+        if self._changed is not None:
+            self._changed.set()
+        if self._user_progress is not None:
+            try:
+                self._user_progress(ev)
+            except MigrationError:
+                if not self.committed:      # an abort request; too late once committed
+                    raise
+            except Exception:
+                pass
+        if ev.get("event") == "phase" and ev.get("phase") == "dump":
+            self._check_abort_if()
+
+    def _check_abort_if(self) -> None:
+        """abort_if="predicted_downtime": before the freeze, abort when the downtime
+        the engine predicts for the switch-over exceeds the target (virsh's
+        migrate-setmaxdowntime, as a hard limit)."""
+        if self.abort_if != "predicted_downtime":
+            return
+        from statesync.planning.kpi import Targets
+        target = (self.targets or Targets(max_downtime_s=1.0)).max_downtime_s
+        pred = self._agent.report.predicted_downtime_s
+        if pred is not None and not math.isnan(pred) and pred > target:
+            raise MigrationError(
+                f"predicted downtime {pred * 1e3:.0f} ms exceeds the target "
+                f"{target * 1e3:.0f} ms (abort_if=predicted_downtime): not freezing pid "
+                f"{self.pid}; raise the target, lower the dirty rate or use a faster link",
+                "precopy")
+
+
+async def migrate_async(pid: int, dest: str, strategy: str = "auto", targets=None,
+                        secret=None, **options: Any) -> Report:
+    """:func:`migrate` for asyncio programs: ``report = await migrate_async(pid, dest,
+    ...)`` with the same arguments. Runs on the caller's loop; cancelling the awaiting
+    task aborts the migration safely (see :class:`Migration`) and then raises
+    ``CancelledError``. For progress events or ``cancel()`` from elsewhere, use
+    :class:`Migration` directly."""
+    return await Migration(pid, dest, strategy, targets, secret, **options).wait()
 
 
 def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=None, *,
@@ -47,7 +373,8 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
             io_timeout: float = 30.0, progress: Optional[Callable[[dict], None]] = None,
             criu_args=(), link_rate: Optional[float] = None,
             costs: Optional[CriuCosts] = None, netns: Optional[str] = None,
-            dump_retries: int = 4, calibration: Optional[str] = None) -> Report:
+            dump_retries: int = 4, calibration: Optional[str] = None,
+            abort_if: Optional[str] = None, encryption: Optional[str] = None) -> Report:
     """Live-migrate process ``pid`` (and its children) to the destination agent at
     ``dest`` (``HOST:PORT``; :func:`serve_destination` or ``statesync receive`` must be
     listening there). Returns a :class:`~statesync.migration.report.Report` (times in seconds,
@@ -63,7 +390,11 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     ``strategy``: ``cold`` (dump, send everything, restore), ``precopy`` (one live
     round, then switch over), ``iterative`` (live rounds until the scheduler says stop,
     at most ``max_rounds``), ``auto`` (the scheduler's plan decides cold or iterative).
-    ``targets``: a :class:`statesync.planning.kpi.Targets` (default: max downtime 1 s).
+    ``targets``: a :class:`statesync.planning.kpi.Targets` (default: max downtime 1 s);
+    the report says whether each was met (``Report.kpi``).
+    ``abort_if``: ``None`` (default: the targets steer the scheduler only) or
+    ``"predicted_downtime"``: abort before the freeze (the process never stops) when
+    the downtime predicted for the switch-over exceeds ``targets.max_downtime_s``.
     ``scheduler``: a name for :func:`statesync.scheduler.get` (default ``adaptive``).
     ``compression``: ``"auto"`` (the scheduler picks from the link rate and a
     measured lz4 sample), ``None``/``"none"``, or ``"lz4"``; pages travel as
@@ -72,10 +403,12 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     mirror of the state in the source's memory: one page per page of state).
     ``tracker``: a :class:`statesync.Tracker` method (``auto``, ``uffd``, ``hash``).
     ``link_rate`` (bits/s): the link's rate if known (else 100 Mbit/s until round 0
-    measured it). ``io_timeout`` (seconds) bounds every wait on the peer. ``netns``:
+    measured it; a cold migration has no round 0, so pass it for a true prediction).
+    ``io_timeout`` (seconds) bounds every wait on the peer. ``netns``:
     make the connection from this named network namespace (/run/netns/NAME) instead
     of the caller's, as the two-host testbed does; CRIU always runs in the target's
-    network namespace (:func:`statesync.criu.netns_of`).
+    network namespace (:func:`statesync.criu.netns_of`). ``encryption``: reserved for
+    the wire protocol's encryption setting (``None``: the protocol's default).
 
     ``work_dir``: the directory of the local CRIU dump at switch-over (a temporary
     directory is made in it and removed afterwards; default ``/dev/shm``, so the dump
@@ -90,43 +423,41 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     open or in flight when CRIU collected sockets (other dump failures abort at once).
 
     ``progress``: called with one ``dict`` per event, from the calling thread (keep it
-    quick; its exceptions are ignored). Every dict has ``"event"``:
+    quick; its exceptions are ignored, except a ``MigrationError``, which aborts the
+    migration). Every dict has ``"event"``:
 
     - ``"plan"``: ``strategy``, ``codec``, ``state_pages``, ``dirty_rate_pages_per_s``,
       ``dirty_rate_window_s``, ``predicted_downtime_s``, ``reason``;
+    - ``"transfer"`` (after each batch of pages sent, in a round or the final
+      transfer): ``pages_sent``, ``pages_total``, ``bytes_wire`` (so far in this pass);
     - ``"round"`` (after each live round): ``round`` (0-based), ``pages``,
       ``bytes_wire``, ``duration_s``, ``mbps`` (MB/s), ``dirty_pages`` (written
       during the round, to send next), ``predicted_downtime_s``, ``decision``;
     - ``"phase"`` (switch-over steps): ``phase`` = ``"dump"``, ``"final transfer"``
-      (with ``dump_s``) or ``"restore"`` (with ``final_pages``);
+      (with ``dump_s``), ``"restore"`` (with ``final_pages``) or ``"commit"`` (the
+      destination runs the process; the source copy is being removed);
     - ``"done"`` once the destination runs the process.
 
     On failure raises :class:`MigrationError` (``.phase``, ``.report``); the process
     then runs on at the source with its state intact (``report.source_resumed``).
-    Must be run as root (ptrace, CRIU). Blocking; runs its own event loop, so call it
-    from a thread without a running loop. Not thread-safe for the same ``pid``.
+    Must be run as root (ptrace, CRIU).
+
+    Blocking: runs a private event loop in the calling thread, so it works from any
+    thread that does not run an event loop itself, also while other threads run
+    theirs; called from inside a running loop it raises ``RuntimeError`` (use
+    ``await`` :func:`migrate_async` there). Ctrl-C (KeyboardInterrupt) aborts the
+    migration safely before re-raising. Not thread-safe for the same ``pid``: one
+    migration per process at a time.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if compression not in (None, "none", "auto", "lz4"):
-        raise ValueError(f"unknown compression {compression!r} (auto, none, lz4)")
-    if max_rounds < 1:
-        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
-    if not os.path.exists(f"/proc/{int(pid)}"):
-        from statesync.errors import NoSuchProcess
-        raise NoSuchProcess(int(pid), "no such process: nothing to migrate")
-    key = wire.load_secret(secret)
-    if calibration:
-        costs = CriuCosts.load(calibration)
-    agent = _SourceAgent(int(pid), dest, key, strategy, tracker, compression or "none",
-                         max_rounds, targets, scheduler, work_dir, io_timeout, progress,
-                         list(criu_args), link_rate / 8 if link_rate else None,
-                         costs or CriuCosts(), netns, xor)
-    agent.dump_retries = max(0, int(dump_retries))
-    report = asyncio.run(agent.run())
-    if calibration:
-        try:
-            agent.costs.observe(report).save(calibration)
-        except OSError as exc:
-            report.notes.append(f"could not save the calibration to {calibration}: {exc}")
-    return report
+    _no_running_loop("migrate", "migrate_async")
+    m = Migration(pid, dest, strategy, targets, secret, tracker=tracker,
+                  compression=compression, xor=xor, max_rounds=max_rounds, scheduler=scheduler,
+                  work_dir=work_dir, io_timeout=io_timeout, progress=progress,
+                  criu_args=criu_args, link_rate=link_rate, costs=costs, netns=netns,
+                  dump_retries=dump_retries, calibration=calibration, abort_if=abort_if,
+                  encryption=encryption)
+    return asyncio.run(m.wait())
+
+
+__all__ = ["migrate", "migrate_async", "Migration", "serve_destination",
+           "serve_destination_async", "ABORT_IF"]

@@ -59,12 +59,35 @@ class _SourceAgent(SwitchOver):
         self.committed = False
         self.state_addrs = np.zeros(0, dtype=np.uint64)
         self.t_start = 0.0
+        # Migration.cancel() (api.py) sets cancel_requested; the switch-over checks it
+        # before committing and sets committing, after which a cancel is refused.
+        self.cancel_requested = False
+        self.committing = False
 
     def _emit(self, kind: str, **kw) -> None:
         try:
             self.progress({"event": kind, **kw})
+        except MigrationError:
+            raise           # a progress hook may abort the migration (api: abort_if)
         except Exception:
             pass
+
+    async def _in_thread(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` in a worker thread, run to its end even if the migration is
+        cancelled meanwhile: a tracker attach, a collect or a criu dump cut in half
+        cannot be undone by the abort. The cancellation takes effect afterwards."""
+        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        cancelled: Optional[BaseException] = None
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+        if cancelled is not None:
+            if not fut.cancelled():
+                fut.exception()     # retrieved: the cancellation is what the caller sees
+            raise cancelled
+        return fut.result()
 
     async def _send_pages(self, addrs: np.ndarray, reader) -> Tuple[int, int]:
         """Read (``reader(addrs) -> (pages, ok)``), hash, encode and send; returns
@@ -113,6 +136,8 @@ class _SourceAgent(SwitchOver):
                 await self.chan.send(wire.PAGES, payload)
                 self.shadow.put(a2, h)
                 sent += int(a2.size)
+                self._emit("transfer", pages_sent=sent, pages_total=int(addrs.size),
+                           bytes_wire=self.chan.bytes_sent - b0)
             await producer      # re-raises a reader/encoder error
         finally:
             if not producer.done():
@@ -183,10 +208,10 @@ class _SourceAgent(SwitchOver):
         self.state_addrs = await asyncio.to_thread(self.mem.present_pages)
         rate, window = 0.0, 1.0
         if self.strategy != "cold":
-            rep.tracker = await asyncio.to_thread(self.mem.attach_tracker, self.tracker_method)
+            rep.tracker = await self._in_thread(self.mem.attach_tracker, self.tracker_method)
             t0 = time.monotonic()
             await asyncio.sleep(0.1)
-            probe = await asyncio.to_thread(self.mem.collect)
+            probe = await self._in_thread(self.mem.collect)
             window = max(time.monotonic() - t0, 1e-3)
             rate = probe.size / window
         codecs = ()
@@ -238,7 +263,7 @@ class _SourceAgent(SwitchOver):
         while True:
             rnd = await self._round(index, addrs)
             rep.rounds.append(rnd)
-            dirty = await asyncio.to_thread(self.mem.collect)
+            dirty = await self._in_thread(self.mem.collect)
             rnd.dirty_pages_after = int(dirty.size)
             kcodec = "lz4" if self.codec.compression else "none"
             d = self.sched.on_round(kpi.RoundStats(

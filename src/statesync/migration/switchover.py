@@ -45,8 +45,11 @@ class SwitchOver:
         self._emit("phase", phase="dump")
         for attempt in range(self.dump_retries + 1):
             t0 = time.monotonic()
+            # Before the dump: an abort (or a cancel) from here on resumes them, whatever
+            # state the dump left them in (SIGCONT to a running process does nothing).
+            self.stopped_pids = pids
             try:
-                await asyncio.to_thread(
+                await self._in_thread(
                     criu.dump, self.pid, tmp, extra_args=["--leave-stopped"] + self.criu_args,
                     timeout=300.0, netns=netns)
                 break
@@ -151,6 +154,10 @@ class SwitchOver:
         rep.restored_pid = info.get("pid")
         rep.criu_restore_stats = info.get("stats", {})
         rep.downtime_s = t4 - t_freeze
+        if self.cancel_requested:
+            raise MigrationError("cancelled before the commit", "restore")
+        self.committing = True      # no await since the check: a cancel now is refused
+        self._emit("phase", phase="commit")
         # The destination runs the service: now the stopped source copy goes, and is
         # gone when migrate() returns (SIGKILL of a pid-namespace init is asynchronous;
         # kill_tree waits). Off the event loop: the wait is a few milliseconds of polling.
