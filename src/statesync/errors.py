@@ -215,10 +215,49 @@ class PrerequisiteMissing(StateSyncError):
     root, a Python package); the message says what to install or enable."""
 
 
+# --------------------------------------------------------------------------- containers (issue 12)
+
+
+class ContainerError(StateSyncError):
+    """A container runtime step failed (:mod:`statesync.containers`): runc or podman
+    refused, a bundle or image directory is unusable. ``container`` names it ("" when
+    none), ``cmd`` is the command that failed (may be empty), ``log`` the CRIU/runtime
+    log file to read (may be None). One line: what, which container, which file."""
+
+    def __init__(self, container: str, msg: str, cmd=None, log=None):
+        self.container = container
+        self.cmd = list(cmd) if cmd else []
+        self.log = str(log) if log is not None else None
+        super().__init__((f"container {container}: " if container else "") + msg)
+
+
+class ContainerNotFound(ContainerError):
+    """The runtime does not know the container (wrong name, wrong runc root)."""
+
+
+class CheckpointArchiveError(ContainerError, ValueError):
+    """A checkpoint archive (podman/CRI-O/checkpointctl layout) is malformed or lacks
+    a member; ``path`` names the archive or member."""
+
+    def __init__(self, msg: str, path=None, container: str = ""):
+        self.path = str(path) if path is not None else None
+        super().__init__(container, (f"{path}: " if path is not None else "") + msg)
+
+
+class NetworkMoveError(StateSyncError):
+    """Moving a service IP, replicating CRIU's network lock or announcing the IP
+    failed (:mod:`statesync.containers.net`). ``netns`` names the namespace."""
+
+    def __init__(self, netns: str, msg: str):
+        self.netns = netns
+        super().__init__(f"netns {netns}: {msg}" if netns else msg)
+
+
 __all__ = [
     "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone", "AlreadyTraced",
     "TrackingError", "TrackerUnavailable", "InjectionFailed", "CriuError", "CriuImageError",
     "StreamError", "MigrationError", "KpiInputError", "Infeasible", "ProtocolError",
     "AuthenticationError", "SecretError", "RedisError", "TestbedError",
     "MigrationCancelled", "UsageError", "PrerequisiteMissing",
+    "ContainerError", "ContainerNotFound", "CheckpointArchiveError", "NetworkMoveError",
 ]
