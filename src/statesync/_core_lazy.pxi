@@ -1,0 +1,180 @@
+# Bindings of csrc/ss_lazy.c: statesync's own lazy-pages daemon (the destination of
+# a lazy switch-over, serving `criu restore --lazy-pages`). statesync.migration.lazy
+# gives it meaning; this converts the page stores, releases the GIL around the
+# whole serving loop and raises OSError (with .stats attached) on failure.
+
+cdef extern from "ss_lazy.h" nogil:
+    struct ss_lazy_store:
+        int32_t pid
+        size_t n
+        const uint64_t *addrs
+        const int64_t *rows
+        const uint8_t *pages
+        size_t nrows
+        const uint64_t *breaks
+        size_t nbreaks
+    struct ss_lazy_opts:
+        size_t page_size
+        size_t chunk
+        int cancel_fd
+        int accept_timeout_ms
+        int no_prefetch
+        uint64_t *lat_ns
+        size_t lat_cap
+    struct ss_lazy_stats:
+        uint64_t tasks
+        uint64_t zombies
+        uint64_t forks
+        uint64_t remaps
+        uint64_t removes
+        uint64_t unmaps
+        uint64_t faults
+        uint64_t fault_copied
+        uint64_t fault_zero
+        uint64_t fault_woken
+        uint64_t prefetch_copied
+        uint64_t prefetch_zero
+        uint64_t prefetch_ioctls
+        uint64_t dropped
+        uint64_t exist
+        uint64_t unreachable
+        uint64_t lost_exited
+        uint64_t eagain
+        uint64_t total_pages
+        uint64_t t_start_ns
+        uint64_t t_connected_ns
+        uint64_t t_finished_ns
+        uint64_t t_filled_ns
+        size_t lat_n
+        int32_t err_pid
+        uint64_t err_addr
+    unsigned SS_LAZY_ACCEPT
+    uint32_t SS_LAZY_RESTORE_FINISHED
+    uint64_t SS_LAZY_UFFD_FEATURES
+    int ss_lazy_serve(int sock, unsigned flags, const ss_lazy_store *stores, size_t nstores,
+                      const ss_lazy_opts *opts, ss_lazy_stats *st)
+    int ss_lazy_uffd_open(int flags, uint64_t *features)
+
+LAZY_RESTORE_FINISHED = SS_LAZY_RESTORE_FINISHED
+LAZY_UFFD_FEATURES = SS_LAZY_UFFD_FEATURES
+
+
+cdef dict _lazy_stats_dict(ss_lazy_stats *s):
+    return {"tasks": s.tasks, "zombies": s.zombies, "forks": s.forks, "remaps": s.remaps,
+            "removes": s.removes, "unmaps": s.unmaps, "faults": s.faults,
+            "fault_copied": s.fault_copied, "fault_zero": s.fault_zero,
+            "fault_woken": s.fault_woken, "prefetch_copied": s.prefetch_copied,
+            "prefetch_zero": s.prefetch_zero, "prefetch_ioctls": s.prefetch_ioctls,
+            "dropped": s.dropped, "exist": s.exist, "unreachable": s.unreachable,
+            "lost_exited": s.lost_exited, "eagain": s.eagain, "total_pages": s.total_pages,
+            "t_start_ns": s.t_start_ns, "t_connected_ns": s.t_connected_ns,
+            "t_finished_ns": s.t_finished_ns, "t_filled_ns": s.t_filled_ns,
+            "err_pid": s.err_pid, "err_addr": s.err_addr}
+
+
+def lazy_uffd_probe():
+    """Open a userfaultfd and ask for the events CRIU's lazy restore needs; returns
+    the features granted, or raises OSError (EPERM without privileges, EINVAL when
+    the kernel lacks one of them)."""
+    cdef uint64_t got = 0
+    cdef int fd
+    with nogil:
+        fd = ss_lazy_uffd_open(0o2000000, &got)  # O_CLOEXEC
+    _check(fd, "userfaultfd with fork/remap/remove/unmap events")
+    os.close(fd)
+    return got
+
+
+def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
+               size_t chunk=256, int cancel_fd=-1, int accept_timeout_ms=0,
+               bint prefetch=True, size_t max_latencies=1 << 20):
+    """Run the lazy-pages daemon on sock until every restored task is filled.
+
+    stores: list of (pid, addrs, rows, pages, breaks): addrs sorted unique uint64 page
+    addresses of the task's lazy pages, rows int64 (row of pages, -1 = zero page),
+    pages a C-contiguous (nrows, page_size) uint8 array (read-only views welcome),
+    breaks a sorted uint64 array of addresses a copy run must not cross (VMA
+    boundaries) or None. accept: sock is listening (accept CRIU's connection).
+    Returns (stats dict, fault service times in ns as a uint64 array). Releases
+    the GIL for the whole run. Raises OSError(errno) with .stats on failure."""
+    cdef size_t ns = len(stores), i
+    cdef ss_lazy_store *cs = <ss_lazy_store *>malloc((ns if ns else 1) * sizeof(ss_lazy_store))
+    if cs == NULL:
+        raise MemoryError()
+    cdef const uint64_t[::1] av
+    cdef const int64_t[::1] rv
+    cdef const uint8_t[:, ::1] pv
+    cdef const uint64_t[::1] bv
+    keep = []
+    try:
+        for i in range(ns):
+            pid, addrs, rows, pages, breaks = stores[i]
+            addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
+            rows = np.ascontiguousarray(rows, dtype=np.int64)
+            if addrs.shape[0] != rows.shape[0]:
+                raise ValueError(f"pid {pid}: {addrs.shape[0]} addresses but "
+                                 f"{rows.shape[0]} rows")
+            if pages.ndim != 2 or (pages.shape[0] and pages.shape[1] != page_size):
+                raise ValueError(f"pid {pid}: pages have shape {pages.shape}, expected "
+                                 f"(n, {page_size})")
+            cs[i].pid = <int32_t>int(pid)
+            cs[i].n = addrs.shape[0]
+            cs[i].addrs = NULL
+            cs[i].rows = NULL
+            cs[i].pages = NULL
+            cs[i].nrows = 0
+            cs[i].breaks = NULL
+            cs[i].nbreaks = 0
+            if addrs.shape[0]:
+                av = addrs
+                rv = rows
+                keep += [av, rv]
+                cs[i].addrs = &av[0]
+                cs[i].rows = &rv[0]
+            if pages.shape[0]:
+                pv = pages
+                keep.append(pv)
+                cs[i].pages = &pv[0, 0]
+                cs[i].nrows = pv.shape[0]
+            if breaks is not None:
+                breaks = np.ascontiguousarray(breaks, dtype=np.uint64)
+                if breaks.shape[0]:
+                    bv = breaks
+                    keep.append(bv)
+                    cs[i].breaks = &bv[0]
+                    cs[i].nbreaks = bv.shape[0]
+        lat = np.zeros(max(max_latencies, 1), dtype=np.uint64)
+        return _lazy_run(sock, cs, ns, accept, page_size, chunk, cancel_fd,
+                         accept_timeout_ms, prefetch, lat, max_latencies)
+    finally:
+        free(cs)
+
+
+cdef object _lazy_run(int sock, ss_lazy_store *cs, size_t ns, bint accept, size_t page_size,
+                      size_t chunk, int cancel_fd, int accept_timeout_ms, bint prefetch,
+                      object lat, size_t max_latencies):
+    cdef ss_lazy_opts o
+    cdef ss_lazy_stats st
+    cdef int rc
+    cdef unsigned flags = SS_LAZY_ACCEPT if accept else 0
+    o.page_size = page_size
+    o.chunk = chunk
+    o.cancel_fd = cancel_fd
+    o.accept_timeout_ms = accept_timeout_ms
+    o.no_prefetch = 0 if prefetch else 1
+    o.lat_ns = <uint64_t *>cnp.PyArray_DATA(lat)
+    o.lat_cap = max_latencies
+    with nogil:
+        rc = ss_lazy_serve(sock, flags, cs, ns, &o, &st)
+    stats = _lazy_stats_dict(&st)
+    lats = lat[:st.lat_n].copy()
+    if rc < 0:
+        where = ""
+        if st.err_pid:
+            where += f" (pid {st.err_pid}"
+            where += f", address {st.err_addr:#x})" if st.err_addr else ")"
+        exc = OSError(-rc, f"lazy-pages daemon: {os.strerror(-rc)}{where}")
+        exc.stats = stats
+        exc.latencies = lats
+        raise exc
+    return stats, lats
