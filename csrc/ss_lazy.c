@@ -965,8 +965,10 @@ int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, 
     }
 out:
     for (size_t i = 0; i < d.nt; i++) {
-        if (!d.t[i].finished)
+        if (!d.t[i].finished) {
+            st->left += d.t[i].remaining;
             task_close(&d, &d.t[i]);
+        }
     }
     if (!st->t_filled_ns && rc == 0)
         st->t_filled_ns = now_ns();

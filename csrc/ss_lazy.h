@@ -88,6 +88,9 @@ struct ss_lazy_stats {
     uint64_t lost_exited;      /* pages left when their task exited */
     uint64_t eagain;           /* EAGAIN retries (an mm change was in flight) */
     uint64_t total_pages;      /* lazy pages of the received tasks (forks excluded) */
+    uint64_t left;             /* pages still missing in live tasks when the daemon
+                                * stopped (0 after a success; after an error or a
+                                * cancel they read as zeros from then on) */
     uint64_t t_start_ns;       /* ss_lazy_serve entry */
     uint64_t t_connected_ns;   /* CRIU connected */
     uint64_t t_finished_ns;    /* CRIU's restore-finished word arrived */

@@ -41,6 +41,7 @@ cdef extern from "ss_lazy.h" nogil:
         uint64_t lost_exited
         uint64_t eagain
         uint64_t total_pages
+        uint64_t left
         uint64_t t_start_ns
         uint64_t t_connected_ns
         uint64_t t_finished_ns
@@ -66,7 +67,7 @@ cdef dict _lazy_stats_dict(ss_lazy_stats *s):
             "fault_woken": s.fault_woken, "prefetch_copied": s.prefetch_copied,
             "prefetch_zero": s.prefetch_zero, "prefetch_ioctls": s.prefetch_ioctls,
             "dropped": s.dropped, "exist": s.exist, "unreachable": s.unreachable,
-            "lost_exited": s.lost_exited, "eagain": s.eagain, "total_pages": s.total_pages,
+            "lost_exited": s.lost_exited, "eagain": s.eagain, "total_pages": s.total_pages, "left": s.left,
             "t_start_ns": s.t_start_ns, "t_connected_ns": s.t_connected_ns,
             "t_finished_ns": s.t_finished_ns, "t_filled_ns": s.t_filled_ns,
             "err_pid": s.err_pid, "err_addr": s.err_addr}

@@ -78,6 +78,7 @@ class LazyStats:
     tasks: int = 0
     zombies: int = 0
     total_pages: int = 0       # lazy pages of the received tasks
+    left: int = 0              # pages still missing when the daemon stopped (0 on success)
     faults: int = 0            # fault messages served
     fault_copied: int = 0
     fault_zero: int = 0
@@ -275,8 +276,10 @@ class LazyPagesDaemon:
 
     ``work_dir``: CRIU's ``-W`` (default: images_dir), where the socket is made.
     ``chunk``: pages per background copy ioctl. ``prefetch=False`` serves faults only
-    (then the daemon ends only when every page was faulted in, dropped, or its task
-    exited: for measurements). ``accept_timeout``: seconds to wait for CRIU.
+    (a measurement mode: the daemon then ends only when every page was faulted in or
+    dropped, or by :meth:`cancel`; an exited task is noticed by a failing copy,
+    which only the background fill makes). ``accept_timeout``: seconds to wait for
+    CRIU.
 
     One thread runs the C loop with the GIL released; :meth:`wait` joins it.
     """
@@ -437,8 +440,7 @@ class LazyPagesDaemon:
         raw = getattr(exc, "stats", None) or {}
         lat = getattr(exc, "latencies", np.zeros(0, dtype=np.uint64))
         st = LazyStats.from_raw(raw, lat) if raw else None
-        filled = st is not None and st.pages_filled + st.dropped + st.exist >= st.total_pages
-        unfilled = st is not None and st.tasks > 0 and not filled
+        unfilled = st is not None and st.left > 0
         import errno as _e
         why = {
             _e.ETIMEDOUT: f"criu restore never connected to {self.socket_path} within "

@@ -1,0 +1,286 @@
+"""statesync's own lazy-pages daemon against the real `criu restore --lazy-pages`
+(root, CRIU 4.2.1; CI fails when missing).
+
+A full `criu dump` is turned into a restore set whose private anonymous pages are
+PE_LAZY and absent from pages-N.img (write_lazy_image_set); CRIU restores the
+rest and hands each task's userfaultfd to LazyPagesDaemon, which serves faults
+and fills the remaining pages from the ORIGINAL dump's pages. The restored
+process must hold exactly the memory it had at the dump, also when it forks,
+mremaps, munmaps and MADV_DONTNEEDs while pages are still missing.
+"""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import require
+from statesync import criu, proc
+from statesync.migration import lazy
+from statesync.migration.lazy import LazyPagesDaemon, LazyPagesError, lazy_restore
+from statesync.testing import workloads
+
+
+def _uffd_ok():
+    from statesync import _core
+    try:
+        _core.lazy_uffd_probe()
+        return True, ""
+    except OSError as exc:
+        return False, str(exc)
+
+
+@pytest.fixture(scope="module")
+def lazy_ok(criu_ok):
+    ok, why = _uffd_ok()
+    require(ok, f"userfaultfd with fork/remap/remove/unmap events: {why}")
+    return criu_ok
+
+
+@pytest.fixture
+def reap():
+    pids = []
+    yield pids
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def workload_dump(lazy_ok, tmp_path_factory):
+    """One 32 MiB workload, dumped once (full), plus its lazy restore set."""
+    base = tmp_path_factory.mktemp("lazywl")
+    wl = workloads.spawn("32M", 0, own_pidns=True, paused=True, seed=11)
+    try:
+        c = wl.client
+        c.write(list(range(0, 8192, 5)))
+        st = c.status()
+        checksum = c.checksum()
+        criu.dump(wl.pid, base / "full")  # the process is gone after this
+    finally:
+        wl.kill()
+    res = lazy.write_lazy_image_set(base / "full", base / "lazy")
+    return {"wl": wl, "status": st, "checksum": checksum, "full": str(base / "full"),
+            "lazy": str(base / "lazy"), "res": res}
+
+
+def test_lazy_image_set_marks_private_anonymous_pages(workload_dump):
+    full = criu.ImageSet(workload_dump["full"])
+    pid = full.root_pid
+    lz = lazy.lazy_pages(workload_dump["lazy"], pid)
+    st = workload_dump["status"]
+    buf = full.addresses()[(full.addresses() >= st["addr"]) &
+                           (full.addresses() < st["addr"] + st["size"])]
+    # every dumped page of the workload's buffer is lazy, and nothing outside the dump
+    assert np.isin(buf, lz).all()
+    assert np.isin(lz, full.addresses()).all()
+    res = workload_dump["res"]
+    assert res.lazy_pages[pid] == lz.size
+    assert res.stored_pages[pid] + lz.size == full.npages
+    size = os.path.getsize(os.path.join(workload_dump["lazy"], f"pages-{full.pagemap().pages_id}.img"))
+    assert size == res.stored_pages[pid] * 4096
+
+
+def test_lazy_restore_brings_back_the_exact_memory(workload_dump, reap):
+    full = criu.ImageSet(workload_dump["full"])
+    rr, d = lazy_restore(workload_dump["lazy"], full)
+    reap.append(rr.pid)
+    st = d.wait(60)
+    assert st.tasks == 1 and st.total_pages == workload_dump["res"].lazy_pages[full.root_pid]
+    # every lazy page placed exactly once, on demand or in the background
+    assert st.fault_copied + st.prefetch_copied + st.exist == st.total_pages
+    assert st.prefetch_copied > 0 and st.faults > 0
+    assert st.unreachable == 0 and st.lost_exited == 0
+    assert st.fill_s > 0 and st.fault_p99_ns >= st.fault_p50_ns > 0
+    c = workloads.WorkloadClient(workload_dump["wl"].control)
+    c.wait_ready(20)
+    assert c.checksum() == workload_dump["checksum"]
+    seq = c.status()["seq"]
+    c.write([1, 2, 3])
+    assert c.status()["seq"] == seq + 3
+    assert not os.path.exists(os.path.join(workload_dump["lazy"], lazy.LAZY_SOCKET))
+
+
+def test_missing_store_page_is_refused_before_restore(workload_dump):
+    full = criu.ImageSet(workload_dump["full"])
+    addrs, pages = full.addresses(), full.pages()
+    lz = lazy.lazy_pages(workload_dump["lazy"], full.root_pid)
+    keep = addrs != lz[len(lz) // 2]
+    with pytest.raises(LazyPagesError) as ei:
+        LazyPagesDaemon(workload_dump["lazy"], (addrs[keep], pages[keep]))
+    assert f"{int(lz[len(lz) // 2]):#x}" in str(ei.value) and ei.value.pid == full.root_pid
+    # with missing="zero" it is accepted (served as a zero page)
+    LazyPagesDaemon(workload_dump["lazy"], (addrs[keep], pages[keep]), missing="zero")
+
+
+def test_no_criu_connection_times_out(workload_dump, tmp_path):
+    full = criu.ImageSet(workload_dump["full"])
+    d = LazyPagesDaemon(workload_dump["lazy"], full, work_dir=tmp_path, accept_timeout=0.2)
+    d.start()
+    assert os.path.exists(tmp_path / lazy.LAZY_SOCKET)
+    with pytest.raises(LazyPagesError) as ei:
+        d.wait(10)
+    assert "never connected" in str(ei.value) and not ei.value.unfilled
+    assert not os.path.exists(tmp_path / lazy.LAZY_SOCKET)
+
+
+def test_failed_restore_stops_the_daemon(workload_dump, tmp_path):
+    # A restore set whose pagemap points at a missing pages file: CRIU connects,
+    # fails, closes the socket; lazy_restore raises CriuError and stops the daemon.
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(workload_dump["lazy"], bad)
+    for n in os.listdir(bad):
+        if n.startswith("pages-"):
+            os.unlink(bad / n)
+    full = criu.ImageSet(workload_dump["full"])
+    from statesync.errors import CriuError
+    with pytest.raises(CriuError):
+        lazy_restore(bad, full, timeout=60)
+
+
+# ---------------------------------------------------------------- events during the fill
+
+# A target of its own (the workload generator has no fork/mremap/munmap mode): maps
+# NPAGES pages of seeded random bytes, writes its outer pid, and waits for a trigger
+# file. Restored with the trigger present, it at once forks (the child checks its
+# copy), MADV_DONTNEEDs, munmaps and mremaps parts of the buffer while the daemon is
+# still filling, then checks every byte and writes a JSON verdict.
+TARGET = textwrap.dedent(r'''
+    import ctypes, json, mmap, os, sys, time
+    import numpy as np
+    NP = int(sys.argv[2]); PS = 4096; d = sys.argv[1]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                            ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    base = libc.mmap(None, NP * PS, 3, 0x22, -1, 0)   # PROT_RW, MAP_PRIVATE|MAP_ANONYMOUS
+    def view(addr, npages):
+        return np.ctypeslib.as_array((ctypes.c_uint8 * (npages * PS)).from_address(addr)
+                                     ).reshape(npages, PS)
+    def expected(i0, i1):
+        out = np.empty((i1 - i0, PS), dtype=np.uint8)
+        for i in range(i0, i1, 1024):
+            j = min(i1, i + 1024)
+            out[i - i0:j - i0] = np.random.default_rng(i // 1024).integers(
+                0, 256, size=(1024, PS), dtype=np.uint8)[:j - i]
+        return out
+    buf = view(base, NP)
+    buf[:] = expected(0, NP)
+    with open(os.path.join(d, "pid"), "w") as f:
+        for line in open("/proc/self/status"):
+            if line.startswith("NSpid:"):
+                f.write(line.split()[1])
+    trig = os.path.join(d, "go")
+    while not os.path.exists(trig):
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    bad = {}
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        ok = bool((view(base, NP) == expected(0, NP)).all())
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    a, b = NP // 16, NP // 8                          # DONTNEED [a, b)
+    libc.madvise(base + a * PS, (b - a) * PS, 4)      # MADV_DONTNEED
+    c, e = NP // 4, NP // 4 + NP // 16                # munmap [c, e)
+    libc.munmap(base + c * PS, (e - c) * PS)
+    m0, m1 = NP // 2, NP // 2 + NP // 8               # mremap [m0, m1) elsewhere
+    dest = libc.mmap(None, (m1 - m0) * PS, 0, 0x22, -1, 0)   # a PROT_NONE reservation
+    moved = libc.mremap(base + m0 * PS, (m1 - m0) * PS, (m1 - m0) * PS, 3, dest)  # MAYMOVE|FIXED
+    ops_s = time.monotonic() - t0
+    bad["dontneed_zero"] = bool((view(base + a * PS, b - a) == 0).all())
+    bad["moved"] = moved not in (None, ctypes.c_void_p(-1).value) and bool(
+        (view(moved, m1 - m0) == expected(m0, m1)).all())
+    ok = True
+    for i0, i1 in ((0, a), (b, c), (e, m0), (m1, NP)):
+        ok &= bool((view(base + i0 * PS, i1 - i0) == expected(i0, i1)).all())
+    bad["rest"] = ok
+    os.waitpid(child, 0)
+    bad["fork_child"] = os.read(r, 1) == b"1"
+    bad["ops_s"] = ops_s
+    with open(os.path.join(d, "result.tmp"), "w") as f:
+        json.dump(bad, f)
+    os.rename(os.path.join(d, "result.tmp"), os.path.join(d, "result.json"))
+    while True:
+        time.sleep(1)
+''')
+
+
+def _spawn_target(tmp_path, npages):
+    script = tmp_path / "target.py"
+    script.write_text(TARGET)
+    work = tmp_path / "work"
+    work.mkdir()
+    p = subprocess.Popen(["unshare", "-p", "-f", "setsid", sys.executable, str(script),
+                          str(work), str(npages)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, cwd=str(work))
+    deadline = time.monotonic() + 60
+    while not (work / "pid").exists() or not (work / "pid").read_text():
+        assert p.poll() is None, "target exited early"
+        assert time.monotonic() < deadline, "target not ready"
+        time.sleep(0.02)
+    time.sleep(0.05)
+    return p, int((work / "pid").read_text()), work
+
+
+def _wait_result(work, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not (work / "result.json").exists():
+        assert time.monotonic() < deadline, "restored target wrote no verdict"
+        time.sleep(0.02)
+    return json.loads((work / "result.json").read_text())
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["fill", "faults-only"])
+def test_fork_mremap_munmap_dontneed_during_fill(lazy_ok, tmp_path, reap, prefetch):
+    npages = 16384  # 64 MiB
+    p, pid, work = _spawn_target(tmp_path, npages)
+    try:
+        criu.dump(pid, tmp_path / "full")
+    finally:
+        proc.kill_tree([pid], p)
+    lazy.write_lazy_image_set(tmp_path / "full", tmp_path / "lazy")
+    (work / "go").write_text("")
+    full = criu.ImageSet(tmp_path / "full")
+    # chunk=1: a slow fill (one page per ioctl), so the target's operations, which
+    # start within milliseconds of the resume, meet pages still missing
+    rr, d = lazy_restore(tmp_path / "lazy", full, chunk=1 if prefetch else 256,
+                         prefetch=prefetch)
+    reap.append(rr.pid)
+    verdict = _wait_result(work)
+    assert verdict == {**verdict, "dontneed_zero": True, "moved": True, "rest": True,
+                       "fork_child": True}, verdict
+    if prefetch:
+        st = d.wait(60)
+    else:
+        # faults only (a measurement mode): pages nobody touches stay missing, so
+        # the daemon only ends when cancelled, and says that pages were left
+        d.cancel()
+        with pytest.raises(LazyPagesError) as ei:
+            d.wait(60)
+        assert ei.value.unfilled and ei.value.errno == errno.ECANCELED
+        st = ei.value.stats
+    assert st.forks >= 1 and st.removes >= 1 and st.unmaps >= 1 and st.remaps >= 1, st
+    assert st.unreachable == 0
+    if not prefetch:
+        assert st.prefetch_copied == 0
+        # the DONTNEED'd and munmapped ranges were never touched: dropped, not copied
+        assert st.dropped >= 2 * (npages // 16)
+    else:
+        assert st.prefetch_copied > 0 and st.lost_exited == 0
