@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import os
 import re
+import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -226,14 +228,14 @@ def _log_tail(path: str, lines: int = 25) -> str:
 
 
 def _run_criu(cmd: List[str], log: str, what: str, timeout: float,
-              netns: Optional[str] = None) -> float:
+              netns: Optional[str] = None, pass_fds: Sequence[int] = ()) -> float:
     """Run a CRIU command line (in network namespace ``netns`` when given); returns
     its wall time in seconds. Raises CriuError with the log tail of ``log``."""
     cmd = _in_netns(netns) + list(cmd)
     t0 = time.monotonic()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
+                           stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds))
     except subprocess.TimeoutExpired:
         raise CriuError(f"criu {what} did not finish within {timeout:g} s", cmd, None,
                         _log_tail(log)) from None
@@ -244,9 +246,17 @@ def _run_criu(cmd: List[str], log: str, what: str, timeout: float,
     return wall
 
 
+# CRIU's page-server request header (criu/page-xfer.c, struct page_server_iov:
+# u32 cmd, then u64 nr_pages, vaddr, dst_id at natural alignment: 32 bytes) and the
+# command that ends a session; the server answers it with an int32 status.
+_PS_IOV = struct.Struct("<I4xQQQ")
+_PS_IOV_CLOSE = 0x1023
+
+
 def dump(pid: int, images_dir, leave_running: bool = False, parent=None,
          track_mem: Optional[bool] = None, extra_args: Sequence[str] = (),
-         timeout: float = 300.0, netns: Optional[str] = None) -> DumpResult:
+         timeout: float = 300.0, netns: Optional[str] = None,
+         lazy_pages: bool = False) -> DumpResult:
     """``criu dump`` of process ``pid`` (and its children) into ``images_dir`` (created
     if missing). ``leave_running`` keeps it running afterwards (else CRIU kills it).
     ``parent`` is passed as ``--prev-images-dir`` (relative to images_dir); CRIU itself
@@ -257,7 +267,16 @@ def dump(pid: int, images_dir, leave_running: bool = False, parent=None,
     migration's switch-over does). ``netns`` runs CRIU in that network namespace
     (a path such as :func:`netns_of` returns, or a name under /run/netns): needed when
     the process lives in another one, so CRIU does not try to dump it. ``timeout`` in
-    seconds. The log is ``images_dir/dump.log``. Raises NoSuchProcess, CriuError."""
+    seconds. The log is ``images_dir/dump.log``. Raises NoSuchProcess, CriuError.
+
+    ``lazy_pages``: ``criu dump --lazy-pages``: the pages of lazy-able VMAs (private
+    anonymous, not the stack) are NOT written; the pagemap marks them ``PE_LAZY``
+    and they stay in the (frozen, with ``--leave-stopped``) process. CRIU then serves
+    them from a page server; here its socket is one end of a socket pair whose other
+    end ends the session at once (PS_IOV_CLOSE), so the dump returns as soon as the
+    other images are written. This is the freeze-time capture of a lazy switch-over:
+    the pages travel by other means (the tracker's final dirty set, read from the
+    frozen process)."""
     criu = _criu_or_raise()
     if not os.path.exists(f"/proc/{int(pid)}"):
         raise NoSuchProcess(int(pid), "no such process to dump")
@@ -273,8 +292,31 @@ def dump(pid: int, images_dir, leave_running: bool = False, parent=None,
     if track_mem:
         cmd.append("--track-mem")
     cmd += list(extra_args)
-    wall = _run_criu(cmd, os.path.join(images_dir, "dump.log"), f"dump of pid {int(pid)}",
-                     timeout, netns)
+    log = os.path.join(images_dir, "dump.log")
+    if lazy_pages:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Queued before CRIU starts: its page server reads it once every image is
+            # written, answers, and the dump finishes (the tree's final state applies).
+            ours.sendall(_PS_IOV.pack(_PS_IOV_CLOSE, 0, 0, 0))
+            cmd += ["--lazy-pages", "--ps-socket", str(theirs.fileno())]
+            wall = _run_criu(cmd, log, f"lazy dump of pid {int(pid)}", timeout, netns,
+                             pass_fds=(theirs.fileno(),))
+            theirs.close()
+            ours.settimeout(1.0)
+            status = ours.recv(4)
+        except OSError as exc:
+            raise CriuError(f"criu lazy dump of pid {int(pid)}: page-server session "
+                            f"failed ({exc})", cmd, None, _log_tail(log)) from exc
+        finally:
+            ours.close()
+            theirs.close()
+        if len(status) != 4 or struct.unpack("<i", status)[0] != 0:
+            raise CriuError(f"criu lazy dump of pid {int(pid)}: page server did not confirm "
+                            f"the end of the session (got {status!r})", cmd, None,
+                            _log_tail(log))
+    else:
+        wall = _run_criu(cmd, log, f"dump of pid {int(pid)}", timeout, netns)
     stats = {}
     sp = os.path.join(images_dir, "stats-dump")
     if os.path.exists(sp):
