@@ -15,9 +15,8 @@ from statesync.criu import images as _img
 from statesync.criu.images import PE_LAZY, PE_PARENT, PE_PRESENT, VMA_DTYPE  # noqa: F401  (re-exported)
 from statesync.errors import CriuError, NoSuchProcess
 
-__all__ = ["CriuInfo", "DumpResult", "RestoreResult", "ImageSet", "find_criu", "check", "dump",
-           "restore", "diff", "write_incremental", "flatten", "write_image_set", "info",
-           "PE_PARENT", "PE_LAZY", "PE_PRESENT", "VMA_DTYPE", "WriteResult"]
+__all__ = ["CriuInfo", "DumpResult", "RestoreResult", "find_criu", "check", "dump", "restore",
+           "netns_of", "FEATURES", "MIN_VERSION"]
 
 MIN_VERSION = (4, 0)
 # Features probed with `criu check --feature NAME`, under the names we report.
