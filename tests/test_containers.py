@@ -32,6 +32,10 @@ def test_criu_iptables_lock_lines_are_found_and_inverted():
         "COMMIT", "*nat", "-A OUTPUT -m mark ! --mark 0xc114 -j DROP", "COMMIT"])
     rules, chains = net._criu_iptables_lines(save)
     assert len(rules) == 1 and "--sport 4000" in rules[0] and chains == []
+    logged = ("-A INPUT --protocol tcp -m mark ! --mark 0xC114 --source 10.0.0.10 --sport 4000 "
+              "--destination 10.0.0.100 --dport 6379 -j DROP")
+    assert net.rule_key(logged) == net.rule_key(rules[0])
+    assert net.rule_key(logged) != net.rule_key(logged.replace("4000", "4001"))
     add = net._iptables_restore_input([], rules)
     assert add.splitlines()[1].startswith("-I INPUT ") and add.endswith("COMMIT\n")
     rm = net._iptables_restore_input([], rules, delete=True)
@@ -46,6 +50,25 @@ def test_runtime_message_is_one_line():
            'log file: /x/dump.log"\n')
     msg = runc._runtime_msg(err)
     assert "\n" not in msg and msg.startswith("criu failed") and "dump.log" in msg
+
+
+def test_seccomp_allows_reads_oci_rules():
+    spec = {"linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["ptrace"], "action": "SCMP_ACT_ERRNO"}]}}}
+    assert runc.seccomp_allows(spec, "read") and not runc.seccomp_allows(spec, "userfaultfd")
+    spec["linux"]["seccomp"]["defaultAction"] = "SCMP_ACT_ALLOW"
+    assert runc.seccomp_allows(spec, "userfaultfd") and not runc.seccomp_allows(spec, "ptrace")
+    assert runc.seccomp_allows({"linux": {}}, "userfaultfd")
+
+
+def test_resolve_names_containers():
+    from statesync import containers
+    from statesync.errors import ContainerError, ContainerNotFound
+    with pytest.raises(ContainerError, match="runc:NAME"):
+        containers.resolve("nonsense")
+    with pytest.raises(ContainerNotFound):
+        containers.resolve("runc:no-such-container@/nonexistent-root")
 
 
 def test_container_error_is_one_line():
@@ -143,6 +166,7 @@ def test_runc_redis_checkpoint_left_stopped_restores_on_other_host(lan, rootfs):
         f.write("changed-in-container\n")
     pids = runc.pids_of(c)
     assert pids and all(os.path.exists(f"/proc/{p}") for p in pids)
+    assert runc.seccomp_allows(b, "userfaultfd")  # runc spec's default has no filter
 
     r = runc.checkpoint(c, os.path.join(tb.dir_a, "img"), leave_stopped=True)
     assert r.pids == pids and r.leave_stopped
@@ -175,36 +199,44 @@ def test_runc_redis_checkpoint_left_stopped_restores_on_other_host(lan, rootfs):
         assert f.read().endswith("changed-in-container\n")
 
 
-def _switch_over(tb, lan, c, b, rootfs, name, images_dir, dest_dir):
+def _switch_over(tb, lan, c, b, rootfs, name, images_dir, dest_dir, network_lock=None):
     """The manual switch-over: dump (tcp, left stopped) -> copy -> lock at B -> IP move ->
-    restore at B -> source leftovers removed. Returns per-step seconds."""
+    restore at B. The destination bundle is made beforehand (as pre-copy would). Returns
+    per-step seconds."""
+    b2 = runc.make_bundle(os.path.join(tb.dir_b, "bundle"), rootfs, ["true"], netns=tb.ns_b,
+                          upper_from=b.upper)
     t = {}
     t0 = time.monotonic()
-    r = runc.checkpoint(c, images_dir, leave_stopped=True, tcp_established=True)
+    r = runc.checkpoint(c, images_dir, leave_stopped=True, tcp_established=True,
+                        network_lock=network_lock)
     t["dump"] = time.monotonic() - t0
-    lock = net.network_lock_of(tb.ns_a)
-    assert lock.iptables, "CRIU installed no network lock in host A"
     t1 = time.monotonic()
     shutil.copytree(images_dir, dest_dir)
     t["copy"] = time.monotonic() - t1
     t1 = time.monotonic()
-    net.replicate_network_lock(tb.ns_a, tb.ns_b, lock)
-    assert set(lock.iptables) <= set(net.network_lock_of(tb.ns_b).iptables)
+    lock = net.replicate_network_lock(tb.ns_a, tb.ns_b, dump_log=r.log)
     t["lock"] = time.monotonic() - t1
     t["move_ip"] = lan.move_service("a", "b")
-    b2 = runc.make_bundle(os.path.join(tb.dir_b, "bundle"), rootfs, ["true"], netns=tb.ns_b,
-                          upper_from=b.upper)
     t1 = time.monotonic()
-    rr = runc.restore(dest_dir, b2, name, tcp_established=True)
+    rr = runc.restore(dest_dir, b2, name, tcp_established=True, network_lock=network_lock)
     t["restore"] = time.monotonic() - t1
     t["total"] = time.monotonic() - t0
+    # what the log said is what CRIU installed at the source
+    src = net.network_lock_of(tb.ns_a)
+    assert lock and sorted(map(net.rule_key, src.iptables)) == sorted(map(net.rule_key, lock.iptables))
+    assert [n for _f, n, _t in src.nft_tables] == [n for _f, n, _t in lock.nft_tables]
     return r, rr, b2, lock, t
 
 
-def test_tcp_client_keeps_one_connection_across_runc_migration(lan, rootfs):
+@pytest.mark.parametrize("network_lock", ["iptables", "nftables"])
+def test_tcp_client_keeps_one_connection_across_runc_migration(lan, rootfs, criu_ok, network_lock):
     """A redis client in the client namespace holds ONE connection doing SET+GET every
-    5 ms while the container moves A -> B (tcp-established dump, lock replicated before
-    the IP moves, restore): no reset, every acknowledged write there, gap measured."""
+    5 ms while the container moves A -> B (tcp-established dump, CRIU's lock (iptables
+    rules or its nftables table) replicated before the IP moves, restore): no reset,
+    every acknowledged write there, gap measured."""
+    if network_lock == "nftables":
+        require(criu_ok.features.get("network_lock_nftables"), "CRIU lacks network-lock nftables")
+        require(find_program("nft"), "nft missing (scripts/setup-system.sh)")
     tb, lan, names, bundles = lan
     lan.place_service("a")
     tag = f"ssct{os.getpid()}"
@@ -221,12 +253,13 @@ def test_tcp_client_keeps_one_connection_across_runc_migration(lan, rootfs):
         before = len(sess.acked)
         assert before > 10 and sess.error is None
         r, rr, b2, lock, t = _switch_over(tb, lan, c, b, rootfs, tag + "b",
-                                          os.path.join(tb.dir_a, "img"), os.path.join(tb.dir_b, "img"))
+                                          os.path.join(tb.dir_a, "img"), os.path.join(tb.dir_b, "img"),
+                                          network_lock)
         bundles.append(b2)
         names.append(rr.container.name)
         assert not net.network_lock_of(tb.ns_b), "CRIU's restore left the lock in B"
         runc.delete(c)
-        assert net.remove_network_lock(tb.ns_a, lock) == len(lock.iptables)
+        assert net.remove_network_lock(tb.ns_a, lock) == lock.rules
         assert not net.network_lock_of(tb.ns_a)
         deadline = time.monotonic() + 10
         while len(sess.acked) < before + 100 and sess.error is None and time.monotonic() < deadline:
@@ -236,7 +269,7 @@ def test_tcp_client_keeps_one_connection_across_runc_migration(lan, rootfs):
     assert sess.error is None, f"the client's connection broke: {sess.error!r}"
     assert len(sess.acked) >= before + 100
     assert sess.verify(mk()) == []
-    print(f"\nrunc+tcp switch-over: client gap {sess.gap_s * 1000:.0f} ms, "
+    print(f"\nrunc+tcp switch-over ({network_lock} lock): client gap {sess.gap_s * 1000:.0f} ms, "
           f"{len(sess.acked)} writes acked; steps (ms): "
           + ", ".join(f"{k} {v * 1000:.0f}" for k, v in t.items())
           + f"; CRIU frozen_time {r.stats.get('frozen_time', 0) / 1000:.0f} ms")

@@ -2,7 +2,7 @@
 
 Building blocks the switch-over engine calls (docs/containers.md)::
 
-    from statesync.containers import runc, podman, net, rootfs
+    from statesync.containers import runc, podman, net, rootfs   # or the names below
 
     b = runc.make_bundle("bundle", rootfs_dir, ["redis-server", ...], netns="/run/netns/A")
     c = runc.run(b, "svc")                         # runc.Container(name, root)
@@ -22,4 +22,30 @@ Everything here drives real programs (runc, podman, CRIU, ip, iptables/nft) and 
 """
 from __future__ import annotations
 
-__all__ = ["runc", "podman", "net", "rootfs"]
+from . import net, podman, probe, rootfs, runc
+from .net import move_ip, replicate_network_lock, remove_network_lock, network_lock_of
+from .podman import read_archive, write_archive
+from .runc import Bundle, Container, checkpoint, make_bundle, pids_of, restore, seccomp_allows
+
+__all__ = ["runc", "podman", "net", "rootfs", "probe", "Bundle", "Container", "resolve",
+           "pids_of", "checkpoint", "restore", "make_bundle", "seccomp_allows",
+           "write_archive", "read_archive", "replicate_network_lock", "remove_network_lock",
+           "network_lock_of", "move_ip"]
+
+
+def resolve(target: str) -> Container:
+    """A container named the way a command line names it: ``runc:NAME`` (statesync's
+    runc root), ``runc:NAME@ROOT`` (another runc state directory) or ``podman:NAME``
+    (a podman container under runc). Raises ContainerNotFound / ContainerError."""
+    from ..errors import ContainerError, ContainerNotFound
+    kind, _, rest = str(target).partition(":")
+    if kind == "podman" and rest:
+        return podman.container(rest)
+    if kind == "runc" and rest:
+        name, _, root = rest.partition("@")
+        c = Container(name, root or runc.DEFAULT_ROOT)
+        if not runc.exists(c):
+            raise ContainerNotFound(name, f"no runc container under {c.root}")
+        return c
+    raise ContainerError("", f"not a container reference: {target!r} (use runc:NAME, "
+                         f"runc:NAME@ROOT or podman:NAME)")

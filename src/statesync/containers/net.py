@@ -43,7 +43,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import NetworkMoveError
 
-__all__ = ["NetworkLock", "network_lock_of", "replicate_network_lock", "remove_network_lock",
+__all__ = ["NetworkLock", "network_lock_of", "lock_from_dump_log", "replicate_network_lock", "rule_key",
+           "remove_network_lock",
            "add_service_ip", "remove_service_ip", "move_ip", "announce", "ServiceLan",
            "in_netns", "netns_path"]
 
@@ -154,6 +155,74 @@ def network_lock_of(netns: Optional[str]) -> NetworkLock:
     return lock
 
 
+_LOG_RULE = re.compile(r"Running (ip6?tables) \[(ip6?tables) (.*)\]\s*$")
+_LOG_NFT = re.compile(r"Running nftables \[add element (\S+) (\S+) ")
+
+
+def lock_from_dump_log(dump_log: str, src_netns: Optional[str] = None) -> NetworkLock:
+    """CRIU's network lock as its dump.log records it: the per-connection iptables
+    rules it inserted (no process run: the switch-over path stays short), or, for
+    ``network-lock nftables``, the name of its table, listed once in ``src_netns``.
+    Falls back to :func:`network_lock_of` when the log shows a lock it cannot parse."""
+    lock = NetworkLock()
+    nft: List[Tuple[str, str]] = []
+    try:
+        with open(dump_log, errors="replace") as f:
+            lines = f.readlines()
+    except OSError as exc:
+        raise NetworkMoveError(src_netns or "", f"cannot read CRIU's log {dump_log}: {exc}") from None
+    locked = False
+    for ln in lines:
+        if "Lock network" in ln or "Locked " in ln:
+            locked = True
+        m = _LOG_RULE.search(ln)
+        if m:
+            args = m.group(3).split()
+            # iptables -w -t filter -I CHAIN rule... -> "-A CHAIN rule..." for filter
+            try:
+                t = args.index("-t")
+                table = args[t + 1]
+            except (ValueError, IndexError):
+                table = "filter"
+            if "-I" not in args or table != "filter":
+                continue
+            i = args.index("-I")
+            rule = "-A " + " ".join(args[i + 1:])
+            (lock.iptables if m.group(1) == "iptables" else lock.ip6tables).append(rule)
+            continue
+        m = _LOG_NFT.search(ln)
+        if m and (m.group(1), m.group(2)) not in nft:
+            nft.append((m.group(1), m.group(2)))
+    for fam, name in nft:
+        t = _run(src_netns, ["nft", "list", "table", fam, name], f"nft list table {fam} {name}")
+        lock.nft_tables.append((fam, name, t.stdout))
+    if locked and not lock:
+        return network_lock_of(src_netns)
+    return lock
+
+
+_OPT_ALIASES = {"-s": "src", "--source": "src", "-d": "dst", "--destination": "dst",
+                "--sport": "sport", "--source-port": "sport", "--dport": "dport",
+                "--destination-port": "dport", "-p": "proto", "--protocol": "proto", "-j": "jump"}
+
+
+def rule_key(rule: str) -> Tuple:
+    """What identifies one of CRIU's lock rules, whatever its spelling (dump.log's
+    ``--source A`` and iptables-save's ``-s A/32`` are the same rule): chain,
+    protocol, addresses, ports, target."""
+    toks = rule.split()
+    chain = toks[1] if len(toks) > 1 and toks[0] in ("-A", "-I", "-D") else ""
+    key = {"chain": chain}
+    for i, t in enumerate(toks[:-1]):
+        k = _OPT_ALIASES.get(t)
+        if k:
+            v = toks[i + 1]
+            if k in ("src", "dst") and v.endswith("/32"):
+                v = v[:-3]
+            key[k] = v.lower()
+    return tuple(sorted(key.items()))
+
+
 def _iptables_restore_input(chains: Sequence[str], rules: Sequence[str], delete: bool = False) -> str:
     out = ["*filter"]
     if not delete:
@@ -169,22 +238,29 @@ def _iptables_restore_input(chains: Sequence[str], rules: Sequence[str], delete:
 
 
 def replicate_network_lock(src_netns: Optional[str], dst_netns: Optional[str],
-                           lock: Optional[NetworkLock] = None) -> NetworkLock:
-    """Install CRIU's network lock found in ``src_netns`` (or ``lock``) into
-    ``dst_netns``. Call it after the dump and BEFORE the service IP appears at the
-    destination; CRIU's unlock at a ``tcp_established`` restore removes it again.
-    Returns what was installed (empty when the source had no lock: nothing to do)."""
+                           lock: Optional[NetworkLock] = None, *, dump_log: Optional[str] = None,
+                           skip_present: bool = False) -> NetworkLock:
+    """Install CRIU's network lock into ``dst_netns``: ``lock`` when given, else the
+    one ``dump_log`` (CRIU's dump.log) records (:func:`lock_from_dump_log`, cheapest),
+    else what :func:`network_lock_of` finds in ``src_netns``. Call it after the dump and
+    BEFORE the service IP appears at the destination; CRIU's unlock at a
+    ``tcp_established`` restore removes it again. ``skip_present``: first read the
+    destination's rules and add only missing ones (an idempotent retry). Returns the
+    lock (empty when the source had none: nothing to do). One ``iptables-restore``
+    (or ``nft -f``) per family in the destination."""
     if lock is None:
-        lock = network_lock_of(src_netns)
-    have = network_lock_of(dst_netns)
+        lock = lock_from_dump_log(dump_log, src_netns) if dump_log else network_lock_of(src_netns)
+    have = network_lock_of(dst_netns) if skip_present else NetworkLock()
     if lock.iptables or lock.chains.get("v4"):
-        rules = [r for r in lock.iptables if r not in have.iptables]
+        present = {rule_key(r) for r in have.iptables}
+        rules = [r for r in lock.iptables if rule_key(r) not in present]
         chains = [c for c in lock.chains.get("v4", []) if c not in have.chains.get("v4", [])]
         if rules or chains:
             _run(dst_netns, ["iptables-restore", "-w", "--noflush"], "iptables-restore (lock)",
                  input=_iptables_restore_input(chains, rules))
     if lock.ip6tables or lock.chains.get("v6"):
-        rules = [r for r in lock.ip6tables if r not in have.ip6tables]
+        present6 = {rule_key(r) for r in have.ip6tables}
+        rules = [r for r in lock.ip6tables if rule_key(r) not in present6]
         chains = [c for c in lock.chains.get("v6", []) if c not in have.chains.get("v6", [])]
         if rules or chains:
             _run(dst_netns, ["ip6tables-restore", "-w", "--noflush"], "ip6tables-restore (lock)",
@@ -204,13 +280,16 @@ def remove_network_lock(netns: Optional[str], lock: Optional[NetworkLock] = None
         lock = network_lock_of(netns)
     have = network_lock_of(netns)
     n = 0
-    rules = [r for r in lock.iptables if r in have.iptables]
+    # delete the rules as the namespace spells them now, matched by what they lock
+    want = {rule_key(r) for r in lock.iptables}
+    rules = [r for r in have.iptables if rule_key(r) in want]
     chains = [c for c in lock.chains.get("v4", []) if c in have.chains.get("v4", [])]
     if rules or chains:
         _run(netns, ["iptables-restore", "-w", "--noflush"], "iptables-restore (unlock)",
              input=_iptables_restore_input(chains, rules, delete=True))
         n += len(rules)
-    rules6 = [r for r in lock.ip6tables if r in have.ip6tables]
+    want6 = {rule_key(r) for r in lock.ip6tables}
+    rules6 = [r for r in have.ip6tables if rule_key(r) in want6]
     chains6 = [c for c in lock.chains.get("v6", []) if c in have.chains.get("v6", [])]
     if rules6 or chains6:
         _run(netns, ["ip6tables-restore", "-w", "--noflush"], "ip6tables-restore (unlock)",
@@ -238,16 +317,13 @@ def add_service_ip(netns: Optional[str], ip: str, lower: str, dev: str = "svc0",
                    mac: Optional[str] = None, announce_it: bool = True) -> None:
     """Create the service interface ``dev`` (macvlan on ``lower``, MAC ``mac``) in
     ``netns`` holding ``ip`` (``A.B.C.D`` or ``A.B.C.D/len``; /32 when no length: the
-    host's own interface keeps the subnet route) and announce it."""
+    host's own interface keeps the subnet route) and announce it. One ``ip -batch``."""
     addr, plen = _split_ip(ip)
-    cmd = ["ip", "link", "add", dev, "link", lower, "type", "macvlan", "mode", "bridge"]
-    if mac:
-        cmd[4:4] = ["address", mac]
-    _run(netns, cmd, f"ip link add {dev}")
-    _run(netns, ["ip", "addr", "add", f"{addr}/{plen}", "dev", dev, "nodad"], f"ip addr add {addr}")
-    _run(netns, ["ip", "link", "set", dev, "up"], f"ip link set {dev} up")
+    link = f"link add {dev}" + (f" address {mac}" if mac else "") + f" link {lower} type macvlan mode bridge"
+    batch = f"{link}\naddr add {addr}/{plen} dev {dev} nodad\nlink set {dev} up\n"
+    _run(netns, ["ip", "-batch", "-"], f"service interface {dev} with {addr}", input=batch)
     if announce_it:
-        announce(netns, dev, addr)
+        announce(netns, dev, addr, mac=mac)
 
 
 def remove_service_ip(netns: Optional[str], dev: str = "svc0") -> bool:
@@ -257,16 +333,12 @@ def remove_service_ip(netns: Optional[str], dev: str = "svc0") -> bool:
 
 
 def _mac_of(netns: Optional[str], dev: str) -> str:
-    r = _run(netns, ["cat", f"/sys/class/net/{dev}/address"], f"address of {dev}", check=False)
-    mac = r.stdout.strip()
-    if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", mac):
-        # /sys shows the namespace the reader mounted sysfs in: ask ip instead
-        r = _run(netns, ["ip", "-o", "link", "show", dev], f"ip link show {dev}")
-        m = re.search(r"link/ether ([0-9a-f:]{17})", r.stdout)
-        if not m:
-            raise NetworkMoveError(netns or "", f"no MAC address on {dev}")
-        mac = m.group(1)
-    return mac
+    # not /sys/class/net: sysfs shows the namespace it was mounted in, not ours
+    r = _run(netns, ["ip", "-o", "link", "show", dev], f"ip link show {dev}")
+    m = re.search(r"link/ether ([0-9a-f:]{17})", r.stdout)
+    if not m:
+        raise NetworkMoveError(netns or "", f"no MAC address on {dev}")
+    return m.group(1)
 
 
 def _in_netns_thread(netns: Optional[str], fn):
@@ -295,13 +367,14 @@ def _in_netns_thread(netns: Optional[str], fn):
     return out.get("r")
 
 
-def announce(netns: Optional[str], dev: str, ip: str, count: int = 2) -> None:
+def announce(netns: Optional[str], dev: str, ip: str, count: int = 2,
+             mac: Optional[str] = None) -> None:
     """Gratuitous ARP for ``ip`` from ``dev`` in ``netns``: a broadcast ARP request with
     sender = target = ip and the device's MAC, sent with a raw packet socket (no arping
     process on the switch-over path). Teaches switches (bridge FDBs) the port and
     neighbours the MAC."""
     addr, _ = _split_ip(ip)
-    mac = bytes.fromhex(_mac_of(netns, dev).replace(":", ""))
+    mac = bytes.fromhex((mac or _mac_of(netns, dev)).replace(":", ""))
     ipb = socket.inet_aton(addr)
     bcast = b"\xff" * 6
     arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, ipb, b"\x00" * 6, ipb)

@@ -38,7 +38,7 @@ from ..errors import ContainerError, ContainerNotFound
 
 __all__ = ["DEFAULT_ROOT", "Bundle", "Container", "CheckpointResult", "RestoreResult",
            "find_runc", "make_bundle", "run", "state", "exists", "pids_of", "checkpoint",
-           "restore", "kill", "delete", "resume", "criu_log_error"]
+           "restore", "kill", "delete", "resume", "criu_log_error", "seccomp_allows"]
 
 #: runc state directory for containers statesync creates (podman's live in /run/runc).
 DEFAULT_ROOT = "/run/statesync/runc"
@@ -635,3 +635,51 @@ def delete(container, root: Optional[str] = None) -> None:
              not_found_ok=True)
     except ContainerNotFound:
         pass
+
+
+# --------------------------------------------------------------------------- seccomp
+
+
+def _spec_of(x) -> dict:
+    if isinstance(x, dict):
+        return x
+    if isinstance(x, Bundle):
+        return x.config()
+    if isinstance(x, Container):
+        st = _state_json(x)
+        b = _bundle_of(x)
+        if b and os.path.exists(os.path.join(b, "config.json")):
+            with open(os.path.join(b, "config.json")) as f:
+                return json.load(f)
+        return {"linux": {"seccomp": (st.get("config") or {}).get("seccomp")}}
+    p = os.fspath(x)
+    if os.path.isdir(p):
+        p = os.path.join(p, "config.json")
+    with open(p) as f:
+        return json.load(f)
+
+
+_ALLOW = {"SCMP_ACT_ALLOW", "SCMP_ACT_LOG", "SCMP_ACT_TRACE", "SCMP_ACT_NOTIFY"}
+
+
+def seccomp_allows(spec, syscall: str = "userfaultfd") -> bool:
+    """Whether the container's seccomp filter (OCI spec ``linux.seccomp``: a spec
+    dict, a bundle, a bundle dir, a config.json path or a :class:`Container`) lets
+    ``syscall`` through. No filter: True. A rule naming the syscall decides (rules with
+    argument conditions count as allowing: the tracker's call may match them);
+    otherwise the default action. podman's default profile denies ``userfaultfd``:
+    statesync then tracks the container by hashing (``--security-opt
+    seccomp=unconfined`` or a profile allowing it lets uffd work)."""
+    sc = (_spec_of(spec).get("linux") or {}).get("seccomp")
+    if not sc:
+        return True
+    # runc's state.json spells actions as numbers; the OCI spec as SCMP_ACT_* names
+    def allows(action) -> bool:
+        if isinstance(action, str):
+            return action.upper() in _ALLOW
+        return action in (4, 5, 6, 7)  # runc configs: Allow, Trace, Log, Notify
+    for rule in sc.get("syscalls") or []:
+        names = rule.get("names") or ([rule["name"]] if rule.get("name") else [])
+        if syscall in names:
+            return allows(rule.get("action"))
+    return allows(sc.get("defaultAction", sc.get("default_action")))
