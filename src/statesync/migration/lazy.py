@@ -237,6 +237,23 @@ def write_lazy_image_set(full_dir, out_dir, keep_data: bool = False) -> LazySetR
 
 # --------------------------------------------------------------------------- the daemon
 
+_MADV_POPULATE_READ = 22  # Linux 5.14
+
+
+def _populate(arr: np.ndarray) -> None:
+    """Map the store's pages into our page tables now (MADV_POPULATE_READ), so the
+    fill does not take a page fault per source page of a file mmap (pages-N.img).
+    Best effort: older kernels or anonymous memory already present just return."""
+    import ctypes
+    import mmap
+    if arr.size == 0:
+        return
+    start = arr.ctypes.data & ~(mmap.PAGESIZE - 1)
+    end = arr.ctypes.data + arr.nbytes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_POPULATE_READ)
+
 
 def _bind_in(directory: str) -> socket.socket:
     """A listening UNIX socket named LAZY_SOCKET in directory (a stale one is
@@ -279,7 +296,9 @@ class LazyPagesDaemon:
     (a measurement mode: the daemon then ends only when every page was faulted in or
     dropped, or by :meth:`cancel`; an exited task is noticed by a failing copy,
     which only the background fill makes). ``accept_timeout``: seconds to wait for
-    CRIU.
+    CRIU. ``populate``: map the store into the daemon's page tables at construction
+    (MADV_POPULATE_READ), which takes the source-side page faults out of the fill
+    (construct the daemon before the freeze).
 
     One thread runs the C loop with the GIL released; :meth:`wait` joins it.
     """
@@ -287,7 +306,7 @@ class LazyPagesDaemon:
     def __init__(self, images_dir, pages, work_dir=None, chunk: int = 256,
                  prefetch: bool = True, missing: str = "error",
                  accept_timeout: Optional[float] = 120.0, page_size: int = PAGE_SIZE,
-                 max_latencies: int = 1 << 20):
+                 max_latencies: int = 1 << 20, populate: bool = True):
         if missing not in ("error", "zero"):
             raise ValueError("missing must be 'error' or 'zero'")
         self.images_dir = os.path.abspath(os.fspath(images_dir))
@@ -297,7 +316,7 @@ class LazyPagesDaemon:
         self.prefetch = bool(prefetch)
         self.accept_timeout = accept_timeout
         self.max_latencies = int(max_latencies)
-        self._stores = self._build_stores(pages, missing)
+        self._stores = self._build_stores(pages, missing, populate)
         self._sock: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._cancel_r = self._cancel_w = -1
@@ -323,7 +342,7 @@ class LazyPagesDaemon:
             return None
         return s.addresses(pid), s.pages(pid)
 
-    def _build_stores(self, pages, missing):
+    def _build_stores(self, pages, missing, populate):
         stores = []
         ps = self.page_size
         pids = self._pids()
@@ -363,6 +382,8 @@ class LazyPagesDaemon:
                                      f"the page store ({int((~ok).sum())} such pages); restore "
                                      "it fully or pass missing='zero' if they are zero pages",
                                      pid=pid)
+            if populate:
+                _populate(data)
             stores.append((pid, lazy, rows, data, vma_breaks(self.images_dir, pid)))
             self.lazy_total += int(lazy.size)
         return stores
