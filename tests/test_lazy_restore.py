@@ -172,19 +172,35 @@ TARGET = textwrap.dedent(r'''
         return np.ctypeslib.as_array((ctypes.c_uint8 * (npages * PS)).from_address(addr)
                                      ).reshape(npages, PS)
     def expected(i0, i1):
+        # pages [i0, i1): blocks of 1024 pages, block k from a generator seeded k
         out = np.empty((i1 - i0, PS), dtype=np.uint8)
-        for i in range(i0, i1, 1024):
-            j = min(i1, i + 1024)
-            out[i - i0:j - i0] = np.random.default_rng(i // 1024).integers(
-                0, 256, size=(1024, PS), dtype=np.uint8)[:j - i]
+        for k in range(i0 // 1024, (i1 + 1023) // 1024):
+            blk = np.random.default_rng(k).integers(0, 256, size=(1024, PS), dtype=np.uint8)
+            lo, hi = max(i0, k * 1024), min(i1, (k + 1) * 1024)
+            out[lo - i0:hi - i0] = blk[lo - k * 1024:hi - k * 1024]
         return out
     buf = view(base, NP)
     buf[:] = expected(0, NP)
+    trig = os.path.join(d, "go")
+    if len(sys.argv) > 3 and sys.argv[3] == "tree":
+        # a second task in the dumped tree: it shares the buffer copy-on-write and
+        # rewrites one page of it, so its pagemap differs from its parent's
+        if os.fork() == 0:
+            buf[7, :8] = 0x5A
+            while not os.path.exists(trig):
+                time.sleep(0.001)
+            want = expected(0, NP)
+            want[7, :8] = 0x5A
+            ok = bool((view(base, NP) == want).all())
+            with open(os.path.join(d, "tree.tmp"), "w") as f:
+                json.dump({"ok": ok}, f)
+            os.rename(os.path.join(d, "tree.tmp"), os.path.join(d, "tree.json"))
+            while True:
+                time.sleep(1)
     with open(os.path.join(d, "pid"), "w") as f:
         for line in open("/proc/self/status"):
             if line.startswith("NSpid:"):
                 f.write(line.split()[1])
-    trig = os.path.join(d, "go")
     while not os.path.exists(trig):
         time.sleep(0.001)
     t0 = time.monotonic()
@@ -206,10 +222,13 @@ TARGET = textwrap.dedent(r'''
     bad["dontneed_zero"] = bool((view(base + a * PS, b - a) == 0).all())
     bad["moved"] = moved not in (None, ctypes.c_void_p(-1).value) and bool(
         (view(moved, m1 - m0) == expected(m0, m1)).all())
-    ok = True
+    wrong = []
     for i0, i1 in ((0, a), (b, c), (e, m0), (m1, NP)):
-        ok &= bool((view(base + i0 * PS, i1 - i0) == expected(i0, i1)).all())
-    bad["rest"] = ok
+        rows = (view(base + i0 * PS, i1 - i0) != expected(i0, i1)).any(axis=1)
+        wrong += [i0 + int(i) for i in np.flatnonzero(rows)]
+    bad["rest"] = not wrong
+    bad["wrong_pages"] = wrong[:10]
+    bad["wrong_zero"] = [bool((view(base + i * PS, 1) == 0).all()) for i in wrong[:10]]
     os.waitpid(child, 0)
     bad["fork_child"] = os.read(r, 1) == b"1"
     bad["ops_s"] = ops_s
@@ -221,13 +240,13 @@ TARGET = textwrap.dedent(r'''
 ''')
 
 
-def _spawn_target(tmp_path, npages):
+def _spawn_target(tmp_path, npages, mode="one"):
     script = tmp_path / "target.py"
     script.write_text(TARGET)
     work = tmp_path / "work"
     work.mkdir()
     p = subprocess.Popen(["unshare", "-p", "-f", "setsid", sys.executable, str(script),
-                          str(work), str(npages)], stdin=subprocess.DEVNULL,
+                          str(work), str(npages), mode], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True, cwd=str(work))
     deadline = time.monotonic() + 60
@@ -239,12 +258,12 @@ def _spawn_target(tmp_path, npages):
     return p, int((work / "pid").read_text()), work
 
 
-def _wait_result(work, timeout=60):
+def _wait_result(work, timeout=60, name="result.json"):
     deadline = time.monotonic() + timeout
-    while not (work / "result.json").exists():
-        assert time.monotonic() < deadline, "restored target wrote no verdict"
+    while not (work / name).exists():
+        assert time.monotonic() < deadline, f"restored target wrote no {name}"
         time.sleep(0.02)
-    return json.loads((work / "result.json").read_text())
+    return json.loads((work / name).read_text())
 
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["fill", "faults-only"])
@@ -284,3 +303,28 @@ def test_fork_mremap_munmap_dontneed_during_fill(lazy_ok, tmp_path, reap, prefet
         assert st.dropped >= 2 * (npages // 16)
     else:
         assert st.prefetch_copied > 0 and st.lost_exited == 0
+
+
+def test_two_task_tree(lazy_ok, tmp_path, reap):
+    """A dumped tree of two processes: CRIU sends two descriptors, each task is
+    filled from its own pagemap's pages (they differ in one page)."""
+    npages = 4096
+    p, pid, work = _spawn_target(tmp_path, npages, "tree")
+    time.sleep(0.2)  # the child has forked and written its page
+    try:
+        criu.dump(pid, tmp_path / "full")
+    finally:
+        proc.kill_tree([pid], p)
+    full = criu.ImageSet(tmp_path / "full")
+    assert len(full.pids()) == 2
+    res = lazy.write_lazy_image_set(tmp_path / "full", tmp_path / "lazy")
+    assert all(n > 0 for n in res.lazy_pages.values()) and len(res.lazy_pages) == 2
+    (work / "go").write_text("")
+    rr, d = lazy_restore(tmp_path / "lazy", full)
+    reap.append(rr.pid)
+    st = d.wait(60)
+    assert st.tasks == 2 and st.total_pages == sum(res.lazy_pages.values())
+    assert st.left == 0 and st.unreachable == 0
+    v = _wait_result(work)
+    assert v["rest"] and v["moved"] and v["dontneed_zero"] and v["fork_child"], json.dumps(v)
+    assert _wait_result(work, name="tree.json") == {"ok": True}
