@@ -19,7 +19,7 @@ $(PY): | system
 	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
 
 $(STAMP): $(PY) $(SOURCES)
-	$(PY) -m pip install -q "numpy>=1.24" "Cython>=3.0" "lz4>=4.0" "pytest>=7" \
+	$(PY) -m pip install -q "numpy>=1.24" "Cython>=3.0" "lz4>=4.0" "cryptography>=42" "pytest>=7" \
 	    "pytest-benchmark>=4" "hypothesis>=6" "zstandard>=0.21" "matplotlib>=3.5" "prometheus-client>=0.17"
 	$(PY) -m pip install -q --no-build-isolation -e .
 	@touch $(STAMP)

@@ -1,54 +1,73 @@
-"""The migration agents' wire protocol: mutual authentication and authenticated frames.
+"""The migration agents' wire protocol: mutual authentication, then encrypted frames.
 
 One TCP connection carries the whole migration. Before anything else both sides prove
-that they hold the same shared secret (HMAC-SHA256 challenge-response, each side
-challenging the other); a peer that fails is disconnected before it can send or
-receive a single byte of process memory. Afterwards every frame carries a MAC over
-its direction, sequence number, type and payload under a per-connection session key,
-so a flipped bit, a dropped, replayed or reordered frame, or a frame injected by a
-third party is detected at the frame it happens in.
+that they hold the same shared secret (HMAC-SHA256 challenge-response over fresh nonces
+of both sides) and agree, authenticated, on whether the frames are encrypted; a peer
+that fails, or asks for the other choice, is refused before a single byte of process
+memory moves. Afterwards every frame is sealed under a key of its own direction:
 
-Handshake (``||`` is concatenation, H = HMAC-SHA256 with the shared secret as key)::
+- encrypted (the default): AES-256-GCM (or ChaCha20-Poly1305 if the client asks for
+  it), nonce = the frame's sequence number, associated data = the frame header;
+- authenticated only (``encrypt=False``, for links that are already protected):
+  HMAC-SHA256 (truncated to 16 bytes) over the header and the payload in clear.
 
-    server -> client   MAGIC || Ns (32 random bytes)
-    client -> server   MAGIC || Nc (32 random bytes) || H("client" || Ns || Nc)
-    server -> client   H("server" || Ns || Nc)             (only if the client's MAC is right)
-    session key K    = H("session" || Ns || Nc)
-
-Frame::
-
-    u32 length (big-endian, of payload) | u8 type | payload | 16-byte MAC
-    MAC = HMAC-SHA256(K, direction byte || u64 seq || u8 type || u32 length || payload)[:16]
-
-Frames are limited to :data:`MAX_FRAME` bytes of payload, checked before anything is
-allocated. The stream is authenticated, not encrypted: run it over a trusted link or
-inside a tunnel if the memory must stay confidential (docs/migrate.md).
+A flipped bit, a replayed, reordered, dropped, reflected or injected frame, and a
+stream cut short without the peer's authenticated CLOSE are each refused at the frame
+it happens in, with an error that says which. docs/wire-format.md specifies the
+handshake, key schedule, nonces and frame layout byte by byte; the primitives (AES-GCM,
+ChaCha20-Poly1305, HKDF) come from the ``cryptography`` package, HMAC from the stdlib.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import struct
-from typing import Optional, Tuple
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from statesync.errors import AuthenticationError, ProtocolError, SecretError
 
-MAGIC = b"SSMIGv1\n"
+VERSION = 2
+MAGIC = b"SSMIGv2\n"
+_MAGIC_PREFIX = b"SSMIGv"
 NONCE = 32
-MAC_LEN = 16
+TAG_LEN = 16
+MAC_LEN = TAG_LEN                      # the name protocol v1 used
 MAX_FRAME = 32 << 20
-_HDR = struct.Struct("!IB")
+_HDR = struct.Struct("!IBQ")           # payload length, type, sequence number (13 bytes)
+HEADER_LEN = _HDR.size
+_SEQ_LIMIT = (1 << 64) - 1             # a key never seals more frames than this
 
-# Message types.
+# Cipher suites (one byte in the client hello).
+SUITE_HMAC_SHA256 = 0                  # authenticated only: payload in clear
+SUITE_AES_256_GCM = 1
+SUITE_CHACHA20_POLY1305 = 2
+SUITES = {SUITE_HMAC_SHA256: "hmac-sha256", SUITE_AES_256_GCM: "aes-256-gcm",
+          SUITE_CHACHA20_POLY1305: "chacha20-poly1305"}
+_SUITE_BY_NAME = {v: k for k, v in SUITES.items()}
+DEFAULT_CIPHER = "aes-256-gcm"
+
+_HELLO_S = len(MAGIC) + NONCE                  # server hello
+_HELLO_C = len(MAGIC) + NONCE + 1 + 32         # client hello
+_REPLY_S = 1 + 32                              # server reply
+
+# Message types. Values 0 and 240..255 are reserved for the channel layer.
 BEGIN, READY, PAGES, ROUND_END, ROUND_ACK, IMAGE, FINAL = 1, 2, 3, 4, 5, 6, 7
 RESTORED, FAILED, COMMIT, ABORT, DONE, ERROR = 8, 9, 10, 11, 12, 13
-NAMES = {v: k for k, v in dict(BEGIN=BEGIN, READY=READY, PAGES=PAGES, ROUND_END=ROUND_END,
-                                ROUND_ACK=ROUND_ACK, IMAGE=IMAGE, FINAL=FINAL,
-                                RESTORED=RESTORED, FAILED=FAILED, COMMIT=COMMIT, ABORT=ABORT,
-                                DONE=DONE, ERROR=ERROR).items()}
+CLOSE = 255                            # the authenticated end of a direction's stream
+NAMES = {v: k for k, v in {"BEGIN": BEGIN, "READY": READY, "PAGES": PAGES,
+                           "ROUND_END": ROUND_END, "ROUND_ACK": ROUND_ACK, "IMAGE": IMAGE,
+                           "FINAL": FINAL, "RESTORED": RESTORED, "FAILED": FAILED,
+                           "COMMIT": COMMIT, "ABORT": ABORT, "DONE": DONE, "ERROR": ERROR,
+                           "CLOSE": CLOSE}.items()}
 
 
 _SECRET_HOWTO = "e.g. `head -c 32 /dev/urandom | base64 > FILE`, then pass secret=\"@FILE\""
@@ -87,26 +106,104 @@ def load_secret(secret) -> bytes:
     return secret
 
 
-def _mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
+# --------------------------------------------------------------------------- key schedule
+
+
+def _hkdf(secret: bytes, ns: bytes, nc: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=ns + nc,
+                info=info).derive(secret)
+
+
+def auth_key(secret: bytes, ns: bytes, nc: bytes) -> bytes:
+    """The handshake's proof key (docs/wire-format.md, "Key schedule")."""
+    return _hkdf(secret, ns, nc, b"statesync/2 auth", 32)
+
+
+def frame_keys(secret: bytes, ns: bytes, nc: bytes, suite: int) -> tuple[bytes, bytes]:
+    """(client-to-server key, server-to-client key) of one session."""
+    okm = _hkdf(secret, ns, nc, b"statesync/2 frames" + bytes([suite]), 64)
+    return okm[:32], okm[32:]
+
+
+def _proof(key: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, label + b"".join(parts), hashlib.sha256).digest()
 
 
+def _nonce(seq: int) -> bytes:
+    """The 96-bit AEAD nonce of frame ``seq``: the sequence number, big-endian."""
+    return seq.to_bytes(12, "big")
+
+
+def _suite_of(encrypt: bool, cipher: str | None) -> int:
+    if not encrypt:
+        return SUITE_HMAC_SHA256
+    name = cipher or DEFAULT_CIPHER
+    suite = _SUITE_BY_NAME.get(name)
+    if suite is None or suite == SUITE_HMAC_SHA256:
+        raise ValueError(f"unknown cipher {name!r} (aes-256-gcm, chacha20-poly1305)")
+    return suite
+
+
+def _mode_text(encrypted: bool) -> str:
+    return "encryption on" if encrypted else "encryption off (encrypt=False / --no-encryption)"
+
+
+class _Sealer:
+    """One direction's key: seals (sender) or opens (receiver) frames."""
+
+    def __init__(self, suite: int, key: bytes):
+        self.suite = suite
+        self.key = key
+        self.aead: AESGCM | ChaCha20Poly1305 | None = None
+        if suite == SUITE_AES_256_GCM:
+            self.aead = AESGCM(key)
+        elif suite == SUITE_CHACHA20_POLY1305:
+            self.aead = ChaCha20Poly1305(key)
+        # encrypt_into (cryptography >= 45) seals straight into the frame buffer.
+        self.into = self.aead is not None and hasattr(self.aead, "encrypt_into")
+
+    def mac(self, header: bytes, payload) -> bytes:
+        h = hmac.new(self.key, header, hashlib.sha256)
+        h.update(payload)
+        return h.digest()[:TAG_LEN]
+
+    def open(self, seq: int, header: bytes, data: bytes, tag: bytes | None) -> bytes | None:
+        """The payload if the frame authenticates under this key at ``seq`` with
+        ``header``, else None. AEAD: ``data`` = ciphertext || tag, ``tag`` None;
+        HMAC: ``data`` = payload, ``tag`` = its MAC."""
+        if self.aead is None:
+            if tag is None or not hmac.compare_digest(self.mac(header, data), tag):
+                return None
+            return data
+        try:
+            return self.aead.decrypt(_nonce(seq), data, header)
+        except InvalidTag:
+            return None
+
+
 class Channel:
-    """An authenticated frame channel over an asyncio stream pair.
+    """An encrypted (or, with ``encrypt=False``, authenticated-only) frame channel
+    over an asyncio stream pair. Build one with :meth:`client` / :meth:`server`.
 
     ``send``/``recv`` must each be used by one task at a time. ``timeout`` (seconds)
     bounds every read and every drain, so a dead peer or a dropped link surfaces as
-    :class:`ProtocolError` instead of a hang.
+    :class:`ProtocolError` instead of a hang. ``encrypted`` and ``cipher`` say what
+    the session uses (for the report and the logs).
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 key: bytes, is_client: bool, timeout: float):
+                 suite: int, tx_key: bytes, rx_key: bytes, is_client: bool, timeout: float):
         self.reader, self.writer = reader, writer
-        self._key = key
-        self._out_dir = b"C" if is_client else b"S"
-        self._in_dir = b"S" if is_client else b"C"
+        self.suite = suite
+        self.cipher = SUITES[suite]
+        self.encrypted = suite != SUITE_HMAC_SHA256
+        self.is_client = is_client
+        self._tx = _Sealer(suite, tx_key)
+        self._rx = _Sealer(suite, rx_key)
         self._send_seq = 0
         self._recv_seq = 0
+        self._closed = False
+        self.peer_closed = False
         self.timeout = timeout
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -115,63 +212,112 @@ class Channel:
         except (AttributeError, NotImplementedError):
             pass
 
+    @property
+    def peer(self) -> str:
+        return "destination" if self.is_client else "source"
+
     # -- handshake
 
     @classmethod
-    async def client(cls, reader, writer, secret: bytes, timeout: float = 10.0) -> "Channel":
-        hello = await _read_exact(reader, len(MAGIC) + NONCE, timeout, "server hello")
-        if hello[:len(MAGIC)] != MAGIC:
-            raise AuthenticationError("peer is not a statesync destination agent "
-                                      "(bad protocol magic)")
+    async def client(cls, reader, writer, secret: bytes, timeout: float = 10.0, *,
+                     encrypt: bool = True, cipher: str | None = None) -> Channel:
+        """The source agent's side. ``encrypt=False`` asks for authenticated-only
+        frames; the destination must be configured the same way or it refuses.
+        ``cipher``: ``"aes-256-gcm"`` (default) or ``"chacha20-poly1305"``."""
+        suite = _suite_of(encrypt, cipher)
+        hello = await _read_exact(reader, _HELLO_S, timeout, "server hello", auth=True)
+        _check_magic(hello, "destination")
         ns = hello[len(MAGIC):]
         nc = os.urandom(NONCE)
-        writer.write(MAGIC + nc + _mac(secret, b"client", ns, nc))
-        await asyncio.wait_for(writer.drain(), timeout)
-        proof = await _read_exact(reader, 32, timeout, "server proof", auth=True)
-        if not hmac.compare_digest(proof, _mac(secret, b"server", ns, nc)):
+        ka = auth_key(secret, ns, nc)
+        writer.write(MAGIC + nc + bytes([suite]) + _proof(ka, b"client", bytes([suite])))
+        await _drain(writer, timeout, "client hello")
+        reply = await _read_exact(reader, _REPLY_S, timeout, "server proof", auth=True)
+        mode = reply[0]
+        if not hmac.compare_digest(reply[1:], _proof(ka, b"server", bytes([suite, mode]))):
             raise AuthenticationError("destination failed authentication: it does not hold "
                                       "the shared secret")
-        return cls(reader, writer, _mac(secret, b"session", ns, nc), True, timeout)
+        if mode not in (0, 1):
+            raise ProtocolError(f"destination sent an unknown encryption mode {mode}")
+        if bool(mode) != (suite != SUITE_HMAC_SHA256):
+            raise ProtocolError(f"destination refused: it runs with {_mode_text(bool(mode))}, "
+                                f"this source with {_mode_text(not bool(mode))}; "
+                                "configure both sides the same")
+        c2s, s2c = frame_keys(secret, ns, nc, suite)
+        return cls(reader, writer, suite, c2s, s2c, True, timeout)
 
     @classmethod
-    async def server(cls, reader, writer, secret: bytes, timeout: float = 10.0) -> "Channel":
+    async def server(cls, reader, writer, secret: bytes, timeout: float = 10.0, *,
+                     encrypt: bool = True) -> Channel:
+        """The destination agent's side. ``encrypt=False`` accepts only
+        authenticated-only clients; the default accepts only encrypting ones."""
+        mode = 1 if encrypt else 0
         ns = os.urandom(NONCE)
         writer.write(MAGIC + ns)
-        await asyncio.wait_for(writer.drain(), timeout)
-        msg = await _read_exact(reader, len(MAGIC) + NONCE + 32, timeout, "client hello",
-                                auth=True)
-        if msg[:len(MAGIC)] != MAGIC:
-            raise AuthenticationError("peer is not a statesync source agent (bad magic)")
-        nc, proof = msg[len(MAGIC):len(MAGIC) + NONCE], msg[len(MAGIC) + NONCE:]
-        if not hmac.compare_digest(proof, _mac(secret, b"client", ns, nc)):
+        await _drain(writer, timeout, "server hello")
+        msg = await _read_exact(reader, _HELLO_C, timeout, "client hello", auth=True)
+        _check_magic(msg, "source")
+        nc = msg[len(MAGIC):len(MAGIC) + NONCE]
+        suite = msg[len(MAGIC) + NONCE]
+        proof = msg[len(MAGIC) + NONCE + 1:]
+        ka = auth_key(secret, ns, nc)
+        if not hmac.compare_digest(proof, _proof(ka, b"client", bytes([suite]))):
             raise AuthenticationError("source failed authentication: it does not hold "
                                       "the shared secret")
-        writer.write(_mac(secret, b"server", ns, nc))
-        await asyncio.wait_for(writer.drain(), timeout)
-        return cls(reader, writer, _mac(secret, b"session", ns, nc), False, timeout)
+        if suite not in SUITES:
+            raise ProtocolError(f"source asked for unknown cipher suite {suite}")
+        # The reply (our mode, authenticated) goes out even on a mismatch, so the
+        # source learns why it is refused.
+        writer.write(bytes([mode]) + _proof(ka, b"server", bytes([suite, mode])))
+        await _drain(writer, timeout, "server proof")
+        if bool(mode) != (suite != SUITE_HMAC_SHA256):
+            raise ProtocolError(f"refused source: it runs with "
+                                f"{_mode_text(suite != SUITE_HMAC_SHA256)}, this destination "
+                                f"with {_mode_text(bool(mode))}; configure both sides the same")
+        c2s, s2c = frame_keys(secret, ns, nc, suite)
+        return cls(reader, writer, suite, s2c, c2s, False, timeout)
 
     # -- frames
 
-    def _frame_mac(self, direction: bytes, seq: int, mtype: int, payload) -> bytes:
-        h = hmac.new(self._key, direction + struct.pack("!QBI", seq, mtype, len(payload)),
-                     hashlib.sha256)
-        h.update(payload)
-        return h.digest()[:MAC_LEN]
-
-    async def send(self, mtype: int, payload=b"") -> None:
-        n = len(payload)
+    def _frame(self, mtype: int, payload) -> tuple[tuple[Any, ...], int]:
+        """The wire bytes of the next frame (one or more pieces) and their length."""
+        mv = memoryview(payload)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        n = mv.nbytes
         if n > MAX_FRAME:
             raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
-        mac = self._frame_mac(self._out_dir, self._send_seq, mtype, payload)
-        self._send_seq += 1
-        self.writer.write(_HDR.pack(n, mtype))
-        self.writer.write(payload)
-        self.writer.write(mac)
-        self.bytes_sent += _HDR.size + n + MAC_LEN
+        if not 0 <= mtype <= 255:
+            raise ValueError(f"message type {mtype} out of range 0..255")
+        seq = self._send_seq
+        if seq >= _SEQ_LIMIT:
+            raise ProtocolError("session sealed 2**64-1 frames: reconnect for fresh keys")
+        if self._closed:
+            raise ProtocolError("channel closed: cannot send")
+        self._send_seq = seq + 1
+        header = _HDR.pack(n, mtype, seq)
+        size = HEADER_LEN + n + TAG_LEN
+        tx = self._tx
+        if tx.aead is None:
+            return (header, mv, tx.mac(header, mv)), size
+        if tx.into:
+            # One buffer for the whole frame: header, then ciphertext || tag sealed in place.
+            buf = bytearray(HEADER_LEN + n + TAG_LEN)
+            buf[:HEADER_LEN] = header
+            tx.aead.encrypt_into(_nonce(seq), mv, header,  # type: ignore[union-attr]
+                                 memoryview(buf)[HEADER_LEN:])
+            return (buf,), size
+        return (header, tx.aead.encrypt(_nonce(seq), mv, header)), size
+
+    async def send(self, mtype: int, payload=b"") -> None:
+        pieces, size = self._frame(mtype, payload)
+        for p in pieces:
+            self.writer.write(p)
+        self.bytes_sent += size
         try:
             await asyncio.wait_for(self.writer.drain(), self.timeout)
         except asyncio.TimeoutError:
-            raise ProtocolError(f"peer stopped reading for {self.timeout:.1f}s "
+            raise ProtocolError(f"{self.peer} stopped reading for {self.timeout:.1f}s "
                                 f"(link down or peer hung)") from None
         except (ConnectionError, OSError) as exc:
             raise ProtocolError(f"connection lost while sending: {exc}") from exc
@@ -179,27 +325,69 @@ class Channel:
     async def send_json(self, mtype: int, obj, tail: bytes = b"") -> None:
         await self.send(mtype, pack_json(obj, tail))
 
-    async def recv(self, timeout: Optional[float] = None) -> Tuple[int, bytes]:
+    async def recv(self, timeout: float | None = None) -> tuple[int, bytes]:
         t = self.timeout if timeout is None else timeout
-        hdr = await _read_exact(self.reader, _HDR.size, t, "frame header")
-        n, mtype = _HDR.unpack(hdr)
+        expected = self._recv_seq
+        if self.peer_closed:
+            raise ProtocolError(f"{self.peer} already ended the session (after frame "
+                                f"{expected - 1}); nothing more will arrive")
+        try:
+            header = await asyncio.wait_for(self.reader.readexactly(HEADER_LEN), t)
+        except asyncio.IncompleteReadError as exc:
+            raise ProtocolError(
+                f"connection to the {self.peer} cut after frame {expected - 1} "
+                f"({len(exc.partial)} of {HEADER_LEN} header bytes) without its "
+                f"authenticated CLOSE: stream truncated (peer died, link failed, or "
+                f"someone dropped the rest)") from None
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"no frame {expected} from the {self.peer} within {t:.1f}s "
+                                f"(link down, peer dead or hung)") from None
+        except (ConnectionError, OSError) as exc:
+            raise ProtocolError(f"connection lost while waiting for frame {expected}: "
+                                f"{exc}") from exc
+        n, mtype, seq = _HDR.unpack(header)
         if n > MAX_FRAME:
-            raise ProtocolError(f"frame {self._recv_seq} announces {n} bytes, over the "
+            raise ProtocolError(f"frame {expected} announces {n} bytes, over the "
                                 f"{MAX_FRAME}-byte limit: corrupt or hostile stream")
-        body = await _read_exact(self.reader, n + MAC_LEN, t, "frame body")
-        payload, mac = body[:n], body[n:]
-        if not hmac.compare_digest(mac, self._frame_mac(self._in_dir, self._recv_seq,
-                                                        mtype, payload)):
-            raise ProtocolError(f"frame {self._recv_seq} (type {mtype}, {n} bytes) failed "
-                                f"authentication: bytes corrupted in flight or forged")
-        self._recv_seq += 1
-        self.bytes_received += _HDR.size + n + MAC_LEN
+        what = f"frame {expected} body"
+        tag: bytes | None = None
+        if self.encrypted:   # ciphertext || tag, as the AEAD takes it
+            data = await _read_exact(self.reader, n + TAG_LEN, t, what, truncated=True)
+        else:                # payload and MAC apart: no copy of the payload
+            data = await _read_exact(self.reader, n, t, what, truncated=True)
+            tag = await _read_exact(self.reader, TAG_LEN, t, what, truncated=True)
+        payload = self._rx.open(seq, header, data, tag) if seq == expected else None
+        if payload is None:
+            raise ProtocolError(self._diagnose(seq, mtype, n, header, data, tag))
+        self._recv_seq = expected + 1
+        self.bytes_received += HEADER_LEN + n + TAG_LEN
+        if mtype == CLOSE:
+            self.peer_closed = True
+            raise ProtocolError(f"{self.peer} ended the session after frame {expected - 1} "
+                                f"(authenticated CLOSE) while a message was expected")
         if mtype == ERROR:
             obj, _ = unpack_json(payload)
-            raise ProtocolError(f"peer reported an error: {obj.get('error')}")
+            raise ProtocolError(f"{self.peer} reported an error: {obj.get('error')}")
         return mtype, payload
 
-    async def expect(self, *types: int, timeout: Optional[float] = None) -> Tuple[int, bytes]:
+    def _diagnose(self, seq: int, mtype: int, n: int, header: bytes, data: bytes,
+                  tag: bytes | None) -> str:
+        """Why frame ``seq`` (which did not open as the expected one) was refused."""
+        expected = self._recv_seq
+        what = f"type {NAMES.get(mtype, mtype)}, {n} bytes"
+        if seq != expected and self._rx.open(seq, header, data, tag) is not None:
+            if seq < expected:
+                return (f"frame {seq} ({what}) replayed: it was already received "
+                        f"(expected frame {expected}); refusing it")
+            return (f"frame {seq} ({what}) arrived where frame {expected} was expected: "
+                    f"frames reordered or dropped in flight; refusing it")
+        if self._tx.open(seq, header, data, tag) is not None:
+            return (f"frame {seq} ({what}) reflected: it is one this side sent to the "
+                    f"{self.peer}, echoed back; refusing it")
+        return (f"frame {expected} ({what}) failed authentication: bytes corrupted in "
+                f"flight or forged ({self.cipher})")
+
+    async def expect(self, *types: int, timeout: float | None = None) -> tuple[int, bytes]:
         mtype, payload = await self.recv(timeout)
         if mtype not in types:
             want = "/".join(NAMES.get(t, str(t)) for t in types)
@@ -207,10 +395,22 @@ class Channel:
         return mtype, payload
 
     def close(self) -> None:
-        try:
+        """End the session: an authenticated CLOSE frame (so the peer can tell a clean
+        end from a truncated stream), then close the connection (buffered frames are
+        still sent). Idempotent."""
+        if not self._closed:
+            # Best effort: a connection already lost has nothing to end.
+            with contextlib.suppress(ProtocolError, RuntimeError, OSError):
+                if not self.writer.is_closing():
+                    for p in self._frame(CLOSE, b"")[0]:
+                        self.writer.write(p)
+            self._closed = True
+        with contextlib.suppress(RuntimeError, OSError):
             self.writer.close()
-        except Exception:
-            pass
+
+    def describe(self) -> dict[str, Any]:
+        """What the session uses, for reports and logs."""
+        return {"encrypted": self.encrypted, "cipher": self.cipher, "protocol": VERSION}
 
 
 def pack_json(obj, tail: bytes = b"") -> bytes:
@@ -233,13 +433,36 @@ def unpack_json(payload: bytes):
     return obj, payload[4 + n:]
 
 
-async def _read_exact(reader, n: int, timeout: float, what: str, auth: bool = False) -> bytes:
+def _check_magic(msg: bytes, peer: str) -> None:
+    magic = msg[:len(MAGIC)]
+    if magic == MAGIC:
+        return
+    if magic.startswith(_MAGIC_PREFIX) and magic.endswith(b"\n"):
+        other = magic[len(_MAGIC_PREFIX):-1].decode("ascii", "replace")
+        raise AuthenticationError(f"{peer} speaks statesync wire protocol v{other}, this agent "
+                                  f"v{VERSION}: run the same statesync version on both hosts")
+    raise AuthenticationError(f"peer is not a statesync {peer} agent (bad protocol magic)")
+
+
+async def _drain(writer, timeout: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(writer.drain(), timeout)
+    except asyncio.TimeoutError:
+        raise ProtocolError(f"peer did not take the {what} within {timeout:.1f}s "
+                            f"(link down or peer hung)") from None
+    except (ConnectionError, OSError) as exc:
+        raise ProtocolError(f"connection lost while sending the {what}: {exc}") from exc
+
+
+async def _read_exact(reader, n: int, timeout: float, what: str, auth: bool = False,
+                      truncated: bool = False) -> bytes:
     try:
         return await asyncio.wait_for(reader.readexactly(n), timeout)
     except asyncio.IncompleteReadError as exc:
         cls = AuthenticationError if auth else ProtocolError
+        how = " without an authenticated CLOSE: stream truncated" if truncated else ""
         raise cls(f"peer closed the connection during {what} "
-                  f"({len(exc.partial)} of {n} bytes)") from None
+                  f"({len(exc.partial)} of {n} bytes){how}") from None
     except asyncio.TimeoutError:
         raise ProtocolError(f"no {what} from peer within {timeout:.1f}s "
                             f"(link down, peer dead or hung)") from None
