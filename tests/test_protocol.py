@@ -395,3 +395,13 @@ def test_hkdf_schedule_matches_labels():
     assert wire.frame_keys(SECRET, ns, nc, wire.SUITE_HMAC_SHA256)[0] != c2s
     assert wire.frame_keys(SECRET, nc, ns, wire.SUITE_AES_256_GCM)[0] != c2s
     assert wire.auth_key(SECRET, ns, nc) not in (c2s, s2c)
+
+
+def test_encryption_options_for_the_agents():
+    eo = wire.encryption_options
+    assert eo(None) == eo(True) == eo("on") == {"encrypt": True, "cipher": None}
+    assert eo(False) == eo("off") == eo("none") == {"encrypt": False, "cipher": None}
+    assert eo("chacha20-poly1305") == {"encrypt": True, "cipher": "chacha20-poly1305"}
+    for bad in ("hmac-sha256", "rot13", 1, 0):
+        with pytest.raises(ValueError, match="unknown encryption setting"):
+            eo(bad)

@@ -330,6 +330,12 @@ class FrameProxy:
         with self.locks[id(s)]:
             s.sendall(data)
 
+    def _send_quiet(self, s, data):
+        try:
+            self._send(s, data)
+        except OSError:
+            pass
+
     @staticmethod
     def _read(s, n):
         buf = bytearray()
@@ -353,7 +359,11 @@ class FrameProxy:
                 if out == "cut":
                     break
                 for where, data in out:
-                    self._send(b if where == "on" else a, data)
+                    if where == "on":
+                        self._send(b, data)
+                    else:   # the sender may not read for a while: never block our pump
+                        threading.Thread(target=self._send_quiet, args=(a, data),
+                                         daemon=True).start()
         except (OSError, EOFError):
             pass
         finally:
@@ -382,7 +392,10 @@ ATTACKS = {
     "reordered": (lambda i, f: (_held.append(f) or []) if i == 2 else
                   ([("on", f), ("on", _held.pop())] if i == 3 else [("on", f)]),
                   "reordered or dropped"),
-    "reflected": (lambda i, f: [("back", f)] if i == 2 else [("on", f)], None),
+    # Forwarded and also echoed back: the destination misses nothing, the source meets
+    # its own frame when it next reads (the round's ack) and aborts.
+    "reflected": (lambda i, f: [("on", f), ("back", f)] if i == 2 else [("on", f)],
+                  "aborted"),
     "truncated": (lambda i, f: "cut" if i == 2 else [("on", f)], "truncated"),
 }
 

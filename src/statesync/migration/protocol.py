@@ -144,6 +144,25 @@ def _suite_of(encrypt: bool, cipher: str | None) -> int:
     return suite
 
 
+def encryption_options(encryption: bool | str | None) -> dict[str, Any]:
+    """The :meth:`Channel.client` keywords for a user's encryption setting, for the
+    agents, API and CLI to pass through (``Channel.client(..., **opts)``;
+    ``Channel.server(..., encrypt=opts["encrypt"])``).
+
+    ``None``, ``True``, ``"on"``: encrypted with the default cipher (aes-256-gcm);
+    ``False``, ``"off"``, ``"none"``: authenticated-only frames (both agents must say so);
+    ``"aes-256-gcm"`` / ``"chacha20-poly1305"``: encrypted with that cipher (the
+    destination accepts either). Raises ``ValueError`` naming the choices otherwise."""
+    if encryption is None or encryption is True or encryption == "on":
+        return {"encrypt": True, "cipher": None}
+    if encryption is False or encryption in ("off", "none"):
+        return {"encrypt": False, "cipher": None}
+    if isinstance(encryption, str) and _SUITE_BY_NAME.get(encryption, 0) != SUITE_HMAC_SHA256:
+        return {"encrypt": True, "cipher": encryption}
+    raise ValueError(f"unknown encryption setting {encryption!r} (on, off, aes-256-gcm, "
+                     f"chacha20-poly1305)")
+
+
 def _mode_text(encrypted: bool) -> str:
     return "encryption on" if encrypted else "encryption off (encrypt=False / --no-encryption)"
 
