@@ -13,11 +13,20 @@ encrypted >= 0.9x the throughput of authenticated-only framing.
 It also measures the bare primitives on one core (seal/open of one frame in memory),
 which bounds what any framing on top can reach.
 
+With ``--migrate RATES`` it also runs bench_migrate.py's redis case (~256 MB of process
+state under a write load, iterative strategy) on the testbed at each rate, encrypted
+and authenticated-only, and compares round-0 throughput, total time and downtime
+(target: downtime within 1.1x). Until the agents take ``encryption=False`` /
+``--no-encryption``, the authenticated-only runs get it by wrapping
+``Channel.client``/``Channel.server`` (in this process, and in the destination agent
+through a ``python -c`` shim): the benchmark's own switch, not a user option.
+
 Run::
 
     .venv/bin/python benchmarks/bench_crypto.py                       # loopback (~30 s)
     .venv/bin/python benchmarks/bench_crypto.py --testbed 1gbit       # + veth at 1 Gbit (root)
     .venv/bin/python benchmarks/bench_crypto.py --frame 32 --mib 1024 --json out.json
+    .venv/bin/python benchmarks/bench_crypto.py --migrate 1gbit,10gbit  # redis (root, ~3 min)
 
 Not collected by pytest (no test functions): it is a script with one question.
 """
@@ -68,7 +77,7 @@ def primitives(frame: int, reps: int) -> dict:
         buf = bytearray(frame + 16)
         out[name + " seal"] = timeit(lambda a=a: a.encrypt(b"\0" * 12, data, hdr))
         if hasattr(a, "encrypt_into"):
-            out[name + " seal_into"] = timeit(lambda a=a: a.encrypt_into(b"\0" * 12, data, hdr, buf))
+            out[name + " seal_into"] = timeit(lambda a=a, buf=buf: a.encrypt_into(b"\0" * 12, data, hdr, buf))
         out[name + " open"] = timeit(lambda a=a, ct=ct: a.decrypt(b"\0" * 12, ct, hdr))
     return out
 
@@ -161,6 +170,73 @@ def summarize(rows) -> list:
     return out
 
 
+# --------------------------------------------------------------------------- migrations
+
+_DEST_SHIM = (
+    "import sys\n"
+    "from statesync.migration import protocol as w\n"
+    "f = w.Channel.server.__func__\n"
+    "async def server(cls, *a, **k):\n"
+    "    k['encrypt'] = False\n"
+    "    return await f(cls, *a, **k)\n"
+    "w.Channel.server = classmethod(server)\n"
+    "from statesync.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n")
+
+
+def migrations(rates, redis_mb: int, repeat: int) -> list:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_migrate as bm
+
+    orig_dest, orig_client = bm._dest, wire.Channel.client.__func__
+
+    def dest_clear(tb, secret_file):
+        port = tb.free_port("b")
+        p = tb.popen("b", [sys.executable, "-c", _DEST_SHIM, "receive", "--listen",
+                           f"{tb.addr_b}:{port}", "--images-dir", tb.dir_b, "--secret-file",
+                           secret_file, "--io-timeout", "60"],
+                     stdout=open(os.devnull, "w"),  # noqa: SIM115 (the child owns them)
+                     stderr=open(os.path.join(tb.root, "dest.log"), "w"))  # noqa: SIM115
+        tb.wait_port("b", port, proc=p)
+        return p, port
+
+    async def client_clear(cls, *a, **k):
+        k["encrypt"] = False
+        return await orig_client(cls, *a, **k)
+
+    rows = []
+    for rep_i in range(repeat):
+        for rate in rates:
+            for mode in ("hmac-sha256", "aes-256-gcm"):
+                clear = mode == "hmac-sha256"
+                bm._dest = dest_clear if clear else orig_dest
+                wire.Channel.client = classmethod(client_clear if clear else orig_client)
+                try:
+                    r = bm.run_case("redis", rate, "iterative", redis_mb)
+                finally:
+                    bm._dest, wire.Channel.client = orig_dest, classmethod(orig_client)
+                rounds = r["report"]["rounds"]
+                r0 = rounds[0] if rounds else None
+                row = {"rate": rate, "mode": mode, "run": rep_i, "state_mb": r["state_mb"],
+                       "round0_MB_s": (r0["bytes_wire"] / r0["duration_s"] / 1e6) if r0 else None,
+                       "total_s": r["total_s"], "downtime_s": r["downtime_s"],
+                       "downtime_outside_s": r["downtime_outside_s"], "wire_mb": r["wire_mb"]}
+                rows.append(row)
+                print(f"  {rate:8s} {mode:12s} state {row['state_mb']:6.1f} MB  round 0 "
+                      f"{row['round0_MB_s'] or 0:7.1f} MB/s  total {row['total_s']:6.2f} s  "
+                      f"downtime {row['downtime_s'] * 1e3:7.1f} ms "
+                      f"(outside {row['downtime_outside_s'] * 1e3:7.1f})", flush=True)
+    for rate in rates:
+        def med(mode, key, rate=rate):
+            v = sorted(x[key] for x in rows if x["rate"] == rate and x["mode"] == mode)
+            return v[len(v) // 2]
+        print(f"redis @ {rate}: encrypted / authenticated-only: round-0 throughput "
+              f"{med('aes-256-gcm', 'round0_MB_s') / med('hmac-sha256', 'round0_MB_s'):.2f}x, "
+              f"total time {med('aes-256-gcm', 'total_s') / med('hmac-sha256', 'total_s'):.2f}x, "
+              f"downtime {med('aes-256-gcm', 'downtime_s') / med('hmac-sha256', 'downtime_s'):.2f}x")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frame", type=float, default=8, help="frame payload, MiB (default 8)")
@@ -169,6 +245,10 @@ def main(argv=None) -> int:
     ap.add_argument("--testbed", metavar="RATE", help="also across the testbed veth at RATE "
                     "(e.g. 1gbit; root)")
     ap.add_argument("--testbed-mib", type=int, default=256, help="MiB per testbed transfer")
+    ap.add_argument("--migrate", metavar="RATES", help="also migrate redis on the testbed at "
+                    "these rates (comma-separated, e.g. 1gbit,10gbit; root)")
+    ap.add_argument("--redis-mb", type=int, default=240, help="MB of redis values (--migrate)")
+    ap.add_argument("--skip-channel", action="store_true", help="only --migrate")
     ap.add_argument("--json", help="write all rows here")
     a = ap.parse_args(argv)
     frame = int(a.frame * (1 << 20))
@@ -184,8 +264,9 @@ def main(argv=None) -> int:
         s.listen(1)
         return s, s.getsockname()
 
-    rows = run_link("loopback", loopback, socket.socket, frame, nframes, a.repeat)
-    if a.testbed:
+    rows = [] if a.skip_channel else run_link("loopback", loopback, socket.socket, frame,
+                                              nframes, a.repeat)
+    if a.testbed and not a.skip_channel:
         from statesync.testing.testbed import Testbed, socket_in_netns
         with Testbed(a.testbed) as tb:
             def veth():
@@ -196,16 +277,21 @@ def main(argv=None) -> int:
             tnframes = max(1, (a.testbed_mib << 20) // frame)
             rows += run_link(f"veth {a.testbed}", veth, lambda: socket_in_netns(tb.ns_a),
                              frame, tnframes, a.repeat)
-    summary = summarize(rows)
+    summary = summarize(rows) if rows else []
     print(f"{'link':<14} {'suite':<18} {'MB/s':>8} {'x':>6} {'send MB/s/core':>15} {'x':>6} "
           f"{'recv MB/s/core':>15} {'x':>6}")
     for s in summary:
         print(f"{s['link']:<14} {s['cipher']:<18} {s['MB_s']:8.0f} {s['ratio_MB_s']:6.2f} "
               f"{s['send_MB_s_per_core']:15.0f} {s['ratio_send_per_core']:6.2f} "
               f"{s['recv_MB_s_per_core']:15.0f} {s['ratio_recv_per_core']:6.2f}")
+    mig = []
+    if a.migrate:
+        print("redis migrations (iterative), encrypted vs authenticated-only:")
+        mig = migrations(a.migrate.split(","), a.redis_mb, max(1, a.repeat // 2))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"primitives": prim, "rows": rows, "summary": summary}, f, indent=1)
+            json.dump({"primitives": prim, "rows": rows, "summary": summary,
+                       "migrations": mig}, f, indent=1)
     return 0
 
 
