@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.statesync-build
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h src/statesync/*.pyx src/statesync/*.pxi)
 PYTEST_ARGS ?=
 
-.PHONY: setup system build demo test bench asan clean
+LINT_PATHS := src tests benchmarks scripts
+
+.PHONY: setup system build lint demo test bench asan clean
 
 setup: system build
 
@@ -21,6 +23,7 @@ $(PY): | system
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install -q "numpy>=1.24" "Cython>=3.0" "lz4>=4.0" "cryptography>=42" "pytest>=7" \
 	    "pytest-benchmark>=4" "hypothesis>=6" "zstandard>=0.21" "matplotlib>=3.5" "prometheus-client>=0.17"
+	$(PY) -m pip install -q "ruff==0.17.6" "mypy==2.4.1"
 	$(PY) -m pip install -q --no-build-isolation -e .
 	@touch $(STAMP)
 
@@ -29,7 +32,13 @@ build: $(STAMP)
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup
+# ruff and mypy are configured in pyproject.toml ([tool.ruff], [tool.mypy]); their
+# versions are pinned above so that a new release's rules cannot turn a green tree red.
+lint: setup
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: setup

@@ -132,9 +132,12 @@ def report(res: dict) -> str:
             f"{r['inc_s'] * 1000:.0f} ms vs CRIU full dump {r['dump_s'] * 1000:.0f} ms "
             f"(ratio {r['inc_s'] / r['dump_s']:.2f})")
     for e in res.get("exact", []):
-        lines.append(f"  exactly {e['fraction'] * 100:5.1f}% of the dump's pages changed ({e['pages']} pages): "
-                     f"incremental {e['inc_bytes'] / 2**20:.2f} MiB = "
-                     f"{100 * e['inc_bytes'] / e['full_bytes']:.2f}% of the full dump")
+        lines.append(
+            f"  exactly {e['fraction'] * 100:5.1f}% of the dump's pages changed "
+            f"({e['pages']} pages): "
+            f"incremental {e['inc_bytes'] / 2**20:.2f} MiB = "
+            f"{100 * e['inc_bytes'] / e['full_bytes']:.2f}% of the full dump"
+        )
     return "\n".join(lines)
 
 

@@ -63,7 +63,9 @@ def _load_redis(client: RedisClient, nbytes: int, value_size: int = 1000) -> int
         rnd = rng.integers(0, 256, size=(k, value_size // 2), dtype=np.uint8)
         cmds = []
         for j in range(k):
-            pat = (f"obj{lo + j:09d}|" * (value_size // 26 + 1)).encode()[: value_size - value_size // 2]
+            pat = (f"obj{lo + j:09d}|" * (value_size // 26 + 1)).encode()[
+                : value_size - value_size // 2
+            ]
             cmds.append(("SET", f"data:{lo + j}", rnd[j].tobytes() + pat))
         client.pipeline(cmds)
     return n
@@ -159,20 +161,28 @@ def main(argv=None) -> int:
             for strat in a.strategies.split(","):
                 r = run_case(case, rate, strat, a.redis_mb, calibration)
                 results.append(r)
-                print(f"{case:6s} {rate:8s} {strat:10s} codec {r['codec']:9s} state {r['state_mb']:6.1f} MB  "
-                      f"rounds {r['rounds']:2d}  downtime {r['downtime_s'] * 1e3:8.1f} ms "
-                      f"(outside {r['downtime_outside_s'] * 1e3:8.1f}, predicted "
-                      f"{r['predicted_downtime_s'] * 1e3:8.1f})  total {r['total_s']:6.2f} s  "
-                      f"wire {r['wire_mb']:7.1f} MB", flush=True)
+                print(
+                    f"{case:6s} {rate:8s} {strat:10s} codec {r['codec']:9s} "
+                    f"state {r['state_mb']:6.1f} MB  "
+                    f"rounds {r['rounds']:2d}  downtime {r['downtime_s'] * 1e3:8.1f} ms "
+                    f"(outside {r['downtime_outside_s'] * 1e3:8.1f}, predicted "
+                    f"{r['predicted_downtime_s'] * 1e3:8.1f})  total {r['total_s']:6.2f} s  "
+                    f"wire {r['wire_mb']:7.1f} MB",
+                    flush=True,
+                )
     print()
     by = {(r["case"], r["rate"], r["strategy"]): r for r in results}
     for case in a.cases.split(","):
         for rate in a.rates.split(","):
             c, i = by.get((case, rate, "cold")), by.get((case, rate, "iterative"))
             if c and i:
-                print(f"{case} @ {rate}: iterative/cold downtime {i['downtime_s'] / c['downtime_s']:.3f} "
-                      f"(outside {i['downtime_outside_s'] / c['downtime_outside_s']:.3f}), "
-                      f"total {i['total_s'] / c['total_s']:.2f}, wire {i['wire_mb'] / c['wire_mb']:.2f}")
+                print(
+                    f"{case} @ {rate}: iterative/cold downtime "
+                    f"{i['downtime_s'] / c['downtime_s']:.3f} "
+                    f"(outside {i['downtime_outside_s'] / c['downtime_outside_s']:.3f}), "
+                    f"total {i['total_s'] / c['total_s']:.2f}, "
+                    f"wire {i['wire_mb'] / c['wire_mb']:.2f}"
+                )
     errs = [abs(r["predicted_downtime_s"] - r["downtime_s"]) / r["downtime_s"] for r in results]
     print(f"predicted vs measured downtime: max error {max(errs) * 100:.0f}%, "
           f"mean {np.mean(errs) * 100:.0f}% over {len(errs)} migrations "

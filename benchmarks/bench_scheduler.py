@@ -27,8 +27,14 @@ NAMES = ["adaptive", "mose", "qemu", "threshold"]
 
 def _stats(i):
     sent, dur, dirty = ROUNDS[i]
-    return RoundStats(index=i, duration_s=dur, pages_sent=sent, bytes_sent=sent * 2048, dirty_pages=dirty,
-                      transfer_s=dur * 0.98)
+    return RoundStats(
+        index=i,
+        duration_s=dur,
+        pages_sent=sent,
+        bytes_sent=sent * 2048,
+        dirty_pages=dirty,
+        transfer_s=dur * 0.98,
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)

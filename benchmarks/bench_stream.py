@@ -72,8 +72,14 @@ def strategies(threads):
 
     zc, zd = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
     return {
-        "raw": (lambda a, p, prev: p.tobytes(), lambda b, a, prev: np.frombuffer(b, np.uint8).copy()),
-        "lz4": (lambda a, p, prev: lz4.frame.compress(p), lambda b, a, prev: lz4.frame.decompress(b)),
+        "raw": (
+            lambda a, p, prev: p.tobytes(),
+            lambda b, a, prev: np.frombuffer(b, np.uint8).copy(),
+        ),
+        "lz4": (
+            lambda a, p, prev: lz4.frame.compress(p),
+            lambda b, a, prev: lz4.frame.decompress(b),
+        ),
         "zero+dedup+lz4": (ours(False, 1), ours_dec),
         f"zero+dedup+lz4 x{threads}": (ours(False, threads), ours_dec),
         "zero+dedup+xor+lz4": (ours(True, 1), ours_dec),

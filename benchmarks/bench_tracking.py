@@ -20,6 +20,7 @@ shared machine):
     .venv/bin/python -m pytest benchmarks/bench_tracking.py --benchmark-only
     .venv/bin/python benchmarks/bench_tracking.py        # the summary table with ratios
 """
+import functools
 import os
 import sys
 import time
@@ -152,13 +153,14 @@ def main(rounds=7) -> int:
         print(f"{'dirty':>6} {'uffd_scan':>10} {'uffd_collect':>13} {'hash_collect':>13} "
               f"{'pagemap_full':>13} {'full/uffd_scan':>15} {'hash GB/s/core':>15}")
         for frac in FRACTIONS:
+            prep = functools.partial(b.dirty, frac)
             if b.uffd:
                 b.uffd_scan()
-            us, _ = _time(b.uffd_scan, lambda: b.dirty(frac), rounds) if b.uffd else (np.nan, 0)
-            uc, _ = _time(b.uffd.collect, lambda: b.dirty(frac), rounds) if b.uffd else (np.nan, 0)
+            us, _ = _time(b.uffd_scan, prep, rounds) if b.uffd else (np.nan, 0)
+            uc, _ = _time(b.uffd.collect, prep, rounds) if b.uffd else (np.nan, 0)
             b.hash.collect()
-            hw, hc = _time(b.hash.collect, lambda: b.dirty(frac), max(3, rounds // 2))
-            pf, _ = _time(b.pagemap_full, lambda: b.dirty(frac), rounds)
+            hw, hc = _time(b.hash.collect, prep, max(3, rounds // 2))
+            pf, _ = _time(b.pagemap_full, prep, rounds)
             print(f"{frac:6.1%} {us * 1e3 * per_gib:10.3f} {uc * 1e3 * per_gib:13.3f} "
                   f"{hw * 1e3 * per_gib:13.1f} {pf * 1e3 * per_gib:13.2f} {pf / us:15.1f} "
                   f"{present / max(hc, 1e-9) / 1e9:15.2f}")

@@ -55,12 +55,18 @@ def migrate_one(tb: Testbed, secret_file: str, strategy: str) -> None:
 
             def progress(ev):
                 if ev["event"] == "plan":
-                    print(f"  plan: {ev['strategy']}, codec {ev['codec']}, {ev['state_pages']} pages "
-                          f"of state, dirty rate {ev['dirty_rate_pages_per_s']:.0f} pages/s")
+                    print(
+                        f"  plan: {ev['strategy']}, codec {ev['codec']}, {ev['state_pages']} pages "
+                        f"of state, dirty rate {ev['dirty_rate_pages_per_s']:.0f} pages/s"
+                    )
                 elif ev["event"] == "round":
-                    print(f"  round {ev['round']}: {ev['pages']:6d} pages, {ev['bytes_wire'] / 1e6:6.2f} MB "
-                          f"in {ev['duration_s']:5.2f} s, {ev['dirty_pages']:5d} dirty after, "
-                          f"predicted downtime {ev['predicted_downtime_s'] * 1e3:5.0f} ms -> {ev['decision']}")
+                    print(
+                        f"  round {ev['round']}: {ev['pages']:6d} pages, "
+                        f"{ev['bytes_wire'] / 1e6:6.2f} MB "
+                        f"in {ev['duration_s']:5.2f} s, {ev['dirty_pages']:5d} dirty after, "
+                        f"predicted downtime {ev['predicted_downtime_s'] * 1e3:5.0f} ms "
+                        f"-> {ev['decision']}"
+                    )
                 elif ev["event"] == "phase":
                     if ev["phase"] == "dump":
                         # Pause writes at the freeze so the checksum can be compared.

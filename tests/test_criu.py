@@ -159,7 +159,9 @@ def test_flatten_chain_restores_and_matches(criu_ok, spawn_workload, tmp_path, r
     assert f.pages_written == full.npages
     # The same pages, byte for byte, as CRIU's own full dump of the same memory (run
     # boundaries follow the increments, so the pagemap bytes may differ).
-    assert (tmp_path / "flat" / "pages-1.img").read_bytes() == (tmp_path / "d3" / "pages-1.img").read_bytes()
+    assert (tmp_path / "flat" / "pages-1.img").read_bytes() == (
+        tmp_path / "d3" / "pages-1.img"
+    ).read_bytes()
     flat = criu.ImageSet(tmp_path / "flat")
     assert np.array_equal(flat.addresses(), full.addresses())
     assert len(criu.diff(full, flat)) == 0

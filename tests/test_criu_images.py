@@ -53,7 +53,13 @@ def make_set(d, runs, contents, parent=None, pid=1, raw_entries=None, vmas=None)
         f.write(_img(ci.PAGEMAP_MAGIC, [_msg((1, 7))] + raw_entries))
     with open(os.path.join(d, "pages-7.img"), "wb") as f:
         f.write(contents)
-    vmas = vmas if vmas is not None else [(min(r[0] for r in runs), max(r[0] + r[1] * PS for r in runs))] if runs else []
+    vmas = (
+        vmas
+        if vmas is not None
+        else [(min(r[0] for r in runs), max(r[0] + r[1] * PS for r in runs))]
+        if runs
+        else []
+    )
     mm = b"".join(_len_field(14, _msg((1, s), (2, e), (3, 0), (4, 0), (5, 3), (6, 0x22), (7, 1),
                                       (8, ci.enc_varint(0) and 1)))  # fd -1 zigzag = 1
                   for s, e in vmas)
@@ -128,7 +134,9 @@ def test_incremental_then_flatten_round_trip(two_sets, tmp_path):
     f = criu.flatten(tmp_path / "inc", tmp_path / "flat")
     assert f.pages_written == 21 and not os.path.lexists(tmp_path / "flat" / "parent")
     assert (tmp_path / "flat" / "pages-7.img").read_bytes() == new.tobytes()
-    assert np.array_equal(criu.ImageSet(tmp_path / "flat").addresses(), criu.ImageSet(b).addresses())
+    assert np.array_equal(
+        criu.ImageSet(tmp_path / "flat").addresses(), criu.ImageSet(b).addresses()
+    )
 
 
 def test_old_format_in_parent_and_missing_flags(tmp_path):
@@ -152,12 +160,16 @@ def test_64bit_nr_pages_preferred_and_written_back(tmp_path):
     s = criu.ImageSet(d)
     assert s.pagemap().wide and s.npages == 3
     criu.flatten(d, tmp_path / "f")
-    assert (tmp_path / "f" / "pagemap-1.img").read_bytes() == (tmp_path / "w" / "pagemap-1.img").read_bytes()
+    assert (tmp_path / "f" / "pagemap-1.img").read_bytes() == (
+        tmp_path / "w" / "pagemap-1.img"
+    ).read_bytes()
 
 
 def test_write_image_set_replaces_and_adds_pages(two_sets, tmp_path):
     a, b, old, new = two_sets
-    addrs = np.array([BASE + 5 * PS, BASE + 13 * PS], dtype=np.uint64)  # replaced, new (in the VMA gap)
+    addrs = np.array(
+        [BASE + 5 * PS, BASE + 13 * PS], dtype=np.uint64
+    )  # replaced, new (in the VMA gap)
     repl = pages_of(2, 77)
     r = criu.write_image_set(a, tmp_path / "w", addrs, lambda x: repl)
     s = criu.ImageSet(tmp_path / "w")
@@ -245,8 +257,11 @@ def test_entry_size_past_end(tmp_path):
 
 
 def test_nr_pages_larger_than_pages_file(tmp_path):
-    d = make_set(str(tmp_path / "s"), [(BASE, 2, ci.PE_PRESENT), (BASE + 4 * PS, 2**40, ci.PE_PRESENT)],
-                 pages_of(2, 1).tobytes())
+    d = make_set(
+        str(tmp_path / "s"),
+        [(BASE, 2, ci.PE_PRESENT), (BASE + 4 * PS, 2**40, ci.PE_PRESENT)],
+        pages_of(2, 1).tobytes(),
+    )
     t0 = time.monotonic()
     e = _expect(_table(d), "pagemap-1.img")
     assert "holds 2 pages" in str(e) and e.offset > 12
@@ -330,7 +345,9 @@ _mutation = st.one_of(
     st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(1, 255)),
     st.tuples(st.just("cut"), st.integers(0, 10**6), st.just(0)),
     st.tuples(st.just("insert"), st.integers(0, 10**6), st.integers(0, 255)),
-    st.tuples(st.just("u32"), st.integers(0, 10**6), st.sampled_from([0, 1, 0xFFFFFFFF, 0x7FFFFFFF, 4096])),
+    st.tuples(
+        st.just("u32"), st.integers(0, 10**6), st.sampled_from([0, 1, 0xFFFFFFFF, 0x7FFFFFFF, 4096])
+    ),
 )
 
 
@@ -366,15 +383,20 @@ def _fuzz_one(src, name, muts):
 @pytest.fixture(scope="module")
 def synthetic_chain(tmp_path_factory):
     base = tmp_path_factory.mktemp("fuzzsyn")
-    a = make_set(str(base / "a"), [(BASE, 6, ci.PE_PRESENT | ci.PE_LAZY), (BASE + 8 * PS, 3, ci.PE_PRESENT)],
-                 pages_of(9, 5).tobytes())
+    a = make_set(
+        str(base / "a"),
+        [(BASE, 6, ci.PE_PRESENT | ci.PE_LAZY), (BASE + 8 * PS, 3, ci.PE_PRESENT)],
+        pages_of(9, 5).tobytes(),
+    )
     make_set(str(base / "b"), [(BASE, 2, ci.PE_PARENT), (BASE + 2 * PS, 1, ci.PE_PRESENT),
                                (BASE + 3 * PS, 3, ci.PE_PARENT), (BASE + 8 * PS, 4, ci.PE_PRESENT)],
              pages_of(5, 6).tobytes(), parent=a)
     return str(base / "b")
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(name=st.sampled_from(["pagemap-1.img", "mm-1.img", "inventory.img", "pstree.img",
                              "parent/pagemap-1.img", "pages-7.img"]),
        muts=st.lists(_mutation, min_size=1, max_size=4))
@@ -404,7 +426,9 @@ def real_dump(tmp_path_factory):
     return str(d / "full")
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(name=st.sampled_from(["pagemap-1.img", "mm-1.img", "inventory.img", "pstree.img"]),
        muts=st.lists(_mutation, min_size=1, max_size=3))
 def test_fuzz_real_criu_images(real_dump, name, muts):

@@ -4,13 +4,28 @@ import math
 import pytest
 
 from statesync.errors import KpiInputError
-from statesync.planning.kpi import (MIB, Codec, CostModel, Observations, RoundStats, Targets, Weights,
-                           best_codec)
+from statesync.planning.kpi import (
+    MIB,
+    Codec,
+    CostModel,
+    Observations,
+    RoundStats,
+    Targets,
+    Weights,
+    best_codec,
+)
 
 
 def obs(**kw):
-    base = dict(state_bytes=1000 * 4096, dirty_rate_pages_per_s=100.0, bandwidth_bytes_per_s=1000 * 4096.0,
-                dump_fixed_s=0.1, dump_s_per_mib=0.0, restore_fixed_s=0.2, restore_s_per_mib=0.0)
+    base = dict(
+        state_bytes=1000 * 4096,
+        dirty_rate_pages_per_s=100.0,
+        bandwidth_bytes_per_s=1000 * 4096.0,
+        dump_fixed_s=0.1,
+        dump_s_per_mib=0.0,
+        restore_fixed_s=0.2,
+        restore_s_per_mib=0.0,
+    )
     base.update(kw)
     return Observations(**base)
 
@@ -163,11 +178,15 @@ def test_bandwidth_ratio_and_round_cost_calibrate():
 def test_criu_costs_least_squares():
     m = CostModel(obs())
     m.observe_dump(1 * MIB, 0.11)
-    assert m.dump_fixed == pytest.approx(0.11)  # one sample: keeps the slope (0), moves the intercept
+    assert m.dump_fixed == pytest.approx(
+        0.11
+    )  # one sample: keeps the slope (0), moves the intercept
     m.observe_dump(11 * MIB, 0.21)
     assert m.dump_fixed == pytest.approx(0.1) and m.dump_per_byte * MIB == pytest.approx(0.01)
     m.observe_criu_dump_stats({"frozen_time": 160000, "pages_written": 6 * 256})
-    assert m.dump_fixed == pytest.approx(0.1, abs=1e-9) and m.dump_per_byte * MIB == pytest.approx(0.01)
+    assert m.dump_fixed == pytest.approx(0.1, abs=1e-9) and m.dump_per_byte * MIB == pytest.approx(
+        0.01
+    )
     with pytest.raises(KpiInputError, match="stats-dump.frozen_time"):
         m.observe_criu_dump_stats({"pages_written": 1})
     m.observe_restore(4 * MIB, 0.3)

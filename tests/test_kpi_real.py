@@ -62,4 +62,7 @@ def test_dirty_curve_calibrates_on_a_real_process(spawn_workload, pattern):
     assert max(errs_model) < 0.35, (pattern, errs_model, errs_prior)
     if pattern == "hotcold":
         # the uniform prior misjudges a hot set badly; measured rounds fix that
-        assert max(errs_prior) > 0.2 and sum(errs_model) < sum(errs_prior) / 2, (errs_model, errs_prior)
+        assert max(errs_prior) > 0.2 and sum(errs_model) < sum(errs_prior) / 2, (
+            errs_model,
+            errs_prior,
+        )

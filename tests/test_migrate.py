@@ -522,7 +522,8 @@ def test_migrate_redis_under_write_load(bed, strategy, compression, tracker):
     """Debian's redis-server with data, written to while it moves: every key is there
     afterwards, no acknowledged write is lost, and it answers on the same socket path."""
     from statesync.testing.downtime import RequestProber
-    from statesync.testing.services import RedisWriter, load_keys, redis_binary, spawn_redis, value_for
+    from statesync.testing.services import (RedisWriter, load_keys, redis_binary, spawn_redis,
+                                            value_for)
 
     require(redis_binary(), "redis-server not installed (scripts/setup-system.sh)")
     bed.start_dest()
@@ -598,7 +599,7 @@ def test_cli_agents_one_in_each_namespace(bed):
         rep.state_pages * 4096 / 2**20)
 
 
-# --------------------------------------------------------------------------- iperf3 (the paper's case)
+# ------------------------------------------------------------------ iperf3 (the paper's case)
 
 
 def _iperf3_client(bed, side, host, port):

@@ -164,7 +164,7 @@ MAPS_FIXTURE = b"""\
 7ffd5e9b0000-7ffd5e9d1000 rw-p 00000000 00:00 0                          [stack]
 7ffd5e9f0000-7ffd5e9f2000 r-xp 00000000 00:00 0                          [vdso]
 ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
-"""
+"""  # noqa: E501  (verbatim /proc/PID/maps lines)
 
 
 def test_parse_maps_fixture(tmp_path):

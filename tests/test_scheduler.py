@@ -4,8 +4,16 @@ import pytest
 
 from statesync import scheduler as S
 from statesync.errors import Infeasible, KpiInputError, StateSyncError
-from statesync.planning.kpi import (ABORT, CONTINUE, STOP_AND_COPY, Codec, Observations, RoundStats, Targets,
-                           Weights)
+from statesync.planning.kpi import (
+    ABORT,
+    CONTINUE,
+    STOP_AND_COPY,
+    Codec,
+    Observations,
+    RoundStats,
+    Targets,
+    Weights,
+)
 
 GBIT = 125e6
 
@@ -13,9 +21,16 @@ GBIT = 125e6
 def paper_obs(**kw):
     """The MOSE paper's SockPerf setting: 10 MB state on 1 Gbit/s, CRIU checkpoint 345 ms,
     restore 331 ms (its measured lower ends), a CRIU pre-dump per iteration."""
-    base = dict(state_bytes=10_000_000, dirty_rate_pages_per_s=1000.0, bandwidth_bytes_per_s=GBIT,
-                dump_fixed_s=0.345, dump_s_per_mib=0.0, restore_fixed_s=0.331, restore_s_per_mib=0.0,
-                round_fixed_s=0.345)
+    base = dict(
+        state_bytes=10_000_000,
+        dirty_rate_pages_per_s=1000.0,
+        bandwidth_bytes_per_s=GBIT,
+        dump_fixed_s=0.345,
+        dump_s_per_mib=0.0,
+        restore_fixed_s=0.331,
+        restore_s_per_mib=0.0,
+        round_fixed_s=0.345,
+    )
     base.update(kw)
     return Observations(**base)
 
@@ -68,8 +83,9 @@ def test_mose_md_reproduces_paper_iterations():
         assert d.action is (STOP_AND_COPY if i == 10 else CONTINUE)
     # the paper's measured MOSE downtime for SockPerf is 975 ms; the model with its CRIU costs
     # lands in the same range (its checkpoint took 345-503 ms, restore 331-353 ms)
-    hi = S.get("mose").plan(paper_obs(dump_fixed_s=0.503, restore_fixed_s=0.353, round_fixed_s=0.503),
-                            Targets(2.0, 5.0))
+    hi = S.get("mose").plan(
+        paper_obs(dump_fixed_s=0.503, restore_fixed_s=0.353, round_fixed_s=0.503), Targets(2.0, 5.0)
+    )
     assert 0.6 < p.predicted_downtime_s <= hi.predicted_downtime_s < 1.0
     assert hi.rounds >= 3
 
@@ -174,10 +190,18 @@ def test_adaptive_keeps_going_while_it_pays():
 def test_adaptive_chooses_codec_by_link_speed():
     # a writer fast enough that the final copy is large: its speed decides the downtime
     lz4 = Codec("lz4", 2.5, 400e6)
-    slow = paper_obs(state_bytes=10**8, dirty_rate_pages_per_s=50000.0, bandwidth_bytes_per_s=12.5e6,
-                     codecs=(lz4,))
-    fast = paper_obs(state_bytes=10**8, dirty_rate_pages_per_s=50000.0, bandwidth_bytes_per_s=1.25e9,
-                     codecs=(lz4,))
+    slow = paper_obs(
+        state_bytes=10**8,
+        dirty_rate_pages_per_s=50000.0,
+        bandwidth_bytes_per_s=12.5e6,
+        codecs=(lz4,),
+    )
+    fast = paper_obs(
+        state_bytes=10**8,
+        dirty_rate_pages_per_s=50000.0,
+        bandwidth_bytes_per_s=1.25e9,
+        codecs=(lz4,),
+    )
     t = Targets(5.0, 60.0)
     assert S.get("adaptive").plan(slow, t).codec == "lz4"      # 31 MB/s raw vs 12.5 MB/s
     assert S.get("adaptive").plan(fast, t).codec == "none"     # 1.25 GB/s raw vs 0.4 GB/s
@@ -194,7 +218,9 @@ def test_adaptive_min_resources_and_weights():
 
 
 def test_decisions_are_deterministic():
-    o = paper_obs(state_bytes=10**9, dirty_rate_pages_per_s=3000.0, codecs=(Codec("lz4", 2.0, 5e8),))
+    o = paper_obs(
+        state_bytes=10**9, dirty_rate_pages_per_s=3000.0, codecs=(Codec("lz4", 2.0, 5e8),)
+    )
     rounds = [RoundStats(0, 8.0, 244141, 5 * 10**8, 24000, transfer_s=7.9),
               RoundStats(1, 0.8, 24000, 5 * 10**7, 2600, transfer_s=0.78),
               RoundStats(2, 0.1, 2600, 5 * 10**6, 300, transfer_s=0.09)]

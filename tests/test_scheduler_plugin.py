@@ -17,10 +17,26 @@ def test_entry_point_plugin_is_picked_up(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(PLUGIN, src)  # pip builds in the source tree: keep the checkout clean
     pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(src)],
-        capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_CACHE_DIR=str(tmp_path / "cache")))
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(
+            os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_CACHE_DIR=str(tmp_path / "cache")
+        ),
+    )
     assert pip.returncode == 0, pip.stdout + pip.stderr
     assert list(target.glob("statesync_example_scheduler-*.dist-info"))
 
@@ -29,13 +45,16 @@ def test_entry_point_plugin_is_picked_up(tmp_path):
         from statesync import scheduler, sim
         names = scheduler.available()
         s = scheduler.get("example-shrink", min_shrink=0.3)
-        results = [sim.run(sc, scheduler.get("example-shrink"), "example-shrink") for sc in sim.suite("default", 12)]
+        results = [sim.run(sc, scheduler.get("example-shrink"), "example-shrink")
+                   for sc in sim.suite("default", 12)]
         print(json.dumps({"names": names, "type": type(s).__module__ + "." + type(s).__name__,
                           "min_shrink": s.min_shrink, "rounds": [r.rounds for r in results],
                           "downtimes": [r.downtime_s for r in results]}))
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target)] + sys.path))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
     assert out.returncode == 0, out.stderr
     import json
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -46,7 +65,9 @@ def test_entry_point_plugin_is_picked_up(tmp_path):
 
     # without the package on the path it is not there, and asking for it names what is
     script2 = "from statesync import scheduler; print('example-shrink' in scheduler.available())"
-    out2 = subprocess.run([sys.executable, "-c", script2], capture_output=True, text=True, timeout=60)
+    out2 = subprocess.run(
+        [sys.executable, "-c", script2], capture_output=True, text=True, timeout=60
+    )
     assert out2.stdout.strip() == "False"
 
 
@@ -55,7 +76,9 @@ def test_broken_entry_point_is_reported(tmp_path):
     dist = tmp_path / "site" / "broken_sched-0.1.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-sched\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[statesync.schedulers]\nbroken = no_such_module_xyz:Sched\n")
+    (dist / "entry_points.txt").write_text(
+        "[statesync.schedulers]\nbroken = no_such_module_xyz:Sched\n"
+    )
     script = textwrap.dedent("""
         from statesync import scheduler
         from statesync.errors import StateSyncError
@@ -66,6 +89,11 @@ def test_broken_entry_point_is_reported(tmp_path):
             print("ERR", e)
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site")] + sys.path))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
     assert out.returncode == 0, out.stderr
-    assert "ERR scheduler 'broken': loading entry point 'no_such_module_xyz:Sched' failed" in out.stdout
+    assert (
+        "ERR scheduler 'broken': loading entry point 'no_such_module_xyz:Sched' failed"
+        in out.stdout
+    )

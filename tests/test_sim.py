@@ -44,7 +44,9 @@ def test_dirty_processes_hand_worked():
     assert c.distinct(0, 1) == pytest.approx(1000 * (1 - math.exp(-0.1)))
     # hot/cold: 90 % of 1000 writes/s to 100 hot pages, 10 % to 900 cold ones, over 1 s
     h = sim.DirtyProcess("hotcold", 1000.0, 1000, hot_pages=100, hot_fraction=0.9)
-    assert h.distinct(0, 1) == pytest.approx(100 * (1 - math.exp(-9)) + 900 * (1 - math.exp(-100 / 900)))
+    assert h.distinct(0, 1) == pytest.approx(
+        100 * (1 - math.exp(-9)) + 900 * (1 - math.exp(-100 / 900))
+    )
     # bursty: 10x for the first 20 % of each 2 s period, 0.1x otherwise
     b = sim.DirtyProcess("bursty", 10.0, 10**9, burst_factor=10, duty=0.2, period_s=2.0)
     assert b.writes(0, 2) == pytest.approx(100 * 0.4 + 1 * 1.6)
@@ -58,7 +60,9 @@ def test_dirty_processes_hand_worked():
 def test_link_transfer_time_with_drop():
     link = sim.LinkTrace("drop", 100.0, drop_start_s=1.0, drop_end_s=3.0, drop_factor=0.5)
     # 100 B in [0, 1] at 100 B/s, 100 B in the drop [1, 3] at 50 B/s, the last 150 B at 100 B/s
-    assert link.transfer_time(350, 0.0, 100.0, math.inf, 1.0, math.inf) == pytest.approx(1 + 2 + 1.5)
+    assert link.transfer_time(350, 0.0, 100.0, math.inf, 1.0, math.inf) == pytest.approx(
+        1 + 2 + 1.5
+    )
     # starting inside the drop
     assert link.transfer_time(50, 2.0, 100.0, math.inf, 1.0, math.inf) == pytest.approx(1.0)
     # a codec at 2x ratio doubles the raw rate unless the encoder is slower
@@ -90,10 +94,22 @@ def test_run_every_builtin_and_the_oracle():
 def test_cold_run_is_exactly_the_model_without_noise():
     # no noise anywhere: cold migration of 1000 pages over 1000 pages/s, CRIU 0.1 + 0.2 s
     sc = sim.Scenario(
-        name="hand", seed="hand", state_bytes=1000 * PAGE_SIZE,
-        dirty=sim.DirtyProcess("constant", 1.0, 1000), link=sim.LinkTrace("constant", 1000.0 * PAGE_SIZE),
-        rtt_s=0.0, dump_fixed_s=0.1, dump_s_per_mib=0.0, restore_fixed_s=0.2, restore_s_per_mib=0.0,
-        round_fixed_s=0.0, codecs=(), max_downtime_s=2.0, max_total_time_s=10.0, obs_noise=0.0)
+        name="hand",
+        seed="hand",
+        state_bytes=1000 * PAGE_SIZE,
+        dirty=sim.DirtyProcess("constant", 1.0, 1000),
+        link=sim.LinkTrace("constant", 1000.0 * PAGE_SIZE),
+        rtt_s=0.0,
+        dump_fixed_s=0.1,
+        dump_s_per_mib=0.0,
+        restore_fixed_s=0.2,
+        restore_s_per_mib=0.0,
+        round_fixed_s=0.0,
+        codecs=(),
+        max_downtime_s=2.0,
+        max_total_time_s=10.0,
+        obs_noise=0.0,
+    )
     r = sim.run(sc, S.get("mose"), "mose")  # MD with 10 s allows pre-copy
     assert r.strategy == "precopy"
     w = sim._World(sc)
@@ -135,14 +151,34 @@ def test_infeasible_scenarios_are_declared(default_eval):
 def test_cli_sim_table_and_plot(tmp_path):
     png = tmp_path / "dt.png"
     out = subprocess.run(
-        [sys.executable, "-m", "statesync", "sim", "--scheduler", "adaptive,qemu", "--scenarios", "default",
-         "--count", "30", "--plot", str(png)],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
+        [
+            sys.executable,
+            "-m",
+            "statesync",
+            "sim",
+            "--scheduler",
+            "adaptive,qemu",
+            "--scenarios",
+            "default",
+            "--count",
+            "30",
+            "--plot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, MPLBACKEND="Agg"),
+    )
     assert out.returncode == 0, out.stderr
     assert "| adaptive" in out.stdout and "| qemu" in out.stdout and "mean downtime s" in out.stdout
     assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
-    bad = subprocess.run([sys.executable, "-m", "statesync", "sim", "--scheduler", "nope", "--count", "2"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "statesync", "sim", "--scheduler", "nope", "--count", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "unknown scheduler 'nope'" in bad.stderr
 
 
@@ -156,5 +192,6 @@ def test_min_resources_objective_sends_least_and_still_attains():
     assert a.attainment >= 0.93, sim.format_table(summaries)
     for other in ("mose", "qemu", "threshold"):
         assert a.mean_wire_bytes < by[other].mean_wire_bytes
-    # the paper's MR (cold at the least bandwidth) sits exactly on the downtime target: noise breaks it
+    # the paper's MR (cold at the least bandwidth) sits exactly on the downtime target:
+    # noise breaks it
     assert by["mose"].attainment < 0.5

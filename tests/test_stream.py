@@ -322,7 +322,7 @@ def test_many_rounds_over_one_socket():
     a.close()
     b.close()
     assert [r[0] for r in results] == [0, 1, 2, 3]
-    for (_, counts, got), want in zip(results, rounds):
+    for (_, _counts, got), want in zip(results, rounds):
         assert np.array_equal(got, want)
     assert results[1][1]["xor"] > 0 and results[1][1]["raw"] == 0
 

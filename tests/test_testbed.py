@@ -70,7 +70,9 @@ def test_link_is_shaped_and_joins_only_the_two_sides():
         for ns in (tb.ns_a, tb.ns_b):
             r = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True,
                                check=True)
-            names = sorted(line.split(":")[1].strip().split("@")[0] for line in r.stdout.splitlines())
+            names = sorted(
+                line.split(":")[1].strip().split("@")[0] for line in r.stdout.splitlines()
+            )
             assert names == sorted(["lo", ns]), names
         # Each side has its own directory.
         assert os.path.isdir(tb.dir_a) and os.path.isdir(tb.dir_b) and tb.dir_a != tb.dir_b

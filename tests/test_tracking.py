@@ -12,7 +12,7 @@ import pytest
 
 from conftest import have_root, require
 from statesync import _core, errors, proc, tracking
-import statesync.tracking.uffd
+import statesync.tracking.uffd  # noqa: F401
 from statesync.tracking import DirtySet, Tracker, tracking_methods
 
 PS = proc.PAGE_SIZE
@@ -57,7 +57,7 @@ def _within(pages, ranges):
 def test_tracking_methods_say_what_works_and_why():
     m = tracking_methods()
     assert list(m) == ["uffd", "softdirty", "hash"]
-    for name, (ok, why) in m.items():
+    for _name, (ok, why) in m.items():
         assert isinstance(ok, bool) and why
     assert m["hash"][0]
     require(m["uffd"][0], f"uffd tracking unavailable: {m['uffd'][1]}")

@@ -254,7 +254,8 @@ class NetworkMoveError(StateSyncError):
 
 
 __all__ = [
-    "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone", "AlreadyTraced",
+    "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone",
+    "AlreadyTraced",
     "TrackingError", "TrackerUnavailable", "InjectionFailed", "CriuError", "CriuImageError",
     "StreamError", "MigrationError", "KpiInputError", "Infeasible", "ProtocolError",
     "AuthenticationError", "SecretError", "RedisError", "TestbedError",

@@ -360,7 +360,7 @@ def descendants(pid: int, procfs: str = PROCFS) -> List[int]:
     return out
 
 
-def kill_tree(pids: Iterable[int], popen=None, timeout: float = 10.0) -> None:
+def kill_tree(pids: Iterable[Optional[int]], popen=None, timeout: float = 10.0) -> None:
     """SIGKILL every process in ``pids`` and all their descendants, then reap
     ``popen`` (a :class:`subprocess.Popen`, e.g. the ``unshare``/``nsenter`` wrapper
     that started them), and wait until none of them runs any more, at most ``timeout``

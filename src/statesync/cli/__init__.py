@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(f"statesync.cli.{name}")
         except ImportError as exc:  # a module not built yet must not break the others
-            print(f"statesync: commands of statesync.cli.{name} unavailable: {exc}", file=sys.stderr)
+            print(f"statesync: commands of statesync.cli.{name} unavailable: {exc}",
+                  file=sys.stderr)
             continue
         register = getattr(mod, "cli_register", None)
         if register is not None:

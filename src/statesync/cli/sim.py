@@ -31,8 +31,8 @@ from statesync.planning.sim import (
 
 def cli_register(subparsers) -> None:
     p = subparsers.add_parser("sim", help="simulate schedulers on a scenario suite",
-                              description="Run schedulers on seeded scenarios and print KPI attainment, "
-                                          "downtime, total time and bytes.")
+                              description="Run schedulers on seeded scenarios and print KPI "
+                                          "attainment, downtime, total time and bytes.")
     p.add_argument("--scheduler", action="append", default=None,
                    help="scheduler name(s), comma-separated or repeated, or 'all' (default: all)")
     p.add_argument("--scenarios", default="default",
@@ -58,7 +58,8 @@ def _cli_sim(args) -> int:
                 names.append(n)
     for n in names:
         if n not in sched_mod.available():
-            raise StateSyncError(f"unknown scheduler {n!r}; available: {', '.join(sched_mod.available())}")
+            raise StateSyncError(f"unknown scheduler {n!r}; "
+                                 f"available: {', '.join(sched_mod.available())}")
     scenarios = suite(args.scenarios, args.count)
     if args.objective:
         from dataclasses import replace
@@ -67,7 +68,8 @@ def _cli_sim(args) -> int:
     if args.json:
         print(json.dumps([asdict(s) for s in summaries], indent=2))
     else:
-        print(f"{len(scenarios)} scenarios ({args.scenarios}{', no codecs' if args.no_codecs else ''}"
+        print(f"{len(scenarios)} scenarios "
+              f"({args.scenarios}{', no codecs' if args.no_codecs else ''}"
               f"{', objective ' + args.objective if args.objective else ''}), "
               f"{summaries[0].feasible} feasible with hindsight")
         print(format_table(summaries))
@@ -77,6 +79,7 @@ def _cli_sim(args) -> int:
     return 0
 
 
-__all__ = ["DirtyProcess", "LinkTrace", "CodecTruth", "Scenario", "Result", "OracleResult", "Summary",
-           "run", "oracle", "suite", "make_scenario", "suite_digest", "evaluate", "format_table", "plot",
+__all__ = ["DirtyProcess", "LinkTrace", "CodecTruth", "Scenario", "Result", "OracleResult",
+           "Summary", "run", "oracle", "suite", "make_scenario", "suite_digest", "evaluate",
+           "format_table", "plot",
            "SUITE_SEEDS", "SUITE_SIZE", "MAX_ENGINE_ROUNDS"]

@@ -285,7 +285,10 @@ def dump(pid: int, images_dir, leave_running: bool = False, parent=None,
     if leave_running:
         cmd.append("--leave-running")
     if parent is not None:
-        cmd += ["--prev-images-dir", os.path.relpath(os.path.abspath(os.fspath(parent)), images_dir)]
+        cmd += [
+            "--prev-images-dir",
+            os.path.relpath(os.path.abspath(os.fspath(parent)), images_dir),
+        ]
         if track_mem is None:
             track_mem = check().features.get("mem_dirty_track", False)
     if track_mem:

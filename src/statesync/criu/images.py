@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -69,11 +69,12 @@ def _varint(buf: bytes, pos: int, end: int, path, base: int) -> Tuple[int, int]:
 
 
 def decode_fields(buf: bytes, start: int, end: int, path, base: int = 0
-                  ) -> Iterator[Tuple[int, int, object, int]]:
+                  ) -> Iterator[Tuple[int, int, Any, int]]:
     """Yield (field_number, wire_type, value, offset) of a protobuf message in
     buf[start:end]. Varint and fixed values are ints; length-delimited values are
     (begin, end) index pairs into buf. Offsets are file offsets (buf index + base)."""
     pos = start
+    val: Any  # an int, or for wire type 2 a (begin, end) pair
     while pos < end:
         off = pos
         key, pos = _varint(buf, pos, end, path, base)
@@ -183,7 +184,7 @@ class ImageFile:
 def _message(img: ImageFile, idx: int, spec: Dict[int, str]) -> dict:
     """Decode entry idx into a dict of the varint fields named in spec."""
     out = {}
-    for field, wt, val, off in img.fields(idx):
+    for field, wt, val, _off in img.fields(idx):
         name = spec.get(field)
         if name is not None and wt == 0:
             out[name] = val
@@ -197,7 +198,7 @@ def read_inventory(path) -> dict:
     inv = _message(img, 0, {1: "img_version", 2: "fdinfo_per_id", 4: "ns_per_id",
                             5: "root_cg_set", 6: "lsmtype", 8: "dump_uptime",
                             9: "pre_dump_mode", 10: "tcp_close", 11: "network_lock_method"})
-    for field, wt, val, off in img.fields(0):
+    for field, wt, val, _off in img.fields(0):
         if field == 13 and wt == 2:
             inv["dump_criu_run_id"] = img.data[val[0]:val[1]].decode("utf-8", "replace")
     if "img_version" not in inv:
@@ -211,7 +212,7 @@ def read_pstree(path) -> List[dict]:
     for i in range(len(img.entries)):
         e = _message(img, i, {1: "pid", 2: "ppid", 3: "pgid", 4: "sid"})
         threads = []
-        for field, wt, val, off in img.fields(i):
+        for field, wt, val, _off in img.fields(i):
             if field == 5:
                 if wt == 0:
                     threads.append(val)
@@ -240,7 +241,7 @@ def read_stats(path) -> dict:
     img = ImageFile(path, STATS_MAGIC, service=True)
     out: dict = {}
     for i in range(len(img.entries)):
-        for field, wt, val, off in img.fields(i):
+        for field, wt, val, _off in img.fields(i):
             if wt != 2 or field not in (1, 2):
                 continue
             spec = _STATS_DUMP if field == 1 else _STATS_RESTORE
@@ -266,8 +267,8 @@ def read_mm(path) -> Tuple[dict, np.ndarray]:
     rows = []
     for field, wt, val, off in img.fields(0):
         if field == 14 and wt == 2:
-            v = {}
-            for f2, wt2, v2, off2 in decode_fields(img.data, val[0], val[1], path):
+            v: Dict[str, int] = {}
+            for f2, wt2, v2, _off2 in decode_fields(img.data, val[0], val[1], path):
                 name = _VMA_FIELDS.get(f2)
                 if name and wt2 == 0:
                     v[name] = _zigzag_dec(v2) if name == "fd" else v2
@@ -281,7 +282,7 @@ def read_mm(path) -> Tuple[dict, np.ndarray]:
                 raise CriuImageError("VMA fd out of range", path, off)
             for k in ("prot", "flags", "status", "fdflags"):
                 v[k] = v.get(k, 0) & 0xFFFFFFFF
-            rows.append(tuple(v.get(n, 0) for n in VMA_DTYPE.names))
+            rows.append(tuple(v.get(n, 0) for n in VMA_DTYPE.names or ()))
         elif wt == 0 and field <= 12:
             mm[{1: "mm_start_code", 2: "mm_end_code", 3: "mm_start_data", 4: "mm_end_data",
                 5: "mm_start_stack", 6: "mm_start_brk", 7: "mm_brk", 8: "mm_arg_start",
@@ -326,7 +327,7 @@ class Pagemap:
             raise CriuImageError(f"entry size {size} runs past the end of the file "
                                  f"({len(data) - 12} bytes left)", path, 8)
         head = {}
-        for field, wt, val, off in decode_fields(data, 12, 12 + size, path):
+        for field, wt, val, _off in decode_fields(data, 12, 12 + size, path):
             if field == 1 and wt == 0:
                 head["pages_id"] = val
         if "pages_id" not in head:

@@ -113,13 +113,14 @@ class ImageSet:
         self._pagemaps: Dict[str, Pagemap] = {}
         self._tables: Dict[str, ResolvedPages] = {}
         self._pages: Dict[int, np.ndarray] = {}
-        self._pstree = None
+        self._pstree: Optional[List[dict]] = None
 
     # -- structure
 
     @property
     def chain(self) -> List[str]:
-        out, s = [], self
+        out: List[str] = []
+        s: Optional[ImageSet] = self
         while s is not None:
             out.append(s.path)
             s = s.parent
@@ -211,8 +212,11 @@ class ImageSet:
                                          f"{name}", *where) from None
                 raise
             if parent_n > pt.addrs.size:
-                raise CriuImageError(f"{parent_n} pages marked PE_PARENT but the parent chain holds "
-                                     f"only {pt.addrs.size} pages", *where)
+                raise CriuImageError(
+                    f"{parent_n} pages marked PE_PARENT but the parent chain holds "
+                    f"only {pt.addrs.size} pages",
+                    *where,
+                )
         addrs = expand_runs(pm.vaddr, pm.nr_pages, ps)
         entry = np.repeat(np.arange(pm.vaddr.size, dtype=np.int64), pm.nr_pages.astype(np.int64))
         page_present = present[entry]
@@ -230,8 +234,9 @@ class ImageSet:
             if not ok.all():
                 bad = int(np.flatnonzero(~ok)[0])
                 e = int(entry[np.flatnonzero(sel)[bad]])
+                parent_path = self.parent.path if self.parent is not None else "?"
                 raise CriuImageError(f"page {int(want[bad]):#x} is marked PE_PARENT but the parent "
-                                     f"chain ({self.parent.path}) has no such page", pm.path,
+                                     f"chain ({parent_path}) has no such page", pm.path,
                                      int(pm.offsets[e]))
             src[sel] = pt.src[pos] + 1
             row[sel] = pt.row[pos]

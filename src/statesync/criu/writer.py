@@ -61,7 +61,7 @@ class ImageSet(_iset.ImageSet):
 
     def close(self) -> None:
         """Drop this set's (and its parents') page maps; arrays handed out stay valid."""
-        s = self
+        s: Optional[_iset.ImageSet] = self
         while s is not None:
             s._tables.clear()
             s._pages.clear()
@@ -71,7 +71,7 @@ class ImageSet(_iset.ImageSet):
         return f"ImageSet({self.path!r}, chain={len(self.chain)})"
 
 
-def _as_set(x) -> ImageSet:
+def _as_set(x) -> _iset.ImageSet:
     return x if isinstance(x, _iset.ImageSet) else ImageSet(x)
 
 
@@ -125,11 +125,14 @@ class WriteResult:
 
 
 def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
-               if os.path.isfile(os.path.join(path, n)) and not os.path.islink(os.path.join(path, n)))
+    return sum(
+        os.path.getsize(os.path.join(path, n))
+        for n in os.listdir(path)
+        if os.path.isfile(os.path.join(path, n)) and not os.path.islink(os.path.join(path, n))
+    )
 
 
-def _write(base: ImageSet, out_dir, parent: Optional[ImageSet],
+def _write(base: _iset.ImageSet, out_dir, parent: Optional[_iset.ImageSet],
            overrides: Optional[Dict[str, tuple]] = None) -> WriteResult:
     from statesync import _core
 

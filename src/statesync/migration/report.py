@@ -88,7 +88,8 @@ class Report:
         return cls(rounds=rounds, **d)
 
     def table(self) -> str:
-        ms = lambda s: "-" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{s * 1e3:9.1f} ms"  # noqa: E731
+        ms = lambda s: ("-" if s is None or (isinstance(s, float) and math.isnan(s))  # noqa: E731
+                        else f"{s * 1e3:9.1f} ms")
         lines = [f"migration of pid {self.pid} to {self.dest}: "
                  f"{'OK' if self.ok else 'FAILED'}"
                  + (f" [{self.failed_phase}] {self.error}" if not self.ok and self.error else ""),

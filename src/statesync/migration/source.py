@@ -251,8 +251,9 @@ class _SourceAgent(SwitchOver):
             rep.predicted_downtime_s = model.downtime(
                 self.state_addrs.size, "lz4" if self.codec.compression and codecs else "none",
                 obs.bandwidth_bytes_per_s)
-        self._emit("plan", strategy=self.mode, codec=self.codec.name, state_pages=int(self.state_addrs.size),
-                   dirty_rate_pages_per_s=rate, dirty_rate_window_s=window, predicted_downtime_s=plan.predicted_downtime_s,
+        self._emit("plan", strategy=self.mode, codec=self.codec.name,
+                   state_pages=int(self.state_addrs.size), dirty_rate_pages_per_s=rate,
+                   dirty_rate_window_s=window, predicted_downtime_s=plan.predicted_downtime_s,
                    reason=plan.reason)
 
     async def _precopy(self) -> None:

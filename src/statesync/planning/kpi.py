@@ -45,7 +45,9 @@ def _num(owner: str, name: str, value, *, positive=False, nonneg=False, allow_in
             else:
                 raise TypeError
         except TypeError:
-            raise KpiInputError(where, f"must be a number (got {type(value).__name__} {value!r})") from None
+            raise KpiInputError(
+                where, f"must be a number (got {type(value).__name__} {value!r})"
+            ) from None
     v = float(value)
     if math.isnan(v):
         raise KpiInputError(where, "is NaN; pass a measured value")
@@ -106,8 +108,10 @@ class Targets:
         _num("Targets", "max_bandwidth_bytes_per_s", self.max_bandwidth_bytes_per_s,
              positive=True, allow_none=True)
         if not isinstance(self.objective, Weights) and self.objective not in OBJECTIVES:
-            raise KpiInputError("Targets.objective",
-                                f"must be one of {', '.join(OBJECTIVES)} or a Weights (got {self.objective!r})")
+            raise KpiInputError(
+                "Targets.objective",
+                f"must be one of {', '.join(OBJECTIVES)} or a Weights (got {self.objective!r})",
+            )
 
     @property
     def weights(self) -> Weights:
@@ -136,7 +140,9 @@ class Codec:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or self.name == NO_CODEC:
-            raise KpiInputError("Codec.name", f"must be a codec name other than {NO_CODEC!r} (got {self.name!r})")
+            raise KpiInputError(
+                "Codec.name", f"must be a codec name other than {NO_CODEC!r} (got {self.name!r})"
+            )
         _num("Codec", "ratio", self.ratio, positive=True)
         _num("Codec", "encode_bytes_per_s", self.encode_bytes_per_s, positive=True, allow_inf=True)
         _num("Codec", "decode_bytes_per_s", self.decode_bytes_per_s, positive=True, allow_inf=True)
@@ -182,12 +188,21 @@ class Observations:
                      "round_fixed_s", "rtt_s"):
             _num(o, name, getattr(self, name), nonneg=True)
         _num(o, "dirty_rate_window_s", self.dirty_rate_window_s, positive=True)
-        _num(o, "working_set_pages", self.working_set_pages, positive=True, integer=True, allow_none=True)
+        _num(
+            o,
+            "working_set_pages",
+            self.working_set_pages,
+            positive=True,
+            integer=True,
+            allow_none=True,
+        )
         _num(o, "dirty_rate_peak_pages_per_s", self.dirty_rate_peak_pages_per_s, nonneg=True,
              allow_none=True)
         if self.working_set_pages is not None and self.working_set_pages > self.state_pages:
-            raise KpiInputError(f"{o}.working_set_pages",
-                                f"{self.working_set_pages} pages exceeds the state ({self.state_pages} pages)")
+            raise KpiInputError(
+                f"{o}.working_set_pages",
+                f"{self.working_set_pages} pages exceeds the state ({self.state_pages} pages)",
+            )
         if not isinstance(self.codecs, tuple):
             object.__setattr__(self, "codecs", tuple(self.codecs))
         seen = set()
@@ -206,7 +221,9 @@ class Observations:
     def from_dict(cls, d: Mapping) -> "Observations":
         d = dict(d)
         if "codecs" in d:
-            d["codecs"] = tuple(c if isinstance(c, Codec) else _from_dict(Codec, c) for c in d["codecs"])
+            d["codecs"] = tuple(
+                c if isinstance(c, Codec) else _from_dict(Codec, c) for c in d["codecs"]
+            )
         return _from_dict(cls, d)
 
 
@@ -255,8 +272,10 @@ class RoundStats:
         _num(o, "transfer_s", self.transfer_s, nonneg=True, allow_none=True)
         _num(o, "elapsed_s", self.elapsed_s, nonneg=True, allow_none=True)
         if self.transfer_s is not None and self.transfer_s > self.duration_s * (1 + 1e-9):
-            raise KpiInputError(f"{o}.transfer_s",
-                                f"{self.transfer_s} s is longer than the round ({self.duration_s} s)")
+            raise KpiInputError(
+                f"{o}.transfer_s",
+                f"{self.transfer_s} s is longer than the round ({self.duration_s} s)",
+            )
 
 
 # --------------------------------------------------------------------------- outputs
@@ -316,10 +335,17 @@ class Option:
     total_time_s: float
     wire_bytes: float
     final_pages: float
-    final_copy_s: float = 0.0   # the part of downtime_s that scales with final_pages (dump + transfer)
+    # the part of downtime_s that scales with final_pages (dump + transfer)
+    final_copy_s: float = 0.0
 
 
 # --------------------------------------------------------------------------- the model
+
+def _given(v: Optional[float]) -> float:
+    """A CRIU cost of an Observations: __post_init__ refused None, so it is a number."""
+    assert v is not None
+    return float(v)
+
 
 class CostModel:
     """Analytic model of a pre-copy migration, calibrated online.
@@ -334,18 +360,19 @@ class CostModel:
                      + restore_fixed + restore_per_byte * S
         total      = sum(t_k) + downtime;   wire bytes = sum(x_k * P / ratio) + x * P / ratio
 
-    The dirty function before any measurement is ``D(t) = W * (1 - exp(-d t / W))``
-    (uniform writes at ``d`` pages/s over a working set of ``W`` pages; ``W = N`` when
-    unknown). Every measured round adds a point (round duration, pages dirtied); ``D`` is
-    then the piecewise-linear interpolation of the points in log-log space (slopes clamped
-    to [0, 1], extrapolated from the nearest segment), starting from the probe's point
-    (``dirty_rate_window_s``, rate x window). A new point drops older ones that contradict it, so a rising or bursty writer is
-    followed rather than averaged. A first round that dirtied more than the prior predicts
-    refits ``d``. Link bandwidth, codec ratio and encoder throughput, and the round fixed
-    cost are EWMAs (weight 1/2 on the newest round); CRIU dump and restore costs are
-    least-squares lines over (bytes, seconds) samples fed through :meth:`observe_dump` /
-    :meth:`observe_restore` / :meth:`observe_criu_dump_stats`. docs/scheduler.md has the
-    equations and a worked example.
+    The dirty function before any measurement is ``D(t) = W * (1 - exp(-d t / W))`` (uniform
+    writes at ``d`` pages/s over a working set of ``W`` pages; ``W = N`` when unknown).
+    Every measured round adds a point (round duration, pages dirtied); ``D`` is then the
+    piecewise-linear interpolation of the points in log-log space (slopes clamped to [0, 1],
+    extrapolated from the nearest segment), starting from the probe's point
+    (``dirty_rate_window_s``, rate x window). A new point drops older ones that contradict
+    it, so a rising or bursty writer is followed rather than averaged. A first round that
+    dirtied more than the prior predicts refits ``d``. Link bandwidth, codec ratio and
+    encoder throughput, and the round fixed cost are EWMAs (weight 1/2 on the newest round);
+    CRIU dump and restore costs are least-squares lines over (bytes, seconds) samples fed
+    through :meth:`observe_dump` / :meth:`observe_restore` /
+    :meth:`observe_criu_dump_stats`. docs/scheduler.md has the equations and a worked
+    example.
     """
 
     ALPHA = 0.5
@@ -361,20 +388,26 @@ class CostModel:
         self.bandwidth = float(obs.bandwidth_bytes_per_s)
         self.rtt = float(obs.rtt_s)
         self.round_fixed = float(obs.round_fixed_s)
-        self.dump_fixed = float(obs.dump_fixed_s)
-        self.dump_per_byte = float(obs.dump_s_per_mib) / MIB
-        self.restore_fixed = float(obs.restore_fixed_s)
-        self.restore_per_byte = float(obs.restore_s_per_mib) / MIB
+        self.dump_fixed = _given(obs.dump_fixed_s)
+        self.dump_per_byte = _given(obs.dump_s_per_mib) / MIB
+        self.restore_fixed = _given(obs.restore_fixed_s)
+        self.restore_per_byte = _given(obs.restore_s_per_mib) / MIB
         # name -> [ratio, encode B/s, decode B/s]
         self.codecs: Dict[str, List[float]] = {NO_CODEC: [1.0, math.inf, math.inf]}
         for c in obs.codecs:
-            self.codecs[c.name] = [float(c.ratio), float(c.encode_bytes_per_s), float(c.decode_bytes_per_s)]
+            self.codecs[c.name] = [
+                float(c.ratio),
+                float(c.encode_bytes_per_s),
+                float(c.decode_bytes_per_s),
+            ]
         # measured (window seconds, distinct dirty pages), sorted by window; starts with
         # what the probe measured: rate x window pages in its window
         self.probe_window = float(obs.dirty_rate_window_s)
         self._points: List[Tuple[float, float]] = []
         if self.dirty_rate > 0:
-            self._points.append((self.probe_window, min(self.dirty_rate * self.probe_window, self.working_set)))
+            self._points.append(
+                (self.probe_window, min(self.dirty_rate * self.probe_window, self.working_set))
+            )
         self.measured_rounds = 0
         self._dump_samples: List[Tuple[float, float]] = []
         self._restore_samples: List[Tuple[float, float]] = []
@@ -425,18 +458,31 @@ class CostModel:
         return min(anchor_x * math.exp(slope * (lt - math.log(anchor_t))), max(cap, pts[-1][1]))
 
     def round_time(self, pages: float, codec: str, bandwidth: float) -> float:
-        return self.round_fixed + self.rtt + pages * self.page_size / self.throughput(codec, bandwidth)
+        return (
+            self.round_fixed + self.rtt + pages * self.page_size / self.throughput(codec, bandwidth)
+        )
 
     def downtime(self, pages: float, codec: str, bandwidth: float) -> float:
         """Frozen time if the final copy has ``pages`` pages."""
         nbytes = pages * self.page_size
-        return (self.dump_fixed + self.dump_per_byte * nbytes + nbytes / self.throughput(codec, bandwidth)
-                + self.rtt + self.restore_fixed + self.restore_per_byte * self.state_bytes)
+        return (
+            self.dump_fixed
+            + self.dump_per_byte * nbytes
+            + nbytes / self.throughput(codec, bandwidth)
+            + self.rtt
+            + self.restore_fixed
+            + self.restore_per_byte * self.state_bytes
+        )
 
     def downtime_floor(self) -> float:
         """The physical minimum downtime: CRIU's fixed costs, the restore of the whole
         state and one round trip, with nothing left to copy."""
-        return self.dump_fixed + self.rtt + self.restore_fixed + self.restore_per_byte * self.state_bytes
+        return (
+            self.dump_fixed
+            + self.rtt
+            + self.restore_fixed
+            + self.restore_per_byte * self.state_bytes
+        )
 
     def wire_bytes(self, pages: float, codec: str) -> float:
         return pages * self.page_size / self.codecs[codec][0]
@@ -450,7 +496,16 @@ class CostModel:
         the rounds alone overrun ``time_limit_s``."""
         fixed = self.downtime(0.0, codec, bandwidth)
         dt0 = self.downtime(pending, codec, bandwidth)
-        out = [Option(0, dt0, elapsed_s + dt0, sent_bytes + self.wire_bytes(pending, codec), pending, dt0 - fixed)]
+        out = [
+            Option(
+                0,
+                dt0,
+                elapsed_s + dt0,
+                sent_bytes + self.wire_bytes(pending, codec),
+                pending,
+                dt0 - fixed,
+            )
+        ]
         x, t_acc, b_acc = float(pending), float(elapsed_s), float(sent_bytes)
         for j in range(1, max_rounds + 1):
             t = self.round_time(x, codec, bandwidth)
@@ -460,7 +515,9 @@ class CostModel:
                 break
             nx = self.dirty_pages(t)
             dt = self.downtime(nx, codec, bandwidth)
-            out.append(Option(j, dt, t_acc + dt, b_acc + self.wire_bytes(nx, codec), nx, dt - fixed))
+            out.append(
+                Option(j, dt, t_acc + dt, b_acc + self.wire_bytes(nx, codec), nx, dt - fixed)
+            )
             if nx >= x * 0.999 and j > 1:
                 break
             x = nx
@@ -471,7 +528,9 @@ class CostModel:
         """Fold a measured round in (dirty curve, bandwidth, codec ratio, round cost)."""
         a = self.ALPHA
         if codec not in self.codecs:
-            raise KpiInputError("RoundStats.codec", f"unknown codec {codec!r}; known: {sorted(self.codecs)}")
+            raise KpiInputError(
+                "RoundStats.codec", f"unknown codec {codec!r}; known: {sorted(self.codecs)}"
+            )
         raw = r.pages_sent * self.page_size
         if r.transfer_s is not None and r.transfer_s > 1e-4 and r.bytes_sent > 0 and raw > 0:
             ratio, enc, dec = self.codecs[codec]
@@ -481,8 +540,10 @@ class CostModel:
                 self.codecs[codec][0] = (1 - a) * ratio + a * (raw / r.bytes_sent)
             if codec == NO_CODEC or raw_rate < 0.9 * min(enc, dec):
                 self.bandwidth = (1 - a) * self.bandwidth + a * wire_rate   # link-bound
-            else:                                                             # codec-bound
-                self.codecs[codec][1] = (1 - a) * enc + a * raw_rate if math.isfinite(enc) else raw_rate
+            else:  # codec-bound
+                self.codecs[codec][1] = (
+                    (1 - a) * enc + a * raw_rate if math.isfinite(enc) else raw_rate
+                )
                 self.bandwidth = max(self.bandwidth, wire_rate)
             overhead = max(0.0, r.duration_s - r.transfer_s - self.rtt)
             self.round_fixed = (1 - a) * self.round_fixed + a * overhead
@@ -537,7 +598,9 @@ class CostModel:
         _num("observe_dump", "nbytes", nbytes, nonneg=True)
         _num("observe_dump", "seconds", seconds, nonneg=True)
         self._dump_samples.append((float(nbytes), float(seconds)))
-        self.dump_fixed, self.dump_per_byte = self._fit(self._dump_samples, self.dump_fixed, self.dump_per_byte)
+        self.dump_fixed, self.dump_per_byte = self._fit(
+            self._dump_samples, self.dump_fixed, self.dump_per_byte
+        )
 
     def observe_restore(self, state_bytes: float, seconds: float) -> None:
         """A CRIU restore of a ``state_bytes`` process took ``seconds``."""
@@ -553,7 +616,9 @@ class CostModel:
         for key in ("frozen_time", "pages_written"):
             if key not in stats:
                 raise KpiInputError(f"stats-dump.{key}", "is missing")
-        self.observe_dump(float(stats["pages_written"]) * self.page_size, float(stats["frozen_time"]) / 1e6)
+        self.observe_dump(
+            float(stats["pages_written"]) * self.page_size, float(stats["frozen_time"]) / 1e6
+        )
 
 
 def best_codec(model: CostModel, bandwidth: float) -> str:

@@ -24,7 +24,7 @@ entry point names a class or factory called with ``**options``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 from statesync.errors import Infeasible, KpiInputError, StateSyncError
 from statesync.planning.kpi import (
@@ -63,11 +63,12 @@ class BaseScheduler:
     ``_decide``."""
 
     name = "base"
+    # set by plan() (through _reset); reading them before plan() raises AttributeError
+    obs: Observations
+    targets: Targets
+    model: CostModel
 
-    def __init__(self):
-        self.obs: Optional[Observations] = None
-        self.targets: Optional[Targets] = None
-        self.model: Optional[CostModel] = None
+    def __init__(self) -> None:
         self.current: Optional[Plan] = None
         self.codec = NO_CODEC
         self.bandwidth = math.nan
@@ -82,9 +83,13 @@ class BaseScheduler:
 
     def plan(self, obs: Observations, targets: Targets) -> Plan:
         if not isinstance(obs, Observations):
-            raise KpiInputError("obs", f"expected statesync.planning.kpi.Observations (got {type(obs).__name__})")
+            raise KpiInputError(
+                "obs", f"expected statesync.planning.kpi.Observations (got {type(obs).__name__})"
+            )
         if not isinstance(targets, Targets):
-            raise KpiInputError("targets", f"expected statesync.planning.kpi.Targets (got {type(targets).__name__})")
+            raise KpiInputError(
+                "targets", f"expected statesync.planning.kpi.Targets (got {type(targets).__name__})"
+            )
         self._reset(obs, targets)
         try:
             p, infeasible = self._plan(), None
@@ -98,11 +103,16 @@ class BaseScheduler:
                 "Targets.max_downtime_s",
                 f"{targets.max_downtime_s:.3f} s is below the physical floor {floor:.3f} s "
                 f"(CRIU dump fixed {m.dump_fixed:.3f} s + restore {m.restore_fixed:.3f} s "
-                f"+ {m.restore_per_byte * m.state_bytes:.3f} s for {m.state_bytes} bytes + rtt {m.rtt:.3f} s); "
+                f"+ {m.restore_per_byte * m.state_bytes:.3f} s for {m.state_bytes} bytes "
+                f"+ rtt {m.rtt:.3f} s); "
                 "raise the target or lower the CRIU costs",
                 best_downtime_s=infeasible.best_downtime_s if infeasible else floor,
-                best_total_time_s=infeasible.best_total_time_s if infeasible else p.predicted_total_time_s,
-                best=p, pareto=infeasible.pareto if infeasible else ())
+                best_total_time_s=infeasible.best_total_time_s
+                if infeasible
+                else p.predicted_total_time_s,
+                best=p,
+                pareto=infeasible.pareto if infeasible else (),
+            )
         if infeasible is not None:
             raise infeasible
         return p
@@ -124,13 +134,17 @@ class BaseScheduler:
         if self.current is None:
             raise StateSyncError(f"{self.name}: on_round() called before plan()")
         if not isinstance(round, RoundStats):
-            raise KpiInputError("round", f"expected statesync.planning.kpi.RoundStats (got {type(round).__name__})")
+            raise KpiInputError(
+                "round", f"expected statesync.planning.kpi.RoundStats (got {type(round).__name__})"
+            )
         expected = len(self.rounds)
         if round.index != expected:
             raise KpiInputError("RoundStats.index", f"expected round {expected}, got {round.index}")
         codec = round.codec or self.codec
         self.model.observe_round(round, codec)
-        self.elapsed_s = round.elapsed_s if round.elapsed_s is not None else self.elapsed_s + round.duration_s
+        self.elapsed_s = (
+            round.elapsed_s if round.elapsed_s is not None else self.elapsed_s + round.duration_s
+        )
         self.sent_bytes += round.bytes_sent
         self.rounds.append(round)
         return self._decide(round)
@@ -139,18 +153,35 @@ class BaseScheduler:
     def _mkplan(self, strategy, rounds, bandwidth, codec, opt: Option, reason: str) -> Plan:
         t = self.targets
         ok = opt.downtime_s <= t.max_downtime_s and opt.total_time_s <= t.max_total_time_s
-        return Plan(strategy, int(rounds), float(bandwidth), codec, opt.downtime_s, opt.total_time_s,
-                    opt.wire_bytes, ok, reason, self.name)
+        return Plan(
+            strategy,
+            int(rounds),
+            float(bandwidth),
+            codec,
+            opt.downtime_s,
+            opt.total_time_s,
+            opt.wire_bytes,
+            ok,
+            reason,
+            self.name,
+        )
 
     def _predict(self, rounds: int, codec: str, bandwidth: float) -> Option:
         """Model forecast of "round 0 plus rounds-1 more, then stop" (rounds=0: cold)."""
         opts = self.model.lookahead(self.model.state_pages, codec, bandwidth, max_rounds=rounds)
         o = opts[min(rounds, len(opts) - 1)]
-        if o.rounds < rounds:  # the model stopped early (plateau): extend by repeating the last round
+        if (
+            o.rounds < rounds
+        ):  # the model stopped early (plateau): extend by repeating the last round
             extra = rounds - o.rounds
             t = self.model.round_time(o.final_pages, codec, bandwidth)
-            o = Option(rounds, o.downtime_s, o.total_time_s + extra * t,
-                       o.wire_bytes + extra * self.model.wire_bytes(o.final_pages, codec), o.final_pages)
+            o = Option(
+                rounds,
+                o.downtime_s,
+                o.total_time_s + extra * t,
+                o.wire_bytes + extra * self.model.wire_bytes(o.final_pages, codec),
+                o.final_pages,
+            )
         return o
 
     def _stop(self, reason, **kw) -> Decision:
@@ -218,14 +249,24 @@ class QemuScheduler(BaseScheduler):
         # QEMU does not plan; the forecast is the model's "stop once it fits".
         m, t = self.model, self.targets
         opts = m.lookahead(m.state_pages, NO_CODEC, bw, max_rounds=self.max_rounds)
-        pick = next((o for o in opts[1:] if o.final_pages * m.page_size <= bw * t.max_downtime_s), opts[-1])
-        return self._mkplan("precopy", max(1, pick.rounds), bw, NO_CODEC, pick, "switch over when remaining fits")
+        pick = next(
+            (o for o in opts[1:] if o.final_pages * m.page_size <= bw * t.max_downtime_s), opts[-1]
+        )
+        return self._mkplan(
+            "precopy", max(1, pick.rounds), bw, NO_CODEC, pick, "switch over when remaining fits"
+        )
 
     def _decide(self, r: RoundStats) -> Decision:
-        bw = (r.bytes_sent / r.transfer_s) if (r.transfer_s and r.bytes_sent) else self.model.bandwidth
+        bw = (
+            (r.bytes_sent / r.transfer_s)
+            if (r.transfer_s and r.bytes_sent)
+            else self.model.bandwidth
+        )
         remaining = r.dirty_pages * self.model.page_size
         if remaining <= bw * self.targets.max_downtime_s:
-            return self._stop(f"{remaining} bytes remaining <= {bw:.0f} B/s x {self.targets.max_downtime_s} s")
+            return self._stop(
+                f"{remaining} bytes remaining <= {bw:.0f} B/s x {self.targets.max_downtime_s} s"
+            )
         if r.index + 1 >= self.max_rounds:
             return self._stop(f"round cap {self.max_rounds} reached")
         return self._continue("remaining does not fit the downtime limit yet")
@@ -282,14 +323,18 @@ class MoseScheduler(BaseScheduler):
         else:
             iters = min(self.max_iterations, int(slack // t_iter))
         self.iterations = iters
-        opt = Option(1 + iters, t_down, t0 + iters * t_iter + t_down, (S + (iters + 1) * v_iter), v_iter / P)
+        opt = Option(
+            1 + iters, t_down, t0 + iters * t_iter + t_down, (S + (iters + 1) * v_iter), v_iter / P
+        )
         return self._mkplan("precopy", 1 + iters, bw, NO_CODEC, opt,
                             f"MD: I={iters} iterations fit max total time")
 
     def _decide(self, r: RoundStats) -> Decision:
-        if r.index + 1 >= self.current.rounds:
-            return self._stop(f"planned {self.current.rounds} rounds done (I={self.current.rounds - 1})")
-        return self._continue(f"round {r.index + 1} of {self.current.rounds}")
+        cur = self.current
+        assert cur is not None  # on_round() checked
+        if r.index + 1 >= cur.rounds:
+            return self._stop(f"planned {cur.rounds} rounds done (I={cur.rounds - 1})")
+        return self._continue(f"round {r.index + 1} of {cur.rounds}")
 
 
 # --------------------------------------------------------------------------- ours
@@ -318,9 +363,18 @@ class AdaptiveScheduler(BaseScheduler):
 
     name = "adaptive"
 
-    def __init__(self, min_gain_s: float = 0.002, min_gain_fraction: float = 0.02, margin: float = 0.05,
-                 risk: float = 0.25, safe_margin: float = 0.15, max_rounds: int = 30, max_wait_rounds: int = 8,
-                 abort_when_infeasible: bool = False, codecs: bool = True):
+    def __init__(
+        self,
+        min_gain_s: float = 0.002,
+        min_gain_fraction: float = 0.02,
+        margin: float = 0.05,
+        risk: float = 0.25,
+        safe_margin: float = 0.15,
+        max_rounds: int = 30,
+        max_wait_rounds: int = 8,
+        abort_when_infeasible: bool = False,
+        codecs: bool = True,
+    ):
         super().__init__()
         self.risk = float(risk)
         self.safe_margin = float(safe_margin)
@@ -343,8 +397,14 @@ class AdaptiveScheduler(BaseScheduler):
         m = self.model
         out = []
         for c in self._codecs():
-            for o in m.lookahead(pending, c, bandwidth, elapsed_s=self.elapsed_s, sent_bytes=self.sent_bytes,
-                                 max_rounds=max(0, self.max_rounds - len(self.rounds))):
+            for o in m.lookahead(
+                pending,
+                c,
+                bandwidth,
+                elapsed_s=self.elapsed_s,
+                sent_bytes=self.sent_bytes,
+                max_rounds=max(0, self.max_rounds - len(self.rounds)),
+            ):
                 out.append((c, o))
         return out
 
@@ -389,12 +449,18 @@ class AdaptiveScheduler(BaseScheduler):
                 return least_downtime(ok) + (True,)
             if obj == "min_resources":
                 return min(ok, key=lambda co: (co[1].wire_bytes, co[1].rounds, co[0])) + (True,)
-            w = obj
-            return min(ok, key=lambda co: (w.cost(co[1].downtime_s, co[1].total_time_s, co[1].wire_bytes),)
-                       + key_tie(co)) + (True,)
+            w = t.weights  # obj is a Weights here (the two named objectives are handled above)
+            return min(
+                ok,
+                key=lambda co: (
+                    (w.cost(co[1].downtime_s, co[1].total_time_s, co[1].wire_bytes),) + key_tie(co)
+                ),
+            ) + (True,)
         if t.objective == "min_downtime":
             # downtime comes first: the least one within max total time, else the least one
-            in_time = [co for co in cands if co[1].total_time_s <= t.max_total_time_s * (1 - self.margin)]
+            in_time = [
+                co for co in cands if co[1].total_time_s <= t.max_total_time_s * (1 - self.margin)
+            ]
             return least_downtime(in_time or cands) + (False,)
 
         def overrun(co):
@@ -432,14 +498,29 @@ class AdaptiveScheduler(BaseScheduler):
             dt_ok = best_dt.downtime_s <= t.max_downtime_s
             tt_ok = best_tt.total_time_s <= t.max_total_time_s
             if not dt_ok:
-                fld, msg = "Targets.max_downtime_s", (f"{t.max_downtime_s:.3f} s cannot be met; the least "
-                                                      f"predicted downtime is {best_dt.downtime_s:.3f} s")
+                fld, msg = (
+                    "Targets.max_downtime_s",
+                    (
+                        f"{t.max_downtime_s:.3f} s cannot be met; the least "
+                        f"predicted downtime is {best_dt.downtime_s:.3f} s"
+                    ),
+                )
             elif not tt_ok:
-                fld, msg = "Targets.max_total_time_s", (f"{t.max_total_time_s:.3f} s cannot be met; the least "
-                                                        f"predicted total time is {best_tt.total_time_s:.3f} s")
+                fld, msg = (
+                    "Targets.max_total_time_s",
+                    (
+                        f"{t.max_total_time_s:.3f} s cannot be met; the least "
+                        f"predicted total time is {best_tt.total_time_s:.3f} s"
+                    ),
+                )
             else:
-                fld, msg = "Targets", ("max_downtime_s and max_total_time_s conflict: no plan meets both; "
-                                       "best holds the least relative overrun")
+                fld, msg = (
+                    "Targets",
+                    (
+                        "max_downtime_s and max_total_time_s conflict: no plan meets both; "
+                        "best holds the least relative overrun"
+                    ),
+                )
             front = _pareto([o for _, o in cands])
             raise Infeasible(fld, msg, best_downtime_s=best_dt.downtime_s,
                              best_total_time_s=best_tt.total_time_s, best=p, pareto=front)
@@ -465,7 +546,7 @@ class AdaptiveScheduler(BaseScheduler):
         bws = [self.bandwidth]
         if self.bandwidth < self.max_bandwidth:
             bws.append(self.max_bandwidth)
-        choice = None
+        choice: Optional[Tuple[float, str, Option, bool]] = None
         for bw in bws:
             # the link may be slower than the reservation: predict with what was measured
             eff = min(bw, m.bandwidth)
@@ -473,20 +554,28 @@ class AdaptiveScheduler(BaseScheduler):
             choice = (bw, codec, opt, ok)
             if ok:
                 break
+        assert choice is not None  # bws is never empty
         bw, codec, opt, ok = choice
         self.bandwidth, self.codec = bw, codec
-        kw = dict(predicted_downtime_s=opt.downtime_s, predicted_total_time_s=opt.total_time_s,
-                  codec=codec, bandwidth_bytes_per_s=bw)
+        kw: Dict[str, Any] = dict(predicted_downtime_s=opt.downtime_s,
+                                  predicted_total_time_s=opt.total_time_s,
+                                  codec=codec, bandwidth_bytes_per_s=bw)
         if not ok and self.abort_when_infeasible:
-            return Decision(ABORT, f"targets unreachable: best predicted downtime {opt.downtime_s:.3f} s, "
-                                   f"total {opt.total_time_s:.3f} s", **kw)
+            return Decision(
+                ABORT,
+                f"targets unreachable: best predicted downtime {opt.downtime_s:.3f} s, "
+                f"total {opt.total_time_s:.3f} s",
+                **kw,
+            )
         tag = "" if ok else "infeasible, least overrun: "
         if opt.rounds == 0 and len(self.rounds) < self.max_rounds:
             wait = self._quieter_phase(x, codec, min(bw, m.bandwidth), opt)
             if wait is not None:
                 return self._continue(wait, **kw)
         if opt.rounds == 0 or len(self.rounds) >= self.max_rounds:
-            return self._stop(f"{tag}stop now: {int(x)} pages, predicted downtime {opt.downtime_s:.3f} s", **kw)
+            return self._stop(
+                f"{tag}stop now: {int(x)} pages, predicted downtime {opt.downtime_s:.3f} s", **kw
+            )
         return self._continue(f"{tag}{opt.rounds} more round(s) lower predicted downtime to "
                               f"{opt.downtime_s:.3f} s", **kw)
 
@@ -497,7 +586,11 @@ class AdaptiveScheduler(BaseScheduler):
         quieter phase; a steadily rising writer (the dirty set grew over the last rounds)
         is not waited for. Only for objectives that value downtime."""
         t = self.targets
-        if t.objective == "min_resources" or len(self.rounds) < 3 or self._waited >= self.max_wait_rounds:
+        if (
+            t.objective == "min_resources"
+            or len(self.rounds) < 3
+            or self._waited >= self.max_wait_rounds
+        ):
             return None
         seen = [r.dirty_pages for r in self.rounds[1:]]
         best = min(seen)
@@ -512,13 +605,15 @@ class AdaptiveScheduler(BaseScheduler):
         if worst_end > t.max_total_time_s * (1 - self.margin):
             return None
         self._waited += 1
-        return (f"waiting for a quieter phase: {int(x)} dirty pages now, {best} after an earlier round "
-                f"(downtime {now.downtime_s:.3f} s vs {now.downtime_s - gain:.3f} s)")
+        return (
+            f"waiting for a quieter phase: {int(x)} dirty pages now, {best} after an earlier round "
+            f"(downtime {now.downtime_s:.3f} s vs {now.downtime_s - gain:.3f} s)"
+        )
 
 
 def _pareto(opts: List[Option]) -> Tuple[Option, ...]:
     """Options not dominated in (downtime, total time)."""
-    front = []
+    front: List[Option] = []
     for o in sorted(opts, key=lambda o: (o.downtime_s, o.total_time_s)):
         if not front or o.total_time_s < front[-1].total_time_s:
             front.append(o)
@@ -579,8 +674,10 @@ def get(name: str, **options) -> Scheduler:
     except TypeError as exc:
         raise ValueError(f"scheduler {name!r}: bad options {sorted(options)}: {exc}") from exc
     if not isinstance(s, Scheduler):
-        raise StateSyncError(f"scheduler {name!r}: {factory!r} made a {type(s).__name__}, which has no "
-                             "plan(obs, targets) and on_round(round) methods")
+        raise StateSyncError(
+            f"scheduler {name!r}: {factory!r} made a {type(s).__name__}, which has no "
+            "plan(obs, targets) and on_round(round) methods"
+        )
     return s
 
 

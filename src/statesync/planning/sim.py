@@ -196,15 +196,28 @@ class Scenario:
             return v * (1 + scale * e * r.uniform(-1, 1))
         rate = noisy(self.dirty.distinct(-1.0, 0.0))
         return Observations(
-            state_bytes=self.state_bytes, page_size_bytes=PAGE_SIZE,
+            state_bytes=self.state_bytes,
+            page_size_bytes=PAGE_SIZE,
             dirty_rate_pages_per_s=rate,
             working_set_pages=self.dirty.working_set_pages if self.working_set_known else None,
-            bandwidth_bytes_per_s=noisy(self.link.bandwidth_bytes_per_s, 0.5), rtt_s=self.rtt_s,
-            dump_fixed_s=noisy(self.dump_fixed_s, 2), dump_s_per_mib=noisy(self.dump_s_per_mib, 2),
-            restore_fixed_s=noisy(self.restore_fixed_s, 2), restore_s_per_mib=noisy(self.restore_s_per_mib, 2),
+            bandwidth_bytes_per_s=noisy(self.link.bandwidth_bytes_per_s, 0.5),
+            rtt_s=self.rtt_s,
+            dump_fixed_s=noisy(self.dump_fixed_s, 2),
+            dump_s_per_mib=noisy(self.dump_s_per_mib, 2),
+            restore_fixed_s=noisy(self.restore_fixed_s, 2),
+            restore_s_per_mib=noisy(self.restore_s_per_mib, 2),
             round_fixed_s=noisy(self.round_fixed_s),
-            codecs=tuple(Codec(c.name, max(0.5, noisy(c.ratio, 1.5)), noisy(c.encode_bytes_per_s, 1.5),
-                               c.decode_bytes_per_s) for c in self.codecs) if codecs else (),
+            codecs=tuple(
+                Codec(
+                    c.name,
+                    max(0.5, noisy(c.ratio, 1.5)),
+                    noisy(c.encode_bytes_per_s, 1.5),
+                    c.decode_bytes_per_s,
+                )
+                for c in self.codecs
+            )
+            if codecs
+            else (),
         )
 
     def to_dict(self) -> dict:
@@ -258,16 +271,22 @@ class _World:
             return 1.0
         return base * (1 + 0.05 * _rng(self.sc.seed, "ratio", k).uniform(-1, 1))
 
-    def send(self, pages: float, start: float, codec: str, cap: float, k: int) -> Tuple[float, float]:
+    def send(
+        self, pages: float, start: float, codec: str, cap: float, k: int
+    ) -> Tuple[float, float]:
         """(transfer seconds, wire bytes) of ``pages`` pages sent from ``start``."""
         ratio = self.ratio(codec, k)
         _, enc, dec = self.codecs[codec]
         raw = pages * PAGE_SIZE
-        t = self.sc.link.transfer_time(raw, start, self.sc.link.base(self.sc.seed, k), cap, ratio, min(enc, dec))
+        t = self.sc.link.transfer_time(
+            raw, start, self.sc.link.base(self.sc.seed, k), cap, ratio, min(enc, dec)
+        )
         return t, raw / ratio
 
     def dirtied(self, a: float, b: float, k: int) -> int:
-        x = self.sc.dirty.distinct(a, b) * (1 + 0.05 * _rng(self.sc.seed, "dirty", k).uniform(-1, 1))
+        x = self.sc.dirty.distinct(a, b) * (
+            1 + 0.05 * _rng(self.sc.seed, "dirty", k).uniform(-1, 1)
+        )
         return int(round(min(max(x, 0.0), self.sc.dirty.working_set_pages)))
 
     def round(self, pages: float, start: float, codec: str, cap: float, k: int):
@@ -277,7 +296,9 @@ class _World:
         end = t + tx
         return end, tx, wire, self.dirtied(start, end, k)
 
-    def final(self, pages: float, start: float, codec: str, cap: float, k: int) -> Tuple[float, float]:
+    def final(
+        self, pages: float, start: float, codec: str, cap: float, k: int
+    ) -> Tuple[float, float]:
         """(downtime, wire bytes) of the stop-and-copy of ``pages`` at ``start``."""
         sc = self.sc
         dump = sc.dump_fixed_s + sc.dump_s_per_mib * pages * PAGE_SIZE / MIB
@@ -309,8 +330,16 @@ def run(sc: Scenario, scheduler, name: str = "", codecs: bool = True) -> Result:
     if plan.strategy != "cold":
         while True:
             end, tx, wire, dirty = w.round(pending, t, codec, cap, k)
-            stats = RoundStats(index=k, duration_s=end - t, pages_sent=int(pending), bytes_sent=int(round(wire)),
-                               dirty_pages=dirty, transfer_s=tx, elapsed_s=end, codec=codec)
+            stats = RoundStats(
+                index=k,
+                duration_s=end - t,
+                pages_sent=int(pending),
+                bytes_sent=int(round(wire)),
+                dirty_pages=dirty,
+                transfer_s=tx,
+                elapsed_s=end,
+                codec=codec,
+            )
             t, sent = end, sent + wire
             d = scheduler.on_round(stats)
             reason = d.reason
@@ -327,19 +356,45 @@ def run(sc: Scenario, scheduler, name: str = "", codecs: bool = True) -> Result:
                 forced = True
                 break
     if aborted:
-        return Result(sc.name, name, plan.strategy, k, codec, math.nan, t, sent, False, declared, True,
-                      False, reason)
+        return Result(
+            sc.name,
+            name,
+            plan.strategy,
+            k,
+            codec,
+            math.nan,
+            t,
+            sent,
+            False,
+            declared,
+            True,
+            False,
+            reason,
+        )
     dt, wire = w.final(pending, t, codec, cap, k)
     total = t + dt
     ok = dt <= sc.max_downtime_s and total <= sc.max_total_time_s
-    return Result(sc.name, name, plan.strategy, k, codec, dt, total, sent + wire, ok, declared, False,
-                  forced, reason)
+    return Result(
+        sc.name,
+        name,
+        plan.strategy,
+        k,
+        codec,
+        dt,
+        total,
+        sent + wire,
+        ok,
+        declared,
+        False,
+        forced,
+        reason,
+    )
 
 
 @dataclass
 class OracleResult:
     feasible: bool
-    best_downtime_s: float          # least downtime of any fixed plan (meeting max total time if any does)
+    best_downtime_s: float  # least downtime of any fixed plan (meeting max total time if any does)
     codec: str
     rounds: int
 
@@ -395,8 +450,15 @@ def make_scenario(seed, i: int) -> Scenario:
         ws = max(1, int(n * _logu(r, 0.02, 1.0)))
         if kind == "bursty":
             period = r.uniform(0.5, 5.0)
-            dirty = DirtyProcess(kind, rate, ws, burst_factor=r.uniform(3, 10), duty=r.uniform(0.1, 0.4),
-                                 period_s=period, phase_s=r.uniform(0, period))
+            dirty = DirtyProcess(
+                kind,
+                rate,
+                ws,
+                burst_factor=r.uniform(3, 10),
+                duty=r.uniform(0.1, 0.4),
+                period_s=period,
+                phase_s=r.uniform(0, period),
+            )
         elif kind == "rising":
             dirty = DirtyProcess(kind, rate, ws, doubling_s=r.uniform(2, 20))
         else:
@@ -406,11 +468,18 @@ def make_scenario(seed, i: int) -> Scenario:
     if lk < 0.4:
         link = LinkTrace("constant", B)
     elif lk < 0.75:
-        link = LinkTrace("tnormal", B, mean_fraction=r.uniform(0.75, 0.95), sigma_fraction=r.uniform(0.05, 0.25))
+        link = LinkTrace(
+            "tnormal", B, mean_fraction=r.uniform(0.75, 0.95), sigma_fraction=r.uniform(0.05, 0.25)
+        )
     else:
         start = r.uniform(0, 2 * full)
-        link = LinkTrace("drop", B, drop_start_s=start, drop_end_s=start + r.uniform(0.5, 3) * full + 0.2,
-                         drop_factor=r.uniform(0.1, 0.5))
+        link = LinkTrace(
+            "drop",
+            B,
+            drop_start_s=start,
+            drop_end_s=start + r.uniform(0.5, 3) * full + 0.2,
+            drop_factor=r.uniform(0.1, 0.5),
+        )
     dump_f, dump_m = _logu(r, 0.02, 0.5), _logu(r, 5e-4, 8e-3)
     rest_f, rest_m = _logu(r, 0.02, 0.4), _logu(r, 3e-4, 4e-3)
     round_f = r.uniform(0.1, 0.5) if r.random() < 0.2 else _logu(r, 5e-4, 0.02)
@@ -418,8 +487,15 @@ def make_scenario(seed, i: int) -> Scenario:
         lz_ratio = r.uniform(1.0, 1.1)
     else:
         lz_ratio = r.uniform(1.3, 4.0)
-    codecs = (CodecTruth("lz4", lz_ratio, r.uniform(0.25e9, 0.8e9), r.uniform(2e9, 4e9)),
-              CodecTruth("zstd", lz_ratio * r.uniform(1.1, 1.4), r.uniform(0.05e9, 0.2e9), r.uniform(0.5e9, 1.2e9)))
+    codecs = (
+        CodecTruth("lz4", lz_ratio, r.uniform(0.25e9, 0.8e9), r.uniform(2e9, 4e9)),
+        CodecTruth(
+            "zstd",
+            lz_ratio * r.uniform(1.1, 1.4),
+            r.uniform(0.05e9, 0.2e9),
+            r.uniform(0.5e9, 1.2e9),
+        ),
+    )
     floor = dump_f + rest_f + rest_m * S / MIB + rtt
     cold = floor + dump_m * S / MIB + full
     u = r.random()
@@ -432,10 +508,22 @@ def make_scenario(seed, i: int) -> Scenario:
     else:
         max_total = (full + cold) * _logu(r, 1.1, 10)
     return Scenario(
-        name=f"{seed}-{i:03d}-{kind}-{link.kind}", seed=f"{seed}:{i}", state_bytes=S, dirty=dirty, link=link,
-        rtt_s=rtt, dump_fixed_s=dump_f, dump_s_per_mib=dump_m, restore_fixed_s=rest_f,
-        restore_s_per_mib=rest_m, round_fixed_s=round_f, codecs=codecs, max_downtime_s=max_dt,
-        max_total_time_s=max_total, working_set_known=r.random() < 0.3)
+        name=f"{seed}-{i:03d}-{kind}-{link.kind}",
+        seed=f"{seed}:{i}",
+        state_bytes=S,
+        dirty=dirty,
+        link=link,
+        rtt_s=rtt,
+        dump_fixed_s=dump_f,
+        dump_s_per_mib=dump_m,
+        restore_fixed_s=rest_f,
+        restore_s_per_mib=rest_m,
+        round_fixed_s=round_f,
+        codecs=codecs,
+        max_downtime_s=max_dt,
+        max_total_time_s=max_total,
+        working_set_known=r.random() < 0.3,
+    )
 
 
 def suite(name: str = "default", count: Optional[int] = None) -> List[Scenario]:
@@ -450,8 +538,10 @@ def suite(name: str = "default", count: Optional[int] = None) -> List[Scenario]:
             with open(name) as f:
                 items = json.load(f)
         except OSError as exc:
-            raise StateSyncError(f"scenario suite {name!r}: not a suite name ({', '.join(SUITE_SEEDS)}, "
-                                 f"seed:N) and not a readable JSON file: {exc}") from exc
+            raise StateSyncError(
+                f"scenario suite {name!r}: not a suite name ({', '.join(SUITE_SEEDS)}, "
+                f"seed:N) and not a readable JSON file: {exc}"
+            ) from exc
         return [Scenario.from_dict(d) for d in items][:count]
     return [make_scenario(seed, i) for i in range(count or SUITE_SIZE)]
 
@@ -495,22 +585,33 @@ def evaluate(scenarios: Sequence[Scenario], schedulers: Sequence[str], codecs: b
     results: Dict[str, List[Result]] = {}
     summaries = []
     for name in schedulers:
-        rs = [run(sc, sched_mod.get(name, **options.get(name, {})), name, codecs=codecs) for sc in scenarios]
+        rs = [
+            run(sc, sched_mod.get(name, **options.get(name, {})), name, codecs=codecs)
+            for sc in scenarios
+        ]
         results[name] = rs
         dts = sorted(r.downtime_s for r in rs if not r.aborted)
-        summaries.append(Summary(
-            scheduler=name, scenarios=len(rs), feasible=sum(o.feasible for o in oracles),
-            attained_feasible=sum(r.attained and o.feasible for r, o in zip(rs, oracles)),
-            attained_all=sum(r.attained for r in rs),
-            mean_downtime_s=sum(dts) / len(dts) if dts else math.nan,
-            median_downtime_s=dts[len(dts) // 2] if dts else math.nan,
-            mean_total_time_s=sum(r.total_time_s for r in rs) / len(rs),
-            mean_wire_bytes=sum(r.wire_bytes for r in rs) / len(rs),
-            declared_infeasible=sum(r.declared_infeasible for r in rs),
-            declared_wrongly=sum(r.declared_infeasible and o.feasible for r, o in zip(rs, oracles)),
-            aborted=sum(r.aborted for r in rs),
-            mean_downtime_vs_oracle=_mean([r.downtime_s / o.best_downtime_s for r, o in zip(rs, oracles)
-                                           if not r.aborted])))
+        summaries.append(
+            Summary(
+                scheduler=name,
+                scenarios=len(rs),
+                feasible=sum(o.feasible for o in oracles),
+                attained_feasible=sum(r.attained and o.feasible for r, o in zip(rs, oracles)),
+                attained_all=sum(r.attained for r in rs),
+                mean_downtime_s=sum(dts) / len(dts) if dts else math.nan,
+                median_downtime_s=dts[len(dts) // 2] if dts else math.nan,
+                mean_total_time_s=sum(r.total_time_s for r in rs) / len(rs),
+                mean_wire_bytes=sum(r.wire_bytes for r in rs) / len(rs),
+                declared_infeasible=sum(r.declared_infeasible for r in rs),
+                declared_wrongly=sum(
+                    r.declared_infeasible and o.feasible for r, o in zip(rs, oracles)
+                ),
+                aborted=sum(r.aborted for r in rs),
+                mean_downtime_vs_oracle=_mean(
+                    [r.downtime_s / o.best_downtime_s for r, o in zip(rs, oracles) if not r.aborted]
+                ),
+            )
+        )
     return summaries, results, oracles
 
 
@@ -520,20 +621,42 @@ def _mean(xs):
 
 
 def format_table(summaries: Sequence[Summary]) -> str:
-    head = ("scheduler", "attained (feasible)", "attained (all)", "mean downtime s", "median downtime s",
-            "downtime / hindsight best", "mean total s", "mean MiB sent", "said infeasible (wrongly)")
+    head = (
+        "scheduler",
+        "attained (feasible)",
+        "attained (all)",
+        "mean downtime s",
+        "median downtime s",
+        "downtime / hindsight best",
+        "mean total s",
+        "mean MiB sent",
+        "said infeasible (wrongly)",
+    )
     rows = []
     for s in summaries:
-        rows.append((s.scheduler, f"{s.attained_feasible}/{s.feasible} = {100 * s.attainment:.1f}%",
-                     f"{s.attained_all}/{s.scenarios}", f"{s.mean_downtime_s:.3f}", f"{s.median_downtime_s:.3f}",
-                     f"{s.mean_downtime_vs_oracle:.3f}", f"{s.mean_total_time_s:.2f}",
-                     f"{s.mean_wire_bytes / MIB:.1f}", f"{s.declared_infeasible} ({s.declared_wrongly})"))
+        rows.append(
+            (
+                s.scheduler,
+                f"{s.attained_feasible}/{s.feasible} = {100 * s.attainment:.1f}%",
+                f"{s.attained_all}/{s.scenarios}",
+                f"{s.mean_downtime_s:.3f}",
+                f"{s.median_downtime_s:.3f}",
+                f"{s.mean_downtime_vs_oracle:.3f}",
+                f"{s.mean_total_time_s:.2f}",
+                f"{s.mean_wire_bytes / MIB:.1f}",
+                f"{s.declared_infeasible} ({s.declared_wrongly})",
+            )
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return "\n".join(
+        [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    )
 
 
-def plot(results: Dict[str, List[Result]], path: str, oracles: Optional[Sequence[OracleResult]] = None) -> None:
+def plot(
+    results: Dict[str, List[Result]], path: str, oracles: Optional[Sequence[OracleResult]] = None
+) -> None:
     """Save a scatter of downtime against total migration time, one colour per
     scheduler; with ``oracles``, a second panel with the distribution of downtime over
     the hindsight-best downtime of each scenario."""
@@ -542,7 +665,9 @@ def plot(results: Dict[str, List[Result]], path: str, oracles: Optional[Sequence
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise StateSyncError(f"--plot needs matplotlib ({exc}); pip install 'statesync[plot]'") from exc
+        raise StateSyncError(
+            f"--plot needs matplotlib ({exc}); pip install 'statesync[plot]'"
+        ) from exc
     panels = 2 if oracles is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5), squeeze=False)
     ax = axes[0][0]
@@ -558,7 +683,9 @@ def plot(results: Dict[str, List[Result]], path: str, oracles: Optional[Sequence
     if oracles is not None:
         ax = axes[0][1]
         for name, rs in results.items():
-            ratios = sorted(r.downtime_s / o.best_downtime_s for r, o in zip(rs, oracles) if not r.aborted)
+            ratios = sorted(
+                r.downtime_s / o.best_downtime_s for r, o in zip(rs, oracles) if not r.aborted
+            )
             ax.plot(ratios, [(i + 1) / len(ratios) for i in range(len(ratios))], label=name)
         ax.set_xscale("log")
         ax.set_xlabel("downtime / hindsight-best downtime")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -382,7 +382,7 @@ class StreamReader:
                  max_pages: int = DEFAULT_MAX_PAGES,
                  max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES):
         self._it = iter(_iter_source(source))
-        self._left = b""
+        self._left: Union[bytes, memoryview] = b""
         self.max_block_pages = max_block_pages
         self.max_block_bytes = max_block_bytes
         self.max_pages = max_pages
@@ -400,6 +400,7 @@ class StreamReader:
         dec = _Decoder(target, self.max_block_pages, self.max_pages,
                        max_block_bytes=self.max_block_bytes)
         started = False
+        data: Any  # one chunk of the source: any bytes-like object
         try:
             while not dec.done:
                 if self._left:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class MemoryPageStore:
 
     def __init__(self, page_size: int = 4096, addrs=None, pages=None):
         self.page_size = page_size
-        self._scratch = []    # staging arena kept between streams (see _MemoryTxn)
+        self._scratch: List[np.ndarray] = []  # staging arena kept between streams (see _MemoryTxn)
         if addrs is None:
             self.addrs = np.empty(0, dtype=np.uint64)
             self.pages = np.empty((0, page_size), dtype=np.uint8)
@@ -87,10 +87,10 @@ class _MemoryTxn:
 
     def __init__(self, store: MemoryPageStore):
         self.store = store
-        self.addr_blocks = []
-        self.page_blocks = []
+        self.addr_blocks: List[np.ndarray] = []
+        self.page_blocks: List[np.ndarray] = []
         self._cat = None
-        self.chunks = []        # [array, rows used]
+        self.chunks: List[list] = []        # [array, rows used]
         self._next = self._FIRST_CHUNK
 
     def alloc(self, n):
@@ -270,7 +270,8 @@ def _pwrite_all(fd, data, offset):
 
 
 def _runs(idx):
-    """Split sorted integer positions into (start_index_in_idx, length) runs of consecutive values."""
+    """Split sorted integer positions into (start_index_in_idx, length) runs of consecutive
+    values."""
     n = idx.shape[0]
     if n == 0:
         return []
@@ -482,7 +483,7 @@ class _StoreTxn(_CopyTxn):
         super().__init__(s.path)
         self.s = s
         self.n = s.n
-        self.new_addrs = []          # addresses appended (slot n.. in order)
+        self.new_addrs: List[np.ndarray] = []          # addresses appended (slot n.. in order)
         self._new_sorted = np.empty(0, np.uint64)
 
     def _slots(self, addrs):

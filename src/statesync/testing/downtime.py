@@ -72,10 +72,12 @@ class HeartbeatObserver:
         return self
 
     def _run(self) -> None:
+        sock = self._sock
+        assert sock is not None  # start() connected it before starting this thread
         deadline = time.monotonic() + self.max_seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                data = self._sock.recv(256)
+                data = sock.recv(256)
             except socket.timeout:
                 continue
             except OSError:

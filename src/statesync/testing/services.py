@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from statesync import proc
 from statesync.errors import RedisError  # defined in errors, re-exported here
@@ -171,7 +171,10 @@ def load_keys(client: RedisClient, n: int, value_size: int = 1000, batch: int = 
               prefix: str = "key") -> None:
     """SET ``prefix:i`` for i < n to a value of ``value_size`` bytes derived from i."""
     for lo in range(0, n, batch):
-        cmds = [("SET", f"{prefix}:{i}", value_for(i, value_size)) for i in range(lo, min(n, lo + batch))]
+        cmds = [
+            ("SET", f"{prefix}:{i}", value_for(i, value_size))
+            for i in range(lo, min(n, lo + batch))
+        ]
         for r in client.pipeline(cmds):
             if r != "OK":
                 raise RedisError(f"SET failed: {r!r}")
@@ -196,7 +199,7 @@ class RedisWriter:
         self.batch = batch
         self.prefix = prefix
         self.max_seconds = max_seconds
-        self.acked = {}
+        self.acked: Dict[int, int] = {}
         self.writes = 0
         self.failures = 0
         self._stop = threading.Event()

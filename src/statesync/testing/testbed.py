@@ -113,7 +113,7 @@ def socket_in_netns(netns: str, family=socket.AF_INET, type=socket.SOCK_STREAM) 
 
 def sweep_stale() -> List[str]:
     """Delete testbed namespaces whose creating process no longer exists."""
-    removed = []
+    removed: List[str] = []
     try:
         names = os.listdir(NETNS_DIR)
     except FileNotFoundError:

@@ -161,7 +161,7 @@ class _UffdBackend(_Backend):
         msg = exc.strerror if exc else "unknown error"
         if not proc.exists(pid) or (e == errno.ESRCH and not _calls_began(exc)):
             raise ProcessGone(pid, "exited while we attached", exc)
-        if _calls_began(exc):
+        if exc is not None and _calls_began(exc):
             _raise_injection_failed(pid, exc)
         if e == errno.EPERM:
             st = proc.status(pid)

@@ -17,10 +17,18 @@ class ShrinkScheduler:
         bw = obs.bandwidth_bytes_per_s
         if targets.max_bandwidth_bytes_per_s:
             bw = min(bw, targets.max_bandwidth_bytes_per_s)
-        return Plan(strategy="precopy", rounds=self.max_rounds, bandwidth_bytes_per_s=bw, codec="none",
-                    predicted_downtime_s=float("nan"), predicted_total_time_s=float("nan"),
-                    predicted_wire_bytes=float("nan"), feasible=True, reason="shrink rule",
-                    scheduler="example-shrink")
+        return Plan(
+            strategy="precopy",
+            rounds=self.max_rounds,
+            bandwidth_bytes_per_s=bw,
+            codec="none",
+            predicted_downtime_s=float("nan"),
+            predicted_total_time_s=float("nan"),
+            predicted_wire_bytes=float("nan"),
+            feasible=True,
+            reason="shrink rule",
+            scheduler="example-shrink",
+        )
 
     def on_round(self, round):
         shrunk = round.dirty_pages <= self.last * (1 - self.min_shrink)
