@@ -11,8 +11,9 @@ Building blocks the switch-over engine calls (docs/containers.md)::
     ...                                            # copy img (or assemble it) at the destination
     c2 = runc.restore("img-copy", b2, "svc", tcp_established=True, netns="/run/netns/B")
 
-    podman.container("name")                       # a podman container's runc state (runc.Container)
-    podman.write_archive("ckpt.tar", "img", podman.metadata("name"))   # for `podman container restore --import`
+    podman.container("name")             # a podman container's runc state (runc.Container)
+    # for `podman container restore --import`:
+    podman.write_archive("ckpt.tar", "img", podman.metadata("name"))
     podman.read_archive("ckpt.tar", "out")
 
     net.replicate_network_lock(src_netns, dst_netns, dump_log=...)   # before the IP appears at dst

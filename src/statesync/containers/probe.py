@@ -100,12 +100,14 @@ class RedisSession:
         return self
 
     def _loop(self) -> None:
+        sock = self.sock
+        assert sock is not None  # start() connected it before starting this thread
         n = 0
         last = time.monotonic()
         try:
             while not self._stop.is_set():
                 key = f"{self.prefix}:{n}"
-                self.sock.sendall(resp(["SET", key, n]) + resp(["GET", key]))
+                sock.sendall(resp(["SET", key, n]) + resp(["GET", key]))
                 r1 = self._reader.reply()
                 r2 = self._reader.reply()
                 now = time.monotonic()

@@ -129,7 +129,8 @@ def _run(cmd: Sequence[str], name: str, what: str, timeout: float = 60.0,
     try:
         if detached:
             r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               timeout=timeout, stdin=subprocess.DEVNULL, env=_env())
+                               timeout=timeout, stdin=subprocess.DEVNULL, env=_env(), text=True)
+            assert runc_log is not None  # made above when detached
             with open(runc_log, errors="replace") as f:
                 r.stdout, r.stderr = "", f.read()
         else:
@@ -561,7 +562,8 @@ def restore(images_dir, bundle, name: str, *, root: str = DEFAULT_ROOT,
         conf = (cfg.get("annotations") or {}).get(CRIU_CONF_ANNOTATION)
     if netns == "auto":
         netns = bnetns
-    work_dir = os.path.abspath(os.fspath(work_dir)) if work_dir else os.path.join(bpath, "restore-work")
+    work_dir = (os.path.abspath(os.fspath(work_dir)) if work_dir
+                else os.path.join(bpath, "restore-work"))
     os.makedirs(work_dir, exist_ok=True)
     os.makedirs(root, exist_ok=True)
     c = Container(name, root)
