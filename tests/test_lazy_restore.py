@@ -85,7 +85,8 @@ def test_lazy_image_set_marks_private_anonymous_pages(workload_dump):
     res = workload_dump["res"]
     assert res.lazy_pages[pid] == lz.size
     assert res.stored_pages[pid] + lz.size == full.npages
-    size = os.path.getsize(os.path.join(workload_dump["lazy"], f"pages-{full.pagemap().pages_id}.img"))
+    size = os.path.getsize(os.path.join(workload_dump["lazy"],
+                                        f"pages-{full.pagemap().pages_id}.img"))
     assert size == res.stored_pages[pid] * 4096
 
 
