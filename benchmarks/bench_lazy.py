@@ -160,14 +160,17 @@ def report(res: dict) -> str:
              f"({mib / 1024 / res['memcpy_fresh4k_s']:.2f} GiB/s), into touched memory "
              f"{res['memcpy_warm_s'] * 1e3:.1f} ms"]
     f = res["full"]
-    lines.append(f"full criu restore: restore-to-running {med([x['restore_s'] for x in f]) * 1e3:.0f}"
-                 f" ms (min {min(x['restore_s'] for x in f) * 1e3:.0f}), CRIU restore_time "
-                 f"{med([x['criu_restore_time_s'] for x in f]) * 1e3:.0f} ms, checksum ok: "
-                 f"{all(x['ok'] for x in f)}")
+    lines.append(
+        f"full criu restore: restore-to-running {med([x['restore_s'] for x in f]) * 1e3:.0f}"
+        f" ms (min {min(x['restore_s'] for x in f) * 1e3:.0f}), CRIU restore_time "
+        f"{med([x['criu_restore_time_s'] for x in f]) * 1e3:.0f} ms, checksum ok: "
+        f"{all(x['ok'] for x in f)}"
+    )
     for ch, rs in res["lazy"].items():
         fill = med([x["fill_s"] for x in rs])
         lines.append(
-            f"lazy (chunk {ch}): restore-to-running {med([x['restore_s'] for x in rs]) * 1e3:.0f} ms"
+            f"lazy (chunk {ch}): restore-to-running "
+            f"{med([x['restore_s'] for x in rs]) * 1e3:.0f} ms"
             f" (min {min(x['restore_s'] for x in rs) * 1e3:.0f}), fill {fill * 1e3:.1f} ms "
             f"({mib / 1024 / fill:.2f} GiB/s, {fill / res['memcpy_fresh4k_s']:.2f}x memcpy into "
             f"fresh 4 KiB pages), "
@@ -176,7 +179,8 @@ def report(res: dict) -> str:
             f"faults {med([x['faults'] for x in rs]):.0f} (p50 {med([x['p50_us'] for x in rs]):.0f}"
             f" us, p99 {med([x['p99_us'] for x in rs]):.0f} us, max "
             f"{max(x['max_us'] for x in rs):.0f} us), ioctls {med([x['ioctls'] for x in rs]):.0f}, "
-            f"checksum ok: {all(x['ok'] for x in rs)}")
+            f"checksum ok: {all(x['ok'] for x in rs)}"
+        )
     return "\n".join(lines)
 
 

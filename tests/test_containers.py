@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 
@@ -74,7 +73,9 @@ def test_resolve_names_containers():
 def test_container_error_is_one_line():
     from statesync.errors import ContainerError, StateSyncError
     e = ContainerError("svc", "runc checkpoint failed: Can't dump (log: /x/dump.log)")
-    assert isinstance(e, StateSyncError) and "\n" not in str(e) and str(e).startswith("container svc:")
+    assert (
+        isinstance(e, StateSyncError) and "\n" not in str(e) and str(e).startswith("container svc:")
+    )
 
 
 # --------------------------------------------------------------------------- real runc
@@ -84,7 +85,10 @@ def test_container_error_is_one_line():
 def rootfs(criu_ok):
     require(have_root(), "runc containers need root")
     require(find_program("runc"), "runc missing (scripts/setup-system.sh installs it as root)")
-    require(find_program("mmdebstrap") or _cached_rootfs(), "mmdebstrap missing (scripts/setup-system.sh)")
+    require(
+        find_program("mmdebstrap") or _cached_rootfs(),
+        "mmdebstrap missing (scripts/setup-system.sh)",
+    )
     r = subprocess.run(["bash", os.path.join(REPO, "scripts", "build-rootfs.sh")],
                        capture_output=True, text=True, timeout=600)
     require(r.returncode == 0, f"scripts/build-rootfs.sh failed: {r.stderr.strip()[-300:]}")
@@ -223,7 +227,9 @@ def _switch_over(tb, lan, c, b, rootfs, name, images_dir, dest_dir, network_lock
     t["total"] = time.monotonic() - t0
     # what the log said is what CRIU installed at the source
     src = net.network_lock_of(tb.ns_a)
-    assert lock and sorted(map(net.rule_key, src.iptables)) == sorted(map(net.rule_key, lock.iptables))
+    assert lock and sorted(map(net.rule_key, src.iptables)) == sorted(
+        map(net.rule_key, lock.iptables)
+    )
     assert [n for _f, n, _t in src.nft_tables] == [n for _f, n, _t in lock.nft_tables]
     return r, rr, b2, lock, t
 
@@ -252,9 +258,17 @@ def test_tcp_client_keeps_one_connection_across_runc_migration(lan, rootfs, criu
         time.sleep(0.5)
         before = len(sess.acked)
         assert before > 10 and sess.error is None
-        r, rr, b2, lock, t = _switch_over(tb, lan, c, b, rootfs, tag + "b",
-                                          os.path.join(tb.dir_a, "img"), os.path.join(tb.dir_b, "img"),
-                                          network_lock)
+        r, rr, b2, lock, t = _switch_over(
+            tb,
+            lan,
+            c,
+            b,
+            rootfs,
+            tag + "b",
+            os.path.join(tb.dir_a, "img"),
+            os.path.join(tb.dir_b, "img"),
+            network_lock,
+        )
         bundles.append(b2)
         names.append(rr.container.name)
         assert not net.network_lock_of(tb.ns_b), "CRIU's restore left the lock in B"

@@ -2,7 +2,6 @@
 and the overlay rootfs diff. Real podman, runc, CRIU, overlayfs (root)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import tarfile
@@ -89,9 +88,15 @@ def image(criu_ok):
     require(have_root(), "podman checkpoints need root")
     for prog in ("podman", "runc"):
         require(find_program(prog), f"{prog} missing (scripts/setup-system.sh installs it as root)")
-    r = subprocess.run(["bash", os.path.join(REPO, "scripts", "build-rootfs.sh"), "--podman", IMAGE],
-                       capture_output=True, text=True, timeout=600)
-    require(r.returncode == 0, f"scripts/build-rootfs.sh --podman failed: {r.stderr.strip()[-300:]}")
+    r = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", "build-rootfs.sh"), "--podman", IMAGE],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    require(
+        r.returncode == 0, f"scripts/build-rootfs.sh --podman failed: {r.stderr.strip()[-300:]}"
+    )
     return IMAGE
 
 
@@ -101,10 +106,29 @@ def ctr(image, tmp_path):
     name = f"ssct{os.getpid()}x{time.monotonic_ns() % 10**6}"
     conf = tmp_path / "criu.conf"
     conf.write_text("")
-    r = subprocess.run(["podman", "run", "-d", *podman.PODMAN_RUN_ARGS,
-                        "--annotation", f"org.criu.config={conf}", "--name", name, image,
-                        "redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            "podman",
+            "run",
+            "-d",
+            *podman.PODMAN_RUN_ARGS,
+            "--annotation",
+            f"org.criu.config={conf}",
+            "--name",
+            name,
+            image,
+            "redis-server",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     try:
         _wait(lambda: _exec(name, "redis-cli", "ping") == "PONG")
@@ -137,8 +161,12 @@ def test_podman_metadata_matches_podmans_own_export(ctr, tmp_path):
     equal what `podman container checkpoint --export` writes for the same container."""
     meta = podman.metadata(ctr)
     exp = tmp_path / "podman-export.tar.zst"
-    r = subprocess.run(["podman", "container", "checkpoint", "--leave-running", "--export", str(exp),
-                        ctr], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["podman", "container", "checkpoint", "--leave-running", "--export", str(exp), ctr],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     theirs = podman.read_archive(exp, tmp_path / "theirs")
     assert meta.spec == theirs.spec
@@ -164,8 +192,13 @@ def test_podman_restore_import_accepts_archive_statesync_assembled(ctr, tmp_path
     meta = podman.metadata(ctr)
     first = runc.checkpoint(c, tmp_path / "img1", leave_running=True, leave_stopped=False)
     _exec(ctr, "redis-cli", "set", "late", "after-first-checkpoint")
-    _exec(ctr, "sh", "-c", "echo changed-in-container >> /etc/apt/sources.list; echo new > /root/new;"
-          " rm /etc/issue.net")
+    _exec(
+        ctr,
+        "sh",
+        "-c",
+        "echo changed-in-container >> /etc/apt/sources.list; echo new > /root/new;"
+        " rm /etc/issue.net",
+    )
     pids = runc.pids_of(c)
     final = runc.checkpoint(c, tmp_path / "img2", leave_stopped=True)
     assert final.leave_stopped and final.pids == pids
@@ -179,10 +212,15 @@ def test_podman_restore_import_accepts_archive_statesync_assembled(ctr, tmp_path
     with tarfile.open(ours.rootfs_diff) as tf:
         assert "etc/apt/sources.list" in tf.getnames()
 
-    subprocess.run(["podman", "rm", "-f", "-t", "0", ctr], capture_output=True, timeout=60, check=True)
+    subprocess.run(
+        ["podman", "rm", "-f", "-t", "0", ctr], capture_output=True, timeout=60, check=True
+    )
     podman.restore_archive(arch)
-    ps = subprocess.run(["podman", "ps", "--filter", f"name=^{ctr}$", "--format", "{{.Names}} {{.Status}}"],
-                        capture_output=True, text=True).stdout
+    ps = subprocess.run(
+        ["podman", "ps", "--filter", f"name=^{ctr}$", "--format", "{{.Names}} {{.Status}}"],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert ps.startswith(ctr + " Up"), ps
     assert _exec(ctr, "redis-cli", "get", "key1999") == "value1999"
     assert _exec(ctr, "redis-cli", "get", "late") == "after-first-checkpoint"

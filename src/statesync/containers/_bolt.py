@@ -66,7 +66,9 @@ class Bucket:
                 _pos, _ks, child = struct.unpack_from("<IIQ", page.data, eo)
                 yield from self._leaf_items(self.db._page(child))
         else:
-            raise BoltError(self.db.path, f"page {_pid}: neither branch nor leaf (flags {flags:#x})")
+            raise BoltError(
+                self.db.path, f"page {_pid}: neither branch nor leaf (flags {flags:#x})"
+            )
 
     def _pages(self) -> _Page:
         if self.root == 0:
@@ -156,5 +158,7 @@ def dump_tree(b: Bucket, depth: int = 0, out: Optional[Dict] = None) -> Dict:
     """A nested dict of a bucket (for debugging): values truncated to 80 bytes."""
     out = {} if out is None else out
     for k, v in b.items():
-        out[k.decode(errors="replace")] = dump_tree(v, depth + 1) if isinstance(v, Bucket) else v[:80]
+        out[k.decode(errors="replace")] = (
+            dump_tree(v, depth + 1) if isinstance(v, Bucket) else v[:80]
+        )
     return out

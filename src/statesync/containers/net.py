@@ -43,10 +43,21 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import NetworkMoveError
 
-__all__ = ["NetworkLock", "network_lock_of", "lock_from_dump_log", "replicate_network_lock", "rule_key",
-           "remove_network_lock",
-           "add_service_ip", "remove_service_ip", "move_ip", "announce", "ServiceLan",
-           "in_netns", "netns_path"]
+__all__ = [
+    "NetworkLock",
+    "network_lock_of",
+    "lock_from_dump_log",
+    "replicate_network_lock",
+    "rule_key",
+    "remove_network_lock",
+    "add_service_ip",
+    "remove_service_ip",
+    "move_ip",
+    "announce",
+    "ServiceLan",
+    "in_netns",
+    "netns_path",
+]
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -75,10 +86,13 @@ def _run(netns: Optional[str], cmd: Sequence[str], what: str, check: bool = True
         r = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input,
                            stdin=None if input is not None else subprocess.DEVNULL)
     except FileNotFoundError:
-        raise NetworkMoveError(netns or "", f"{what}: {cmd[0]} not found "
-                               f"(run scripts/setup-system.sh as root)") from None
+        raise NetworkMoveError(
+            netns or "", f"{what}: {cmd[0]} not found (run scripts/setup-system.sh as root)"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise NetworkMoveError(netns or "", f"{what}: {cmd[0]} timed out after {timeout:g} s") from None
+        raise NetworkMoveError(
+            netns or "", f"{what}: {cmd[0]} timed out after {timeout:g} s"
+        ) from None
     if check and r.returncode != 0:
         err = (r.stderr or r.stdout).strip().splitlines()
         raise NetworkMoveError(netns or "", f"{what} failed: {err[-1] if err else r.returncode}")
@@ -170,7 +184,9 @@ def lock_from_dump_log(dump_log: str, src_netns: Optional[str] = None) -> Networ
         with open(dump_log, errors="replace") as f:
             lines = f.readlines()
     except OSError as exc:
-        raise NetworkMoveError(src_netns or "", f"cannot read CRIU's log {dump_log}: {exc}") from None
+        raise NetworkMoveError(
+            src_netns or "", f"cannot read CRIU's log {dump_log}: {exc}"
+        ) from None
     locked = False
     for ln in lines:
         if "Lock network" in ln or "Locked " in ln:
@@ -223,7 +239,9 @@ def rule_key(rule: str) -> Tuple:
     return tuple(sorted(key.items()))
 
 
-def _iptables_restore_input(chains: Sequence[str], rules: Sequence[str], delete: bool = False) -> str:
+def _iptables_restore_input(
+    chains: Sequence[str], rules: Sequence[str], delete: bool = False
+) -> str:
     out = ["*filter"]
     if not delete:
         out += [f":{c} - [0:0]" for c in chains]
@@ -319,7 +337,11 @@ def add_service_ip(netns: Optional[str], ip: str, lower: str, dev: str = "svc0",
     ``netns`` holding ``ip`` (``A.B.C.D`` or ``A.B.C.D/len``; /32 when no length: the
     host's own interface keeps the subnet route) and announce it. One ``ip -batch``."""
     addr, plen = _split_ip(ip)
-    link = f"link add {dev}" + (f" address {mac}" if mac else "") + f" link {lower} type macvlan mode bridge"
+    link = (
+        f"link add {dev}"
+        + (f" address {mac}" if mac else "")
+        + f" link {lower} type macvlan mode bridge"
+    )
     batch = f"{link}\naddr add {addr}/{plen} dev {dev} nodad\nlink set {dev} up\n"
     _run(netns, ["ip", "-batch", "-"], f"service interface {dev} with {addr}", input=batch)
     if announce_it:
@@ -374,18 +396,18 @@ def announce(netns: Optional[str], dev: str, ip: str, count: int = 2,
     process on the switch-over path). Teaches switches (bridge FDBs) the port and
     neighbours the MAC."""
     addr, _ = _split_ip(ip)
-    mac = bytes.fromhex((mac or _mac_of(netns, dev)).replace(":", ""))
+    macb = bytes.fromhex((mac or _mac_of(netns, dev)).replace(":", ""))
     ipb = socket.inet_aton(addr)
     bcast = b"\xff" * 6
-    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, ipb, b"\x00" * 6, ipb)
-    frame = bcast + mac + struct.pack("!H", 0x0806) + arp
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, macb, ipb, b"\x00" * 6, ipb)
+    frame = bcast + macb + struct.pack("!H", 0x0806) + arp
     frame += b"\x00" * max(0, 60 - len(frame))
 
     def send():
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
         try:
             s.bind((dev, 0))
-            for i in range(count):
+            for _ in range(count):
                 s.send(frame)
         finally:
             s.close()
@@ -490,7 +512,9 @@ class ServiceLan:
             self._links.append((ns, self.dev))
             _run(sw, ["ip", "link", "set", port, "master", "br0"], f"{port} into br0")
             _run(sw, ["ip", "link", "set", port, "up"], f"{port} up")
-            _run(ns, ["ip", "addr", "add", f"{addr}/{self.prefix}", "dev", self.dev], f"addr {addr}")
+            _run(
+                ns, ["ip", "addr", "add", f"{addr}/{self.prefix}", "dev", self.dev], f"addr {addr}"
+            )
             _run(ns, ["ip", "link", "set", self.dev, "up"], f"{self.dev} up")
             if ns in (self.ns_a, self.ns_b):
                 for key in ("all", self.dev):

@@ -50,7 +50,7 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from ..errors import CheckpointArchiveError, ContainerError, ContainerNotFound
 from . import rootfs as _rootfs
@@ -64,7 +64,14 @@ __all__ = ["PodmanMetadata", "ArchiveContents", "find_podman", "inspect", "conta
 RUNC_ROOT = "/run/runc"
 #: what `podman run` needs on this kind of machine (FIELD-NOTES): runc (crun lacks CRIU),
 #: limits root may set without CAP_SYS_RESOURCE.
-PODMAN_RUN_ARGS = ["--runtime", "runc", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+PODMAN_RUN_ARGS = [
+    "--runtime",
+    "runc",
+    "--ulimit",
+    "nofile=4096:4096",
+    "--ulimit",
+    "nproc=4096:4096",
+]
 _MEMBERS = ("config.dump", "spec.dump", "network.status", "stats-dump", "rootfs-diff.tar",
             "deleted.files", "devshm-checkpoint.tar")
 
@@ -90,7 +97,9 @@ def _podman(args: Sequence[str], name: str, what: str, timeout: float = 120.0,
         msg = err[-1] if err else f"exit status {r.returncode}"
         if msg.startswith("Error: "):
             msg = msg[7:]
-        if not_found_ok and ("no such container" in msg.lower() or "no container with" in msg.lower()):
+        if not_found_ok and (
+            "no such container" in msg.lower() or "no container with" in msg.lower()
+        ):
             raise ContainerNotFound(name, f"{what}: {msg}", cmd)
         raise ContainerError(name, f"{what} failed: {msg[:400]}", cmd)
     return r
@@ -283,8 +292,13 @@ def write_archive(out_path, images_dir, meta: PodmanMetadata, *, stats_dump=None
             if "descriptors.json" not in names:
                 if descriptors is None:
                     raise CheckpointArchiveError(
-                        "image set lacks runc's descriptors.json (pass descriptors=)", imgs, meta.name)
-                _add_bytes(tf, "checkpoint/descriptors.json", json.dumps(list(descriptors)).encode())
+                        "image set lacks runc's descriptors.json (pass descriptors=)",
+                        imgs,
+                        meta.name,
+                    )
+                _add_bytes(
+                    tf, "checkpoint/descriptors.json", json.dumps(list(descriptors)).encode()
+                )
             if upper:
                 diff = os.path.join(tmpdir, "rootfs-diff.tar")
                 ch = _rootfs.write_diff_tar(upper, diff, meta.lowers)
@@ -336,7 +350,9 @@ def read_archive(path, out_dir) -> ArchiveContents:
         try:
             import zstandard
         except ImportError:
-            raise CheckpointArchiveError("zstd-compressed: needs the zstandard module", path) from None
+            raise CheckpointArchiveError(
+                "zstd-compressed: needs the zstandard module", path
+            ) from None
         with open(path, "rb") as f:
             data = zstandard.ZstdDecompressor().stream_reader(f).read()
         fileobj = io.BytesIO(data)
@@ -350,7 +366,13 @@ def read_archive(path, out_dir) -> ArchiveContents:
         members = tf.getmembers()
         for m in members:
             name = m.name[2:] if m.name.startswith("./") else m.name
-            if name.startswith("/") or ".." in name.split("/") or m.issym() or m.islnk() or m.isdev():
+            if (
+                name.startswith("/")
+                or ".." in name.split("/")
+                or m.issym()
+                or m.islnk()
+                or m.isdev()
+            ):
                 if m.name in (".", "./"):
                     continue
                 raise CheckpointArchiveError(f"member {m.name!r} is not a plain file or directory "

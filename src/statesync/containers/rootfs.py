@@ -99,7 +99,9 @@ def _safe_member(m: tarfile.TarInfo, path: str) -> None:
     if name.startswith("/") or ".." in name.split("/"):
         raise CheckpointArchiveError(f"member {m.name!r} escapes the root", path)
     if m.islnk() and (m.linkname.startswith("/") or ".." in m.linkname.split("/")):
-        raise CheckpointArchiveError(f"hard link {m.name!r} -> {m.linkname!r} escapes the root", path)
+        raise CheckpointArchiveError(
+            f"hard link {m.name!r} -> {m.linkname!r} escapes the root", path
+        )
 
 
 def apply_diff_tar(tar_path: str, root: str, deleted: Iterable[str] = ()) -> int:
@@ -113,7 +115,11 @@ def apply_diff_tar(tar_path: str, root: str, deleted: Iterable[str] = ()) -> int
             _safe_member(m, tar_path)
         for m in members:
             dest = os.path.join(root, m.name)
-            if not m.isdir() and os.path.lexists(dest) and (os.path.isdir(dest) and not os.path.islink(dest)):
+            if (
+                not m.isdir()
+                and os.path.lexists(dest)
+                and (os.path.isdir(dest) and not os.path.islink(dest))
+            ):
                 shutil.rmtree(dest)
             elif not m.isdir() and os.path.lexists(dest):
                 os.unlink(dest)
