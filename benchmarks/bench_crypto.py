@@ -77,7 +77,8 @@ def primitives(frame: int, reps: int) -> dict:
         buf = bytearray(frame + 16)
         out[name + " seal"] = timeit(lambda a=a: a.encrypt(b"\0" * 12, data, hdr))
         if hasattr(a, "encrypt_into"):
-            out[name + " seal_into"] = timeit(lambda a=a, buf=buf: a.encrypt_into(b"\0" * 12, data, hdr, buf))
+            out[name + " seal_into"] = timeit(
+                lambda a=a, buf=buf: a.encrypt_into(b"\0" * 12, data, hdr, buf))
         out[name + " open"] = timeit(lambda a=a, ct=ct: a.decrypt(b"\0" * 12, ct, hdr))
     return out
 
@@ -143,7 +144,7 @@ def transfer(listen_sock, make_sock, addr, encrypt, cipher, frame, nframes) -> d
 def run_link(name, listen_factory, make_sock, frame, nframes, repeat) -> list:
     rows = []
     for rep in range(repeat):
-        for suite, encrypt, cipher in SUITES:
+        for _suite, encrypt, cipher in SUITES:
             ls, addr = listen_factory()
             row = transfer(ls, make_sock, addr, encrypt, cipher, frame, nframes)
             ls.close()
@@ -163,10 +164,12 @@ def summarize(rows) -> list:
             m = rs[len(rs) // 2]
             med[suite] = m
         base = med["hmac-sha256"]
-        for suite, m in med.items():
+        for _suite, m in med.items():
             out.append({**m, "ratio_MB_s": m["MB_s"] / base["MB_s"],
-                        "ratio_send_per_core": m["send_MB_s_per_core"] / base["send_MB_s_per_core"],
-                        "ratio_recv_per_core": m["recv_MB_s_per_core"] / base["recv_MB_s_per_core"]})
+                        "ratio_send_per_core":
+                            m["send_MB_s_per_core"] / base["send_MB_s_per_core"],
+                        "ratio_recv_per_core":
+                            m["recv_MB_s_per_core"] / base["recv_MB_s_per_core"]})
     return out
 
 
@@ -232,8 +235,10 @@ def migrations(rates, redis_mb: int, repeat: int) -> list:
             return v[len(v) // 2]
         print(f"redis @ {rate}: encrypted / authenticated-only: round-0 throughput "
               f"{med('aes-256-gcm', 'round0_MB_s') / med('hmac-sha256', 'round0_MB_s'):.2f}x, "
-              f"total time {med('aes-256-gcm', 'total_s') / med('hmac-sha256', 'total_s'):.2f}x, "
-              f"downtime {med('aes-256-gcm', 'downtime_s') / med('hmac-sha256', 'downtime_s'):.2f}x")
+              f"total time "
+              f"{med('aes-256-gcm', 'total_s') / med('hmac-sha256', 'total_s'):.2f}x, "
+              f"downtime "
+              f"{med('aes-256-gcm', 'downtime_s') / med('hmac-sha256', 'downtime_s'):.2f}x")
     return rows
 
 
