@@ -43,15 +43,30 @@ def lazy_ok(criu_ok):
     return criu_ok
 
 
+def _gone(pid):
+    """Reaped, or a zombie whose threads have all exited (its files are closed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            zombie = f.read().split(") ")[-1].startswith("Z")
+        return zombie and len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
+
+
 @pytest.fixture
 def reap():
+    """Restored pids to SIGKILL at teardown; waits until they are gone, so the next
+    restore of the same images can bind the workload's control socket again."""
     pids = []
     yield pids
     for p in pids:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            continue
+        deadline = time.monotonic() + 10
+        while not _gone(p) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -329,3 +344,21 @@ def test_two_task_tree(lazy_ok, tmp_path, reap):
     v = _wait_result(work)
     assert v["rest"] and v["moved"] and v["dontneed_zero"] and v["fork_child"], json.dumps(v)
     assert _wait_result(work, name="tree.json") == {"ok": True}
+
+
+def test_lazy_set_with_data_kept_restores_too(workload_dump, tmp_path, reap):
+    """keep_data=True writes PE_LAZY|PE_PRESENT (pages still in pages-N.img, as CRIU
+    writes when it transfers lazy pages into the images): CRIU skips them all the
+    same, and the daemon serves them from the page store."""
+    out = lazy.write_lazy_image_set(workload_dump["full"], tmp_path / "kept", keep_data=True)
+    full = criu.ImageSet(workload_dump["full"])
+    pid = full.root_pid
+    assert out.stored_pages[pid] == full.npages
+    assert np.array_equal(lazy.lazy_pages(out.path, pid), lazy.lazy_pages(workload_dump["lazy"], pid))
+    rr, d = lazy_restore(out.path, full)
+    reap.append(rr.pid)
+    st = d.wait(60)
+    assert st.left == 0 and st.fault_copied + st.prefetch_copied == st.total_pages
+    c = workloads.WorkloadClient(workload_dump["wl"].control)
+    c.wait_ready(20)
+    assert c.checksum() == workload_dump["checksum"]
