@@ -354,7 +354,8 @@ def test_lazy_set_with_data_kept_restores_too(workload_dump, tmp_path, reap):
     full = criu.ImageSet(workload_dump["full"])
     pid = full.root_pid
     assert out.stored_pages[pid] == full.npages
-    assert np.array_equal(lazy.lazy_pages(out.path, pid), lazy.lazy_pages(workload_dump["lazy"], pid))
+    assert np.array_equal(lazy.lazy_pages(out.path, pid),
+                          lazy.lazy_pages(workload_dump["lazy"], pid))
     rr, d = lazy_restore(out.path, full)
     reap.append(rr.pid)
     st = d.wait(60)
