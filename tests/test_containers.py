@@ -183,7 +183,7 @@ def test_runc_redis_checkpoint_left_stopped_restores_on_other_host(lan, rootfs):
     img_b = os.path.join(tb.dir_b, "img")
     shutil.copytree(r.images_dir, img_b)
     runc.delete(c)
-    assert not any(os.path.exists(f"/proc/{p}") for p in pids)
+    assert all(runc._dead(p) for p in pids)
     lan.move_service("a", "b")
 
     b2 = runc.make_bundle(os.path.join(tb.dir_b, "bundle"), rootfs, ["true"], netns=tb.ns_b,
@@ -217,10 +217,10 @@ def _switch_over(tb, lan, c, b, rootfs, name, images_dir, dest_dir, network_lock
     t1 = time.monotonic()
     shutil.copytree(images_dir, dest_dir)
     t["copy"] = time.monotonic() - t1
-    t1 = time.monotonic()
-    lock = net.replicate_network_lock(tb.ns_a, tb.ns_b, dump_log=r.log)
-    t["lock"] = time.monotonic() - t1
-    t["move_ip"] = lan.move_service("a", "b")
+    h = net.TcpHandoff(f"{lan.service_ip}/32", (tb.ns_a, lan.dev), (tb.ns_b, lan.dev),
+                       dev=lan.svc_dev, mac=lan.svc_mac)
+    lock = h.prepare_destination(dump_log=r.log)     # the lock at B, then the IP
+    t.update(h.timings)
     t1 = time.monotonic()
     rr = runc.restore(dest_dir, b2, name, tcp_established=True, network_lock=network_lock)
     t["restore"] = time.monotonic() - t1
@@ -231,6 +231,7 @@ def _switch_over(tb, lan, c, b, rootfs, name, images_dir, dest_dir, network_lock
         map(net.rule_key, lock.iptables)
     )
     assert [n for _f, n, _t in src.nft_tables] == [n for _f, n, _t in lock.nft_tables]
+    t["handoff"] = h
     return r, rr, b2, lock, t
 
 
@@ -273,7 +274,7 @@ def test_tcp_client_keeps_one_connection_across_runc_migration(lan, rootfs, criu
         names.append(rr.container.name)
         assert not net.network_lock_of(tb.ns_b), "CRIU's restore left the lock in B"
         runc.delete(c)
-        assert net.remove_network_lock(tb.ns_a, lock) == lock.rules
+        assert t.pop("handoff").commit() == lock.rules
         assert not net.network_lock_of(tb.ns_a)
         deadline = time.monotonic() + 10
         while len(sess.acked) < before + 100 and sess.error is None and time.monotonic() < deadline:
@@ -360,7 +361,7 @@ def test_iperf3_test_running_across_runc_migration(lan, rootfs):
         bundles.append(b2)
         names.append(rr.container.name)
         runc.delete(c)
-        net.remove_network_lock(tb.ns_a, lock)
+        t.pop("handoff").commit()
         out, err = client.communicate(timeout=30)
     finally:
         if client.poll() is None:
@@ -374,3 +375,56 @@ def test_iperf3_test_running_across_runc_migration(lan, rootfs):
     assert sent > 0 and received == sent, (sent, received)
     print(f"\niperf3 across runc migration: {sent} bytes sent = received; steps (ms): "
           + ", ".join(f"{k} {v * 1000:.0f}" for k, v in t.items()))
+
+
+def test_tcp_destination_restore_fails_after_ip_move_rolls_back_keeping_connection(lan, rootfs):
+    """Fault: the lock is at B and the IP moved there, then the restore at B fails (an
+    image is missing). TcpHandoff.abort() takes B's lock copy and the IP back; the frozen
+    source is killed and restored on A: the client's ONE connection survives, every
+    acknowledged write is there."""
+    from statesync.errors import ContainerError
+    tb, lan, names, bundles = lan
+    lan.place_service("a")
+    tag = f"ssct{os.getpid()}"
+    b = runc.make_bundle(os.path.join(tb.dir_a, "bundle"), rootfs, _redis_args(lan.service_ip),
+                         netns=tb.ns_a)
+    bundles.append(b)
+    c = runc.run(b, tag + "a")
+    names.append(c.name)
+    b2 = runc.make_bundle(os.path.join(tb.dir_b, "bundle"), rootfs, ["true"], netns=tb.ns_b,
+                          upper_from=b.upper)
+    bundles.append(b2)
+    mk = lambda: lan.socket("client")  # noqa: E731
+    _wait_redis(mk, lan.service_ip, 6379)
+    sess = probe.RedisSession(mk, lan.service_ip, 6379, interval=0.005).start()
+    h = net.TcpHandoff(f"{lan.service_ip}/32", (tb.ns_a, lan.dev), (tb.ns_b, lan.dev),
+                       dev=lan.svc_dev, mac=lan.svc_mac)
+    try:
+        time.sleep(0.3)
+        before = len(sess.acked)
+        img = os.path.join(tb.dir_a, "img")
+        r = runc.checkpoint(c, img, leave_stopped=True, tcp_established=True)
+        img_b = os.path.join(tb.dir_b, "img")
+        shutil.copytree(img, img_b)
+        os.unlink(os.path.join(img_b, "pstree.img"))        # the destination's copy is broken
+        h.prepare_destination(dump_log=r.log)
+        assert net.network_lock_of(tb.ns_b)
+        with pytest.raises(ContainerError) as ei:
+            runc.restore(img_b, b2, tag + "b", tcp_established=True)
+        assert "\n" not in str(ei.value) and "restore" in str(ei.value)
+        h.abort()
+        assert not net.network_lock_of(tb.ns_b)
+        assert net.network_lock_of(tb.ns_a)                 # the source's own lock stays
+        runc.delete(c)
+        rr = runc.restore(img, b, tag + "r", tcp_established=True)
+        names.append(rr.container.name)
+        assert not net.network_lock_of(tb.ns_a)
+        deadline = time.monotonic() + 10
+        while len(sess.acked) < before + 50 and sess.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sess.stop()
+    assert sess.error is None, f"the client's connection broke: {sess.error!r}"
+    assert len(sess.acked) >= before + 50
+    assert sess.verify(mk()) == []
+    print(f"\nabort after IP move: client gap {sess.gap_s * 1000:.0f} ms")

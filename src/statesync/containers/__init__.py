@@ -24,14 +24,14 @@ Everything here drives real programs (runc, podman, CRIU, ip, iptables/nft) and 
 from __future__ import annotations
 
 from . import net, podman, probe, rootfs, runc
-from .net import move_ip, replicate_network_lock, remove_network_lock, network_lock_of
+from .net import TcpHandoff, move_ip, network_lock_of, remove_network_lock, replicate_network_lock
 from .podman import read_archive, write_archive
 from .runc import Bundle, Container, checkpoint, make_bundle, pids_of, restore, seccomp_allows
 
 __all__ = ["runc", "podman", "net", "rootfs", "probe", "Bundle", "Container", "resolve",
            "pids_of", "checkpoint", "restore", "make_bundle", "seccomp_allows",
            "write_archive", "read_archive", "replicate_network_lock", "remove_network_lock",
-           "network_lock_of", "move_ip"]
+           "network_lock_of", "move_ip", "TcpHandoff"]
 
 
 def resolve(target: str) -> Container:

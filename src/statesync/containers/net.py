@@ -57,6 +57,7 @@ __all__ = [
     "ServiceLan",
     "in_netns",
     "netns_path",
+    "TcpHandoff",
 ]
 
 NETNS_DIR = "/run/netns"
@@ -544,3 +545,59 @@ class ServiceLan:
         for ns in self._created:
             _run(None, ["ip", "netns", "delete", ns], f"ip netns delete {ns}", check=False)
         self._created.clear()
+
+
+# --------------------------------------------------------------------------- the hand-off
+
+
+class TcpHandoff:
+    """The network half of a ``tcp_established`` switch-over, in the order that keeps
+    the clients' connections (see the module doc), and its undo.
+
+    ``ip`` (``A.B.C.D[/len]``) lives on service interface ``dev`` with MAC ``mac``;
+    ``src``/``dst`` are ``(netns, lower interface)`` of the two hosts::
+
+        h = TcpHandoff(ip, (ns_a, "lan0"), (ns_b, "lan0"), mac=svc_mac)
+        r = runc.checkpoint(c, img, leave_stopped=True, tcp_established=True)
+        h.prepare_destination(dump_log=r.log)   # lock at B, THEN the IP moves to B
+        runc.restore(img_b, bundle_b, name, tcp_established=True)   # CRIU unlocks B
+        h.commit()                              # the source's lock leftovers go
+        # or, if anything after the dump failed:
+        h.abort()        # B's copy of the lock and the IP go back; then kill the frozen
+                         # source and runc.restore locally with tcp_established=True
+
+    ``timings`` records seconds per step."""
+
+    def __init__(self, ip: str, src: Tuple[Optional[str], str], dst: Tuple[Optional[str], str], *,
+                 dev: str = "svc0", mac: Optional[str] = None):
+        self.ip, self.src, self.dst, self.dev, self.mac = ip, src, dst, dev, mac
+        self.lock: Optional[NetworkLock] = None
+        self.ip_moved = False
+        self.timings: Dict[str, float] = {}
+
+    def prepare_destination(self, dump_log: Optional[str] = None,
+                            lock: Optional[NetworkLock] = None) -> NetworkLock:
+        t0 = time.monotonic()
+        self.lock = replicate_network_lock(self.src[0], self.dst[0], lock, dump_log=dump_log)
+        t1 = time.monotonic()
+        self.timings["lock"] = t1 - t0
+        if self.mac is None:
+            self.mac = _mac_of(self.src[0], self.dev)
+        self.timings["move_ip"] = move_ip(self.ip, self.src, self.dst, dev=self.dev, mac=self.mac)
+        self.ip_moved = True
+        return self.lock
+
+    def commit(self) -> int:
+        """After the destination runs: remove the lock the dump left at the source.
+        Returns the rules/tables removed."""
+        return remove_network_lock(self.src[0], self.lock) if self.lock else 0
+
+    def abort(self) -> None:
+        """Undo :meth:`prepare_destination` as far as it got: the destination's copy
+        of the lock is removed, the IP goes back to the source and is announced there.
+        The source's own lock stays: the local restore's unlock lifts it."""
+        if self.lock:
+            remove_network_lock(self.dst[0], self.lock)
+        if self.ip_moved:
+            move_ip(self.ip, self.dst, self.src, dev=self.dev, mac=self.mac)
+            self.ip_moved = False

@@ -604,7 +604,8 @@ def resume(container, root: Optional[str] = None) -> None:
 def kill(container, sig: int = signal.SIGKILL, root: Optional[str] = None,
          wait: float = 10.0) -> None:
     """Send ``sig`` to every process of the container (frozen ones included); with
-    SIGKILL wait up to ``wait`` s until they are gone. A missing container is fine."""
+    SIGKILL wait up to ``wait`` s until every one is dead (reaped or a zombie waiting
+    for the host's init). A missing container is fine."""
     c = _as_container(container, root)
     try:
         pids = pids_of(c)
@@ -617,13 +618,24 @@ def kill(container, sig: int = signal.SIGKILL, root: Optional[str] = None,
             pass
     if sig != signal.SIGKILL:
         return
-    # Gone means gone from /proc too (reaped), as a migration's commit needs: a
-    # zombie leaves the cgroup at exit but keeps its pid until its parent reaps it.
+    # Gone means dead: reaped, or a zombie. A container's init is reparented to the
+    # host's init when runc exits, and some inits reap late (1.3 s here); a zombie holds
+    # no memory, files or sockets, and its pid namespace is already dead.
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        if not any(os.path.exists(f"/proc/{p}") for p in pids):
+        if all(_dead(p) for p in pids):
             return
-        time.sleep(0.005)
+        time.sleep(0.002)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:
+        return True
 
 
 def delete(container, root: Optional[str] = None) -> None:
