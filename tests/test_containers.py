@@ -70,6 +70,16 @@ def test_resolve_names_containers():
         containers.resolve("runc:no-such-container@/nonexistent-root")
 
 
+def test_criu_log_error_names_the_cause(tmp_path):
+    log = tmp_path / "dump.log"
+    log.write_text("(00.001) net: Lock network\n"
+                   "(00.002) Error (criu/sk-inet.c:199): inet: Connected TCP socket, "
+                   "consider using --tcp-established option.\n"
+                   "(00.003) Error (criu/cr-dump.c:1975): Dumping FAILED.\n")
+    msg = runc.criu_log_error(str(log))
+    assert msg.startswith("Error (criu/sk-inet.c:199): inet: Connected TCP")
+
+
 def test_container_error_is_one_line():
     from statesync.errors import ContainerError, StateSyncError
     e = ContainerError("svc", "runc checkpoint failed: Can't dump (log: /x/dump.log)")
@@ -346,8 +356,8 @@ def test_iperf3_test_running_across_runc_migration(lan, rootfs):
     # wait for the listener without connecting (a stray control connection would keep
     # the server busy)
     deadline = time.monotonic() + 10
-    while "5201" not in subprocess.run(net.in_netns(tb.ns_a, ["ss", "-Hltn", "sport", "=", ":5201"]),
-                                       capture_output=True, text=True).stdout:
+    ss = net.in_netns(tb.ns_a, ["ss", "-Hltn", "sport", "=", ":5201"])
+    while "5201" not in subprocess.run(ss, capture_output=True, text=True).stdout:
         assert time.monotonic() < deadline, "iperf3 server not listening"
         time.sleep(0.05)
     client = subprocess.Popen(net.in_netns(lan.ns_client, [
@@ -357,7 +367,8 @@ def test_iperf3_test_running_across_runc_migration(lan, rootfs):
         time.sleep(1.5)
         assert client.poll() is None, client.communicate()
         r, rr, b2, lock, t = _switch_over(tb, lan, c, b, rootfs, tag + "b",
-                                          os.path.join(tb.dir_a, "img"), os.path.join(tb.dir_b, "img"))
+                                          os.path.join(tb.dir_a, "img"),
+                                          os.path.join(tb.dir_b, "img"))
         bundles.append(b2)
         names.append(rr.container.name)
         runc.delete(c)
@@ -428,3 +439,46 @@ def test_tcp_destination_restore_fails_after_ip_move_rolls_back_keeping_connecti
     assert len(sess.acked) >= before + 50
     assert sess.verify(mk()) == []
     print(f"\nabort after IP move: client gap {sess.gap_s * 1000:.0f} ms")
+
+
+def test_uffd_tracker_follows_runc_container_through_left_stopped_dump(lan, rootfs):
+    """Pre-copy on a container: a uffd Tracker attached to the container's process by
+    its host pid sees its writes, stays attached through the checkpoint left stopped
+    (the frozen tree's last dirty pages, then nothing more), and the images restore."""
+    from statesync.tracking import Tracker, tracking_methods
+    tb, lan, names, bundles = lan
+    require(tracking_methods().get("uffd", (False,))[0], "uffd write-protect tracking unavailable")
+    lan.place_service("a")
+    tag = f"ssct{os.getpid()}"
+    b = runc.make_bundle(os.path.join(tb.dir_a, "bundle"), rootfs, _redis_args(lan.service_ip),
+                         netns=tb.ns_a)
+    bundles.append(b)
+    c = runc.run(b, tag + "a")
+    names.append(c.name)
+    mk = lambda: lan.socket("client")  # noqa: E731
+    _wait_redis(mk, lan.service_ip, 6379)
+    pid = runc.pids_of(c)[0]
+    assert runc.seccomp_allows(b, "userfaultfd")
+    s = mk()
+    s.connect((lan.service_ip, 6379))
+    with Tracker(pid, method="uffd") as t:
+        assert t.method == "uffd"
+        t.collect()
+        rd = probe._Reader(s)
+        s.sendall(b"".join(probe.resp(["SET", f"p{j}", "v" * 100]) for j in range(5000)))
+        assert [rd.reply() for _ in range(5000)] == [b"OK"] * 5000
+        assert len(t.collect()) > 0
+        probe.command(s, "SET", "last", "write")
+        s.close()                         # no tcp_established here
+        r = runc.checkpoint(c, os.path.join(tb.dir_a, "img"), leave_stopped=True)
+        assert len(t.collect()) > 0       # the writes since the last collect, tree frozen
+        assert len(t.collect()) == 0      # frozen: nothing more
+    runc.delete(c)
+    rr = runc.restore(r.images_dir, b, tag + "r")
+    names.append(rr.container.name)
+    s = mk()
+    s.settimeout(5)
+    s.connect((lan.service_ip, 6379))
+    assert probe.command(s, "GET", "last") == b"write"
+    assert probe.command(s, "DBSIZE") == 5001
+    s.close()

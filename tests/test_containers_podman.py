@@ -176,6 +176,9 @@ def test_podman_metadata_matches_podmans_own_export(ctr, tmp_path):
     assert not runc.seccomp_allows(meta.spec, "userfaultfd")
     assert runc.seccomp_allows(meta.spec, "read")
     assert not runc.seccomp_allows(podman.container(ctr), "userfaultfd")
+    from statesync.tracking import Tracker
+    with Tracker(runc.pids_of(podman.container(ctr))[0], method="auto") as t:
+        assert t.method == "hash"
 
 
 def test_podman_restore_import_accepts_archive_statesync_assembled(ctr, tmp_path):

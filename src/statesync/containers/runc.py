@@ -82,8 +82,8 @@ def _nsenter(netns: Optional[str]) -> List[str]:
 
 
 def criu_log_error(log: Optional[str]) -> str:
-    """The last ``Error`` line of a CRIU log (or its last line), stripped of CRIU's
-    timestamp prefix; "" when unreadable."""
+    """The first ``Error`` line of a CRIU log that is not its FAILED summary (else its
+    last line), stripped of CRIU's timestamp prefix; "" when unreadable."""
     if not log:
         return ""
     try:
@@ -93,8 +93,10 @@ def criu_log_error(log: Optional[str]) -> str:
             lines = f.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return ""
-    errs = [ln for ln in lines if "Error" in ln]
-    line = (errs or lines or [""])[-1].strip()
+    # CRIU's first error is the cause; the last is its summary ("Dumping FAILED.")
+    errs = [ln for ln in lines if "Error" in ln and "FAILED" not in ln]
+    errs = errs or [ln for ln in lines if "Error" in ln]
+    line = (errs[0] if errs else (lines or [""])[-1]).strip()
     if line.startswith("(") and ")" in line:
         line = line.split(")", 1)[1].strip()
     return line
