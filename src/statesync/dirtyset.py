@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from statesync._consts import PAGE_SIZE
+from statesync._util import sorted as _srt
 
 
 class DirtySet:
@@ -45,9 +46,7 @@ class DirtySet:
         return iter(self.pages.tolist())
 
     def __contains__(self, addr) -> bool:
-        a = np.uint64(int(addr) & ~(self.page_size - 1))
-        i = np.searchsorted(self.pages, a)
-        return bool(i < self.pages.size and self.pages[i] == a)
+        return _srt.contains(self.pages, int(addr) & ~(self.page_size - 1))
 
     def __or__(self, other: "DirtySet") -> "DirtySet":
         return DirtySet._trusted(np.union1d(self.pages, other.pages), self.page_size)

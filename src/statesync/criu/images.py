@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 
+from statesync._util import sorted as _srt
 from statesync.errors import CriuImageError
 
 IMG_COMMON_MAGIC = 0x54564319
@@ -401,14 +402,7 @@ def encode_pagemap(pages_id: int, vaddr: np.ndarray, nr_pages: np.ndarray,
 def expand_runs(vaddr: np.ndarray, nr: np.ndarray, page_size: int) -> np.ndarray:
     """Page addresses of runs (vaddr, nr pages each), as one uint64 array. The caller
     bounds nr.sum() by real data before calling (this allocates that many entries)."""
-    total = int(nr.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.uint64)
-    nr64 = nr.astype(np.int64)
-    run_idx = np.repeat(np.arange(nr.size), nr64)
-    first = np.cumsum(nr64) - nr64
-    within = np.arange(total, dtype=np.int64) - first[run_idx]
-    return vaddr[run_idx] + within.astype(np.uint64) * np.uint64(page_size)
+    return _srt.expand_runs(vaddr, nr, page_size)
 
 
 def run_breaks(addrs: np.ndarray, page_size: int, *keys: np.ndarray) -> np.ndarray:

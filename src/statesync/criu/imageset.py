@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from statesync._util import sorted as _srt
 from statesync._util.fsutil import atomic_replace, fsync_dir
 from statesync.criu.images import (
     MAX_RUN_PAGES,
@@ -228,9 +229,7 @@ class ImageSet:
         if pt is not None:
             sel = ~page_present
             want = addrs[sel]
-            pos = np.searchsorted(pt.addrs, want)
-            ok = pos < pt.addrs.size
-            ok[ok] = pt.addrs[pos[ok]] == want[ok]
+            pos, ok = _srt.lookup(pt.addrs, want)
             if not ok.all():
                 bad = int(np.flatnonzero(~ok)[0])
                 e = int(entry[np.flatnonzero(sel)[bad]])
@@ -259,9 +258,7 @@ class ImageSet:
     def read(self, addrs, pid=None) -> np.ndarray:
         t = self.table(pid)
         addrs = np.asarray(addrs, dtype=np.uint64)
-        pos = np.searchsorted(t.addrs, addrs)
-        ok = pos < t.addrs.size
-        ok[ok] = t.addrs[pos[ok]] == addrs[ok]
+        pos, ok = _srt.lookup(t.addrs, addrs)
         if not ok.all():
             raise KeyError(f"page {int(addrs[~ok][0]):#x} is not in image set {self.path}")
         from statesync import _core

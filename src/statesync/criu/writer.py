@@ -9,6 +9,7 @@ from typing import Callable, Dict, Optional, Union
 import numpy as np
 
 from statesync._consts import PAGE_SIZE
+from statesync._util import sorted as _srt
 from statesync.criu import images as _img
 from statesync.criu import imageset as _iset
 from statesync.criu.images import PE_LAZY, PE_PARENT, PE_PRESENT, VMA_DTYPE  # noqa: F401  (re-exported)
@@ -100,9 +101,7 @@ def _changed_pages(tn, to, page_size, _core) -> np.ndarray:
         pos = np.arange(n)
         match = np.ones(n, dtype=bool)
     else:
-        pos = np.searchsorted(to.addrs, tn.addrs)
-        match = pos < to.addrs.size
-        match[match] = to.addrs[pos[match]] == tn.addrs[match]
+        pos, match = _srt.lookup(to.addrs, tn.addrs)
     changed = np.ones(n, dtype=bool)
     m = np.flatnonzero(match)
     if m.size:
@@ -189,7 +188,7 @@ def _merge_override(t, o_addrs, o_pages, ps):
     o_pages = np.ascontiguousarray(o_pages, dtype=np.uint8).reshape(-1, ps)
     if o_pages.shape[0] != o_addrs.size:
         raise ValueError(f"{o_addrs.size} addresses but {o_pages.shape[0]} pages")
-    keep = ~np.isin(t.addrs, o_addrs, assume_unique=True)
+    keep = ~_srt.member(t.addrs, o_addrs)
     addrs = np.concatenate([t.addrs[keep], o_addrs])
     order = np.argsort(addrs, kind="stable")
     extra = len(t.sources)
@@ -197,9 +196,7 @@ def _merge_override(t, o_addrs, o_pages, ps):
     row = np.concatenate([t.row[keep], np.arange(o_addrs.size, dtype=np.int64)])[order]
     # Replaced pages keep their template entry (and PE_LAZY); new ones form runs of
     # their own (key -1 - ...) and are not lazy.
-    pos = np.searchsorted(t.addrs, o_addrs)
-    inside = pos < t.addrs.size
-    inside[inside] = t.addrs[pos[inside]] == o_addrs[inside]
+    pos, inside = _srt.lookup(t.addrs, o_addrs)
     o_key = np.full(o_addrs.size, -1, dtype=np.int64)
     o_key[inside] = t.entry[pos[inside]]
     o_lazy = np.zeros(o_addrs.size, dtype=bool)
@@ -245,9 +242,8 @@ def write_image_set(template_dir, out_dir, addrs, pages: Union[np.ndarray, Calla
     if _img.is_task_pagemap(name) and addrs.size:
         # Pages outside every VMA of the template would make criu restore fail late.
         v = base.vmas(name)
-        i = np.searchsorted(v["start"], addrs, side="right") - 1
-        ok = i >= 0
-        ok[ok] = addrs[ok] < v["end"][i[ok]]
+        ok = _srt.in_intervals(addrs, np.ascontiguousarray(v["start"]),
+                               np.ascontiguousarray(v["end"]))
         if not ok.all():
             raise ValueError(f"page {int(addrs[~ok][0]):#x} lies in no VMA of the template "
                              f"{base.path} ({int((~ok).sum())} such pages)")

@@ -5,32 +5,18 @@ import numpy as np
 
 from statesync import _core
 from statesync._consts import PAGE_SIZE
+from statesync._util import sorted as _srt
 from statesync.proc import Vma
 
 _EMPTY = np.zeros(0, dtype=np.uint64)
 
-
-def _merge(arrays) -> np.ndarray:
-    """Sorted union of sorted uint64 arrays (no Python objects per page)."""
-    arrays = [a for a in arrays if a.size]
-    if not arrays:
-        return _EMPTY
-    if len(arrays) == 1:
-        return arrays[0]
-    a = np.concatenate(arrays)
-    a.sort(kind="stable")  # runs of sorted input: timsort-like merge is fast
-    keep = np.empty(a.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
+# Sorted union of sorted uint64 arrays (no Python objects per page).
+_merge = _srt.merge
 
 
 def _in_sorted(x: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     """Boolean mask: which elements of x are in the sorted array sorted_set."""
-    if not sorted_set.size or not x.size:
-        return np.zeros(x.size, dtype=bool)
-    i = np.minimum(np.searchsorted(sorted_set, x), sorted_set.size - 1)
-    return sorted_set[i] == x
+    return _srt.member(x, sorted_set)
 
 
 def _select(pm: int, ranges, mask: int) -> np.ndarray:
