@@ -43,9 +43,9 @@ def test_pagetable_put_get_overwrite():
     t.put(np.array([0x3000, 0x1000], np.uint64), np.array([[3] * 4, [1] * 4], np.uint8))
     t.put(np.array([0x2000, 0x3000], np.uint64), np.array([[2] * 4, [9] * 4], np.uint8))
     assert len(t) == 3
-    assert t.get(np.array([0x1000, 0x2000, 0x3000], np.uint64))[:, 0].tolist() == [1, 2, 9]
+    assert t.take(np.array([0x1000, 0x2000, 0x3000], np.uint64))[:, 0].tolist() == [1, 2, 9]
     with pytest.raises(KeyError, match="0x4000"):
-        t.get(np.array([0x4000], np.uint64))
+        t.take(np.array([0x4000], np.uint64))
 
 
 @pytest.mark.parametrize("compression,xor", [(None, False), ("lz4", False), ("lz4", True)])
@@ -59,17 +59,17 @@ def test_page_streams_round_trip_and_reject_corruption(compression, xor):
     pages[2] = 0
     table = PageTable(4096)
     assert decode_pages(c.encode(addrs, pages), table) == 6
-    assert np.array_equal(table.get(addrs), pages)
+    assert np.array_equal(table.take(addrs), pages)
     # A second version against what the receiver holds (XOR / unchanged pages).
     new = pages.copy()
     new[1, 100:140] ^= 0xFF
     assert decode_pages(c.encode(addrs, new, pages, np.ones(6, bool)), table) == 6
-    assert np.array_equal(table.get(addrs), new)
+    assert np.array_equal(table.take(addrs), new)
     frame = bytearray(c.encode(addrs, pages))
     frame[len(frame) // 2] ^= 0x01
     with pytest.raises(StreamError):
         decode_pages(bytes(frame), table)
-    assert np.array_equal(table.get(addrs), new), "a corrupt stream changed the pages"
+    assert np.array_equal(table.take(addrs), new), "a corrupt stream changed the pages"
 
 
 def test_page_stream_decode_fuzz():

@@ -1,13 +1,13 @@
 """How pages travel between the agents: one page stream per batch (PageCodec)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 
 from statesync._consts import PAGE_SIZE
 from statesync.migration.common import MAX_BATCH_PAGES
-from statesync.migration.pagetable import PageTable
+from statesync.stream.store import PageStore
 
 # --------------------------------------------------------------------------- codec
 
@@ -45,61 +45,11 @@ class PageCodec:
                                             previous_mask=previous_mask))
 
 
-class _TableTarget:
-    """statesync.stream target over a :class:`PageTable` (amortised growth: a round
-    of many streams costs no whole-store copies). Pages of a stream are staged and
-    land in the table only at commit."""
-
-    def __init__(self, table: PageTable):
-        self.table = table
-
-    def begin(self, page_size: int):
-        if page_size != self.table.width:
-            from statesync.errors import StreamError
-            raise StreamError(f"stream page size {page_size} differs from ours "
-                              f"({self.table.width})", offset=8)
-        return _TableTxn(self.table)
-
-
-class _TableTxn:
-    def __init__(self, table: PageTable):
-        self.table = table
-        self.addrs: List[np.ndarray] = []
-        self.pages: List[np.ndarray] = []
-
-    def read(self, addrs):
-        addrs = np.asarray(addrs, dtype=np.uint64)
-        slots, ok = self.table.lookup(addrs)
-        out = np.zeros((addrs.size, self.table.width), dtype=np.uint8)
-        if ok.any():
-            out[ok] = self.table.rows[slots[ok]]
-        for a, p in zip(self.addrs, self.pages):   # earlier pages of this stream
-            if a.size == 0:
-                continue
-            pos = np.minimum(np.searchsorted(a, addrs), a.size - 1)
-            hit = a[pos] == addrs
-            if hit.any():
-                out[hit] = p[pos[hit]]
-                ok = ok | hit
-        return out, ok
-
-    def write(self, addrs, pages):
-        self.addrs.append(np.asarray(addrs, dtype=np.uint64))
-        self.pages.append(np.asarray(pages, dtype=np.uint8).reshape(-1, self.table.width))
-
-    def commit(self):
-        for a, p in zip(self.addrs, self.pages):
-            self.table.put(a, p)
-        self.abort()
-
-    def abort(self):
-        self.addrs, self.pages = [], []
-
-
-def decode_pages(payload: bytes, table: PageTable) -> int:
-    """Apply one page stream (a PAGES frame's payload) into ``table``; returns the
-    number of pages. Raises StreamError; the table is unchanged then."""
+def decode_pages(payload: bytes, table: PageStore) -> int:
+    """Apply one page stream (a PAGES frame's payload) into ``table`` (the store is
+    the stream target); returns the number of pages. Raises StreamError; the table
+    is unchanged then."""
     from statesync import stream
-    st = stream.apply([payload], _TableTarget(table), max_block_pages=MAX_BATCH_PAGES,
+    st = stream.apply([payload], table, max_block_pages=MAX_BATCH_PAGES,
                       max_pages=MAX_BATCH_PAGES)
     return int(st.total_pages)

@@ -30,12 +30,13 @@ target as it was. Decoder memory is bounded by the block size the receiver
 accepts (``max_block_pages`` pages and ``max_block_bytes`` bytes), never by
 lengths or sizes read from the input.
 
-Targets: :class:`MemoryPageStore` (numpy, in memory), :class:`FilePageStore`
+Targets: :class:`PageStore` / :class:`MemoryPageStore` (numpy, in memory; the
+one page store of statesync, also the migration agents'), :class:`FilePageStore`
 (one file, replaced atomically), :class:`FileTarget` (a plain file where the page
 at address A lives at offset A - base), :class:`CriuImageTarget` (a CRIU image
 set written with statesync.criu's writer). Any object with ``begin(page_size)``
-returning a transaction with ``read``/``write``/``commit``/``abort`` works (see
-:class:`Transaction`).
+returning a transaction with ``read``/``write``/``commit``/``abort`` works: the
+Protocols :class:`PageTarget` and :class:`PageTransaction` say what is needed.
 
 Many rounds over one connection: each round is its own stream (own header,
 stream id, round number and END), and streams are simply concatenated on the
@@ -46,7 +47,8 @@ sender assumed gets a clean error instead of wrong memory.
 
 Modules: :mod:`~statesync.stream.format` (constants, bounds, stats),
 :mod:`~statesync.stream.encoder`, :mod:`~statesync.stream.decoder`,
-:mod:`~statesync.stream.targets`.
+:mod:`~statesync.stream.store` (the in-memory page store),
+:mod:`~statesync.stream.targets` (the target Protocols, file and CRIU targets).
 """
 from __future__ import annotations
 
@@ -54,14 +56,16 @@ from statesync.stream.decoder import StreamReader, apply, inspect
 from statesync.stream.encoder import Encoder, encode
 from statesync.stream.format import *  # noqa: F401,F403  (the format's constants)
 from statesync.stream.format import MAGIC, VERSION, StreamStats
+from statesync.stream.store import MemoryPageStore, PageStore
 from statesync.stream.targets import (
                                       CriuImageTarget,
                                       FilePageStore,
                                       FileTarget,
-                                      MemoryPageStore,
+                                      PageTarget,
+                                      PageTransaction,
                                       Transaction,
 )
 
 __all__ = ["Encoder", "encode", "apply", "inspect", "StreamReader", "StreamStats",
-           "MemoryPageStore", "FilePageStore", "FileTarget", "CriuImageTarget", "Transaction",
-           "MAGIC", "VERSION"]
+           "PageStore", "MemoryPageStore", "FilePageStore", "FileTarget", "CriuImageTarget",
+           "PageTarget", "PageTransaction", "Transaction", "MAGIC", "VERSION"]

@@ -7,7 +7,9 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from statesync import _core
+from statesync._util import sorted as _srt
 from statesync.errors import StreamError
+from statesync.stream.targets import PageTarget, PageTransaction
 from statesync.stream.format import (
     _KNOWN_FLAGS,
     BLOCK,
@@ -44,11 +46,12 @@ class _Decoder:
     block and returns how many it used. Works with or without a transaction
     (without: parses and checks everything except XOR/DUP references)."""
 
-    def __init__(self, target=None, max_block_pages=DEFAULT_MAX_BLOCK_PAGES,
+    def __init__(self, target: Optional[PageTarget] = None,
+                 max_block_pages=DEFAULT_MAX_BLOCK_PAGES,
                  max_pages=DEFAULT_MAX_PAGES, page_size=None,
                  max_block_bytes=DEFAULT_MAX_BLOCK_BYTES):
         self.target = target
-        self.txn = None
+        self.txn: Optional[PageTransaction] = None
         self.max_block_pages = max_block_pages
         self.max_block_bytes = max_block_bytes
         self.max_pages = max_pages
@@ -252,9 +255,8 @@ class _Decoder:
                     j = int(di[np.flatnonzero(src > self.max_page_no)[0]])
                     raise self._err("DUP source page number beyond the address space", poff,
                                     rec0 + int(info["rec"][j]))
-                pos = np.searchsorted(pagenos, src)
-                posc = np.minimum(pos, npages - 1)
-                inblk = (pos < di) & (pagenos[posc] == src)
+                pos, hit = _srt.lookup(pagenos, src)
+                inblk = (pos < di) & hit
                 src_index[di[inblk]] = pos[inblk]
                 ext = di[~inblk]
                 if ext.size:
@@ -327,7 +329,7 @@ def _iter_source(source, chunk_size=1 << 20):
         yield from source
 
 
-def apply(chunks, target, *, max_block_pages: int = DEFAULT_MAX_BLOCK_PAGES,
+def apply(chunks, target: PageTarget, *, max_block_pages: int = DEFAULT_MAX_BLOCK_PAGES,
           max_pages: int = DEFAULT_MAX_PAGES,
           max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> StreamStats:
     """Apply exactly one stream from ``chunks`` (iterable of bytes-likes, a file or
@@ -396,7 +398,8 @@ class StreamReader:
                 break
         return n
 
-    def apply(self, target, _exclusive=False) -> Optional[StreamStats]:
+    def apply(self, target: Optional[PageTarget],
+              _exclusive: bool = False) -> Optional[StreamStats]:
         dec = _Decoder(target, self.max_block_pages, self.max_pages,
                        max_block_bytes=self.max_block_bytes)
         started = False

@@ -1,19 +1,26 @@
-"""Stream targets: where decoded pages land (memory, files, CRIU image sets)."""
+"""Stream targets: where decoded pages land (memory, files, CRIU image sets), and the
+Protocols a target and its transaction follow."""
 from __future__ import annotations
 
 import os
 import struct
-from typing import Dict, List, Tuple
+from typing import List, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
+from statesync._util import sorted as _srt
 from statesync._util.fsutil import atomic_replace, discard, temp_beside
 from statesync.errors import StreamError
+from statesync.stream.store import MemoryPageStore, PageStore, _StoreTxn
+
+__all__ = ["PageTarget", "PageTransaction", "Transaction", "PageStore", "MemoryPageStore",
+           "FileTarget", "FilePageStore", "CriuImageTarget"]
 
 # ---------------------------------------------------------------------------- targets
 
 
-class Transaction:
+@runtime_checkable
+class PageTransaction(Protocol):
     """What apply() needs from a target between begin() and commit().
 
     * ``read(addrs) -> (pages (k, page_size) uint8, ok bool[k])``: the current
@@ -22,200 +29,33 @@ class Transaction:
     * ``write(addrs, pages)``: stage pages; addresses strictly increase across
       calls. Ownership of ``pages`` passes to the transaction.
     * ``commit()``: make every staged page visible at once. ``abort()``: drop them.
+
+    Optionally ``alloc(n) -> (n, page_size) uint8``: rows the decoder decodes into
+    and then passes to ``write`` (lets the target stage without a copy).
     """
 
+    def read(self, addrs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]: ...
 
-class MemoryPageStore:
-    """Pages in memory: sorted ``addrs`` (uint64) and ``pages`` ((n, page_size) uint8).
+    def write(self, addrs: np.ndarray, pages: np.ndarray) -> None: ...
 
-    A stream's pages become visible together at commit (addresses already present
-    are overwritten in place; new ones are merged into fresh arrays). Decoded pages
-    are staged in an arena of large arrays that the store keeps for the next stream
-    (at most 256 MiB) once their content was copied in. Not thread-safe against
-    concurrent apply(); reading while nobody applies is safe.
-    """
+    def commit(self) -> None: ...
 
-    def __init__(self, page_size: int = 4096, addrs=None, pages=None):
-        self.page_size = page_size
-        self._scratch: List[np.ndarray] = []  # staging arena kept between streams (see _MemoryTxn)
-        if addrs is None:
-            self.addrs = np.empty(0, dtype=np.uint64)
-            self.pages = np.empty((0, page_size), dtype=np.uint8)
-        else:
-            a = np.ascontiguousarray(addrs, dtype=np.uint64)
-            p = np.ascontiguousarray(pages, dtype=np.uint8).reshape(-1, page_size)
-            order = np.argsort(a, kind="stable")
-            self.addrs, self.pages = a[order], p[order]
-
-    def __len__(self):
-        return int(self.addrs.shape[0])
-
-    def get(self, addrs) -> Tuple[np.ndarray, np.ndarray]:
-        """(pages, ok) for the given addresses; rows where ok is False are zero."""
-        addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
-        return _lookup(self.addrs, self.pages, addrs, self.page_size)
-
-    def to_dict(self) -> Dict[int, bytes]:
-        return {int(a): self.pages[i].tobytes() for i, a in enumerate(self.addrs)}
-
-    def begin(self, page_size: int):
-        if page_size != self.page_size:
-            raise StreamError(f"stream page size {page_size} differs from the store's "
-                              f"{self.page_size}", offset=8)
-        return _MemoryTxn(self)
+    def abort(self) -> None: ...
 
 
-def _lookup(keys, rows, addrs, ps):
-    out = np.zeros((addrs.shape[0], ps), dtype=np.uint8)
-    if keys.shape[0] == 0 or addrs.shape[0] == 0:
-        return out, np.zeros(addrs.shape[0], dtype=bool)
-    pos = np.searchsorted(keys, addrs)
-    posc = np.minimum(pos, keys.shape[0] - 1)
-    ok = keys[posc] == addrs
-    out[ok] = rows[posc[ok]]
-    return out, ok
+@runtime_checkable
+class PageTarget(Protocol):
+    """Where a stream's pages land: ``begin(page_size)`` starts one stream's
+    :class:`PageTransaction` (raise :class:`~statesync.errors.StreamError` for a page
+    size the target cannot hold). :class:`~statesync.stream.store.PageStore` (and
+    :class:`MemoryPageStore`), :class:`FilePageStore`, :class:`FileTarget` and
+    :class:`CriuImageTarget` are page targets."""
+
+    def begin(self, page_size: int) -> PageTransaction: ...
 
 
-class _MemoryTxn:
-    # Decoded pages go straight into large arena chunks (doubling from 8 MiB): numpy
-    # asks for transparent huge pages on allocations of 4 MiB and more, which made
-    # first-touch page faults, the main cost of decoding into fresh memory in a VM,
-    # about 4x cheaper than one small array per block.
-    _FIRST_CHUNK = 8 << 20
-    _MAX_CHUNK = 512 << 20
-    _SCRATCH_MAX = 256 << 20
-
-    def __init__(self, store: MemoryPageStore):
-        self.store = store
-        self.addr_blocks: List[np.ndarray] = []
-        self.page_blocks: List[np.ndarray] = []
-        self._cat = None
-        self.chunks: List[list] = []        # [array, rows used]
-        self._next = self._FIRST_CHUNK
-
-    def alloc(self, n):
-        """Rows for n decoded pages, owned by this transaction."""
-        ps = self.store.page_size
-        if self.chunks:
-            c = self.chunks[-1]
-            if c[0].shape[0] - c[1] >= n:
-                v = c[0][c[1]:c[1] + n]
-                c[1] += n
-                return v
-        scratch = getattr(self.store, "_scratch", None)
-        while scratch:
-            arr = scratch.pop(0)                  # warm memory from an earlier stream
-            if arr.shape[0] >= n:
-                self.chunks.append([arr, n])
-                return arr[:n]
-        rows = max(n, self._next // ps)
-        self._next = min(self._next * 2, self._MAX_CHUNK)
-        self.chunks.append([np.empty((rows, ps), dtype=np.uint8), n])
-        return self.chunks[-1][0][:n]
-
-    def _recycle(self):
-        # After the staged pages were copied into the store, keep the arena for the next
-        # stream (up to _SCRATCH_MAX bytes): steady-state rounds then decode into
-        # memory that is already mapped.
-        if not hasattr(self.store, "_scratch"):
-            return
-        keep, total = [], 0
-        for arr, _ in self.chunks:
-            if total + arr.nbytes <= self._SCRATCH_MAX:
-                keep.append(arr)
-                total += arr.nbytes
-        self.store._scratch = keep
-        self.chunks = []
-
-    def _staged(self):
-        if self._cat is None or self._cat[0] != len(self.addr_blocks):
-            a = (np.concatenate(self.addr_blocks) if self.addr_blocks
-                 else np.empty(0, np.uint64))
-            self._cat = (len(self.addr_blocks), a, np.cumsum([0] + [x.shape[0] for x in
-                                                                      self.addr_blocks]))
-        return self._cat
-
-    def read(self, addrs):
-        s = self.store
-        out, ok = _lookup(s.addrs, s.pages, addrs, s.page_size)
-        if self.addr_blocks:
-            _, sa, starts = self._staged()
-            pos = np.searchsorted(sa, addrs)
-            posc = np.minimum(pos, sa.shape[0] - 1)
-            hit = sa[posc] == addrs
-            if hit.any():
-                js = np.flatnonzero(hit)
-                rows = posc[js]
-                blk = np.searchsorted(starts, rows, side="right") - 1
-                for b in np.unique(blk).tolist():     # one gather per staged block
-                    sel = blk == b
-                    out[js[sel]] = self.page_blocks[b][rows[sel] - int(starts[b])]
-            ok = ok | hit
-        return out, ok
-
-    def write(self, addrs, pages):
-        self.addr_blocks.append(np.asarray(addrs, dtype=np.uint64))
-        self.page_blocks.append(pages)
-
-    def _staged_pages(self):
-        # Blocks written from our own arena are contiguous within a chunk: a stream that
-        # fits in one chunk needs no copy at all.
-        if len(self.chunks) == 1 and len(self.page_blocks) and all(
-                p.base is self.chunks[0][0] for p in self.page_blocks) and \
-                sum(p.shape[0] for p in self.page_blocks) == self.chunks[0][1]:
-            return self.chunks[0][0][:self.chunks[0][1]]
-        return (self.page_blocks[0] if len(self.page_blocks) == 1
-                else np.concatenate(self.page_blocks))
-
-    def commit(self):
-        s = self.store
-        if not self.addr_blocks:
-            return
-        na = np.concatenate(self.addr_blocks)
-        if s.addrs.shape[0] and s.pages.flags.writeable:
-            pos = np.searchsorted(s.addrs, na)
-            posc = np.minimum(pos, s.addrs.shape[0] - 1)
-            if (s.addrs[posc] == na).all():
-                # Every page is already in the store: copy block by block, in place.
-                off = 0
-                for pb in self.page_blocks:
-                    k = pb.shape[0]
-                    _scatter_rows(s.pages, posc[off:off + k], pb)
-                    off += k
-                self._recycle()
-                return
-        npg = self._staged_pages()
-        if s.addrs.shape[0] == 0:
-            if any(npg.base is c[0] and 2 * npg.nbytes < c[0].nbytes for c in self.chunks):
-                npg = npg.copy()         # do not pin a mostly empty arena chunk
-            s.addrs, s.pages = na, (npg if npg.flags.writeable else npg.copy())
-            if npg.base is None or not any(npg.base is c[0] for c in self.chunks):
-                self._recycle()          # the arena was copied out (several chunks)
-            return
-        pos = np.searchsorted(s.addrs, na)
-        posc = np.minimum(pos, s.addrs.shape[0] - 1)
-        exists = s.addrs[posc] == na
-        if exists.all() and s.pages.flags.writeable:
-            _scatter_rows(s.pages, posc, npg)
-        else:
-            keep = np.ones(s.addrs.shape[0], dtype=bool)
-            keep[posc[exists]] = False
-            alla = np.concatenate([s.addrs[keep], na])
-            order = np.argsort(alla, kind="stable")
-            allp = np.concatenate([s.pages[keep], npg])[order]
-            s.addrs, s.pages = alla[order], allp
-        self._recycle()
-
-    def abort(self):
-        self.addr_blocks = self.page_blocks = []
-        self._recycle()
-
-
-def _scatter_rows(dst, idx, rows):
-    """dst[idx] = rows, with runs of consecutive indices copied as slices."""
-    for s0, n in _runs(idx):
-        d0 = int(idx[s0])
-        dst[d0:d0 + n] = rows[s0:s0 + n]
+# The name the stream API documented transactions under before the Protocol.
+Transaction = PageTransaction
 
 
 def _copy_to_temp(path) -> Tuple[str, int]:
@@ -267,20 +107,6 @@ def _pwrite_all(fd, data, offset):
     while mv:
         n = os.pwrite(fd, mv, offset)
         mv, offset = mv[n:], offset + n
-
-
-def _runs(idx):
-    """Split sorted integer positions into (start_index_in_idx, length) runs of consecutive
-    values."""
-    n = idx.shape[0]
-    if n == 0:
-        return []
-    if int(idx[-1]) - int(idx[0]) == n - 1:      # the common case: one run
-        return [(0, n)]
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [n]))
-    return list(zip(starts.tolist(), (ends - starts).tolist()))
 
 
 class FileTarget:
@@ -340,7 +166,7 @@ class _FileTxn(_CopyTxn):
             raise StreamError(f"page {int(addrs[-1]):#x} would grow {self.t.path} past its limit "
                               f"of {self.t.max_size} bytes")
         slots = offs // ps
-        for s, n in _runs(slots):
+        for s, n in _srt.run_list(slots):
             buf = pages[s:s + n]
             done = os.pwritev(self.fd, [buf], int(offs[s]))
             if done != buf.nbytes:
@@ -375,14 +201,13 @@ class CriuImageTarget:
             raise StreamError(f"CRIU target {self.out_dir} exists and is not empty; give "
                               f"each stream a new output directory", offset=0)
         images = criu.ImageSet(self.base_dir, page_size)
-        view = MemoryPageStore(page_size)
-        view.addrs = np.ascontiguousarray(images.addresses(self.pid), dtype=np.uint64)
-        view.pages = images.pages(self.pid)   # read-only view of the base's pages
+        # read-only view of the base's pages (no copy)
+        view = PageStore.wrap(images.addresses(self.pid), images.pages(self.pid))
         return _CriuTxn(self, view)
 
 
-class _CriuTxn(_MemoryTxn):
-    def __init__(self, target: CriuImageTarget, view: MemoryPageStore):
+class _CriuTxn(_StoreTxn):
+    def __init__(self, target: CriuImageTarget, view: PageStore):
         super().__init__(view)
         self.target = target
 
@@ -454,10 +279,8 @@ class FilePageStore:
     def _slots(self, addrs, sorted_addrs, sorted_slots):
         if sorted_addrs.shape[0] == 0:
             return np.full(addrs.shape[0], -1, np.int64)
-        pos = np.searchsorted(sorted_addrs, addrs)
-        posc = np.minimum(pos, sorted_addrs.shape[0] - 1)
-        hit = sorted_addrs[posc] == addrs
-        return np.where(hit, sorted_slots[posc], -1)
+        pos, hit = _srt.lookup(sorted_addrs, addrs)
+        return np.where(hit, sorted_slots[pos], -1)
 
     def get(self, addrs):
         addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
@@ -475,10 +298,10 @@ class FilePageStore:
         if page_size != self.page_size:
             raise StreamError(f"stream page size {page_size} differs from the store's "
                               f"{self.page_size}", offset=8)
-        return _StoreTxn(self)
+        return _FileStoreTxn(self)
 
 
-class _StoreTxn(_CopyTxn):
+class _FileStoreTxn(_CopyTxn):
     def __init__(self, s: FilePageStore):
         super().__init__(s.path)
         self.s = s
@@ -490,10 +313,8 @@ class _StoreTxn(_CopyTxn):
         slots = self.s._slots(addrs, self.s.sorted_addrs, self.s.sorted_slots)
         if self._new_sorted.size:
             # appended in increasing address order: slot = s.n + position
-            pos = np.searchsorted(self._new_sorted, addrs)
-            posc = np.minimum(pos, self._new_sorted.shape[0] - 1)
-            hit = self._new_sorted[posc] == addrs
-            slots = np.where(hit, self.s.n + posc, slots)
+            pos, hit = _srt.lookup(self._new_sorted, addrs)
+            slots = np.where(hit, self.s.n + pos, slots)
         return slots
 
     def read(self, addrs):
@@ -518,7 +339,7 @@ class _StoreTxn(_CopyTxn):
             self._new_sorted = np.concatenate([self._new_sorted, addrs[new]])
         order = np.argsort(slots, kind="stable")
         ss = slots[order]
-        for s, n in _runs(ss):
+        for s, n in _srt.run_list(ss):
             rows = order[s:s + n]
             buf = pages[rows[0]:rows[0] + n] if np.all(np.diff(rows) == 1) else pages[rows]
             os.pwritev(self.fd, [np.ascontiguousarray(buf)], _STORE_DATA + int(ss[s]) * ps)
