@@ -296,11 +296,10 @@ class PageStore:
         """``(rows, ok)`` for the given addresses; rows where ok is False are zero."""
         a = np.ascontiguousarray(addrs, dtype=np.uint64)
         slots, ok = self.lookup(a)
+        if a.shape[0] and ok.all():
+            return self._gather(slots), ok        # a fresh array already
         out = np.zeros((a.shape[0], self.width), dtype=self.dtype)
-        if ok.all():
-            if a.shape[0]:
-                out[:] = self._gather(slots)
-        elif ok.any():
+        if ok.any():
             out[ok] = self._gather(slots[ok])
         return out, ok
 
