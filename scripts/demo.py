@@ -36,6 +36,18 @@ def tracking_part() -> None:
             tracking.live_table(t, interval=1.0, count=3, truth=c.take_written)
 
 
+def write_secret(path: str, raw: bytes) -> str:
+    """Write ``raw`` to the secret file (mode 0600: the agents refuse a file others can
+    read) and return what the source agent is given: the same file, so both agents
+    derive the key from the same bytes the same way, whatever bytes begin or end it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, raw)
+    finally:
+        os.close(fd)
+    return "@" + path
+
+
 def migrate_one(tb: Testbed, secret_file: str, strategy: str) -> None:
     port = tb.free_port("b")
     dest = tb.python("b", ["receive", "--listen", f"{tb.addr_b}:{port}", "--images-dir", tb.dir_b,
@@ -77,7 +89,7 @@ def migrate_one(tb: Testbed, secret_file: str, strategy: str) -> None:
             print(f"\n== {strategy} migration of workload pid {wl.pid} "
                   f"({tb.ns_a} -> {tb.ns_b}, {RATE})")
             t0 = time.monotonic()
-            rep = migrate(wl.pid, f"{tb.addr_b}:{port}", strategy=strategy, secret=SECRET,
+            rep = migrate(wl.pid, f"{tb.addr_b}:{port}", strategy=strategy, secret="@" + secret_file,
                           netns=tb.ns_a, link_rate=tb.rate_bps, progress=progress,
                           compression="none" if strategy == "cold" else "auto")
             restored = rep.restored_pid
@@ -108,8 +120,7 @@ def main() -> int:
     tracking_part()
     with Testbed(RATE) as tb:
         secret_file = os.path.join(tb.root, "secret")
-        with open(secret_file, "wb") as f:
-            f.write(SECRET)
+        write_secret(secret_file, SECRET)
         migrate_one(tb, secret_file, "iterative")
         migrate_one(tb, secret_file, "cold")
     return 0

@@ -225,7 +225,8 @@ class Bed:
     def __init__(self, tb, tmp):
         self.tb = tb
         self.secret_file = os.path.join(tb.root, "secret")
-        with open(self.secret_file, "wb") as f:
+        with open(os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                  "wb") as f:
             f.write(SECRET)
         self.hb_path = os.path.join(tb.root, "hb.sock")
         self.dest = None
@@ -285,8 +286,10 @@ class Bed:
 
 
 @pytest.fixture
-def bed(request, tmp_path, criu_ok):
+def bed(request, tmp_path, criu_ok, monkeypatch):
     _prereqs()
+    # Durable handoff records of both agents (docs/migrate.md), private to the test.
+    monkeypatch.setenv("STATESYNC_STATE_DIR", str(tmp_path / "state"))
     from statesync.testing.testbed import Testbed
     rate = getattr(request, "param", "1gbit")
     with Testbed(rate) as tb:

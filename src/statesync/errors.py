@@ -253,6 +253,27 @@ class NetworkMoveError(StateSyncError):
         super().__init__(f"netns {netns}: {msg}" if netns else msg)
 
 
+# --- handoff (issue 10)
+
+class InDoubt(MigrationError):
+    """The switch-over's outcome is unknown here: COMMIT was sent and the destination's
+    answer never came. Both copies stay stopped and a durable record says so;
+    ``statesync recover`` (or the supervisor, once the destination answers) resolves it."""
+
+
+class DestinationBusy(MigrationError):
+    """The destination agent is serving another migration; try again when it is done."""
+
+
+class UnsafeDirectory(StateSyncError):
+    """A directory the agent writes into or reads images from could be changed by
+    another local user (wrong owner, group/other write, a symlink). ``path`` names it."""
+
+    def __init__(self, msg: str, path=None):
+        self.path = str(path) if path is not None else None
+        super().__init__(msg)
+
+
 __all__ = [
     "StateSyncError", "ProcessError", "NoSuchProcess", "AccessDenied", "ProcessGone",
     "AlreadyTraced",
@@ -261,4 +282,5 @@ __all__ = [
     "AuthenticationError", "SecretError", "RedisError", "TestbedError",
     "MigrationCancelled", "UsageError", "PrerequisiteMissing",
     "ContainerError", "ContainerNotFound", "CheckpointArchiveError", "NetworkMoveError",
+    "InDoubt", "DestinationBusy", "UnsafeDirectory",
 ]

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES = ["track", "criu", "stream", "sim", "migrate", "workload"]
+COMMAND_MODULES = ["track", "criu", "stream", "sim", "migrate", "workload", "recover"]
 
 
 def build_parser() -> argparse.ArgumentParser:

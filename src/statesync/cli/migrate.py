@@ -36,7 +36,8 @@ def _default_calibration() -> str:
 
 def _secret_arg(a) -> bytes:
     if a.secret_file:
-        return wire.load_secret("@" + a.secret_file)
+        from statesync.migration.common import load_secret_checked
+        return load_secret_checked("@" + a.secret_file)
     env = os.environ.get("STATESYNC_SECRET")
     if env:
         return wire.load_secret(env)
@@ -44,8 +45,32 @@ def _secret_arg(a) -> bytes:
                      "STATESYNC_SECRET")
 
 
+def _terminate_as_interrupt() -> dict:
+    """SIGTERM (kill, timeout, systemctl stop) and SIGHUP (the SSH session went away)
+    mean what Ctrl-C means: abort in order (the agent resumes the source), exit
+    non-zero. The handler turns them into SIGINT, which asyncio.run delivers to the
+    running agent as a cancellation."""
+    import signal
+    got: dict = {}
+
+    def handler(signum, frame):
+        got["sig"] = signal.Signals(signum).name
+        os.kill(os.getpid(), signal.SIGINT)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+    return got
+
+
+def _say(msg: str) -> None:
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _cmd_migrate(a) -> int:
     report = None
+    got = _terminate_as_interrupt()
     try:
         targets = None
         if a.max_downtime or a.max_time:
@@ -63,8 +88,17 @@ def _cmd_migrate(a) -> int:
         rc = 0
     except MigrationError as exc:
         report = exc.report
-        print(f"statesync: error: {exc}", file=sys.stderr)
+        _say(f"statesync: error: {exc}")
         rc = 1
+    except KeyboardInterrupt:
+        from statesync import proc
+        st = proc.state(a.pid)
+        where = ("the source runs on" if st is not None and st not in ("T", "t", "Z", "X")
+                 else f"pid {a.pid} is {'gone here' if st in (None, 'Z', 'X') else 'stopped'}"
+                 f" (see `statesync recover`)")
+        _say(f"statesync: migration of pid {a.pid} interrupted by {got.get('sig', 'SIGINT')}: "
+             f"aborted, {where}")
+        return 130
     if report is not None:
         if a.json:
             with open(a.json, "w") as f:
@@ -76,6 +110,8 @@ def _cmd_migrate(a) -> int:
 
 
 def _cmd_receive(a) -> int:
+    _terminate_as_interrupt()
+
     def ready(port):
         print(f"listening on {a.listen.rpartition(':')[0] or '127.0.0.1'}:{port}", flush=True)
     results = serve_destination(a.listen, a.images_dir, _secret_arg(a), once=not a.forever,

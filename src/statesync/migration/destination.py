@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
+import secrets
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -14,32 +17,67 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from statesync import criu, proc
+from statesync import proc
 from statesync._consts import PAGE_SIZE
-from statesync._util.fsutil import fsync_dir
 from statesync.errors import CriuError, MigrationError, StateSyncError
 from statesync.migration import protocol as wire
 from statesync.migration.codec import decode_pages
-from statesync.migration.common import _NAME_RE, _parse_hostport, _read_stats
+from statesync.migration import records
+from statesync.migration.common import (
+    _NAME_RE,
+    _parse_hostport,
+    _read_stats,
+    check_private_dir,
+    criu_result,
+    criu_spawn,
+    fault,
+    load_secret_checked,
+)
+from statesync.migration.records import DestState as D
+from statesync.migration.supervisor import (
+    Supervisor,
+    drop_images,
+    kill_tree,
+    resume_tree,
+    settle_orphans,
+)
 from statesync.migration.pagetable import PageTable
 
 # --------------------------------------------------------------------------- destination
 
 
 class _DestinationSession:
-    def __init__(self, chan: wire.Channel, images_dir: str, restore: bool, keep_images: bool,
-                 log: Callable[[str], None]):
+    """One migration at the destination. States (records.DestState, docs/migrate.md):
+    RECEIVING -> RESTORING (criu restore --leave-stopped) -> PREPARED (RESTORED sent;
+    the copy is stopped) -> COMMITTED (COMMIT received) -> RESUMED (SIGCONT, RESUMED
+    sent). The restored copy never runs before COMMIT; without COMMIT it is killed
+    (ABORT, peer lost past the hold, our own death: the supervisor)."""
+
+    def __init__(self, server: "DestinationServer", chan: wire.Channel, begin: dict):
+        self.server = server
         self.chan = chan
-        self.images_dir = images_dir
-        self.restore = restore
-        self.keep_images = keep_images
-        self.log = log
+        self.images_dir = server.images_dir
+        self.restore = server.restore
+        self.keep_images = server.keep_images
+        self.log = server.log
+        self.session = str(begin.get("session") or secrets.token_hex(8))
+        if not _NAME_RE.fullmatch(self.session):
+            raise wire.ProtocolError(f"refusing session id {self.session!r}")
+        self.begin = begin
         self.store = PageTable(PAGE_SIZE, np.uint8)
         self.tmp: Optional[str] = None
+        self.tmp_fd: Optional[int] = None
         self.final_dir: Optional[str] = None
         self.restored_pid: Optional[int] = None
+        self.restored_start: Optional[int] = None
         self.image_names: Dict[str, int] = {}
-        self.result: dict = {"ok": False}
+        self.restored_sent = False     # RESTORED may have reached the source
+        self.source_aborted = False    # the source told us ABORT itself
+        self.result: dict = {"ok": False, "session": self.session}
+        self.record_path = records.record_path(server.state_base, "dest", self.session)
+
+    def _record(self, state, **fields) -> None:
+        records.transition(self.record_path, self.server.state_base, "dest", state, **fields)
 
     async def run(self) -> dict:
         try:
@@ -49,29 +87,50 @@ class _DestinationSession:
             self._cleanup_failed()
             if not isinstance(exc, (StateSyncError, OSError, asyncio.TimeoutError)):
                 raise
+        finally:
+            if self.tmp_fd is not None:
+                os.close(self.tmp_fd)
+                self.tmp_fd = None
         return self.result
 
     def _cleanup_failed(self) -> None:
+        r = records.read(self.record_path) or {}
+        if r.get("state") in (D.COMMITTED.value, D.RESUMED.value):
+            return      # committed: the copy is the service now, never ours to kill
         if self.restored_pid:
-            proc.kill_tree([self.restored_pid])
-            self.log(f"killed restored pid {self.restored_pid}")
+            kill_tree(self.restored_pid, self.restored_start)
+            self.log(f"killed unconfirmed restored pid {self.restored_pid}")
             self.restored_pid = None
         for d in (self.tmp, self.final_dir):
             if d and os.path.exists(d):
                 shutil.rmtree(d, ignore_errors=True)
+        if r:
+            if self.restored_sent and not self.source_aborted:
+                # The source may have decided COMMIT and be waiting to ask: keep the
+                # outcome for its RESOLVE.
+                self._record(D.ABORTED)
+            else:
+                records.remove(self.record_path)
 
     async def _run(self) -> None:
-        _, payload = await self.chan.expect(wire.BEGIN)
-        begin, _ = wire.unpack_json(payload)
+        begin = self.begin
         if int(begin.get("page_size", 0)) != PAGE_SIZE:
             await self.chan.send_json(wire.ERROR, {"error": f"page size {begin.get('page_size')} "
                                                              f"!= {PAGE_SIZE} here"})
             raise MigrationError("page size mismatch", "begin")
-        os.makedirs(self.images_dir, exist_ok=True)
         # The agent's own pid is in the name so a later agent can sweep what a killed
-        # one left (see DestinationServer.start); ".incoming-" is never a usable set.
+        # one left (see DestinationServer.sweep_stale); ".incoming-" is never a usable set.
         self.tmp = tempfile.mkdtemp(prefix=f".incoming-{os.getpid()}-{int(begin.get('pid', 0))}-",
                                     dir=self.images_dir)
+        self.tmp_fd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                              | os.O_CLOEXEC)
+        records.write(self.record_path, {
+            "role": "dest", "session": self.session, "state": D.RECEIVING.value,
+            "source_pid": begin.get("pid"), "images_dir": self.images_dir, "tmp_dir": self.tmp,
+            "agent_pid": os.getpid(), "agent_start": records.start_time(os.getpid()),
+            "supervisor_pid": self.server.supervisor_pid,
+            "supervisor_start": self.server.supervisor_start,
+            "keep_images": self.keep_images, "history": []})
         self.result["source_pid"] = begin.get("pid")
         await self.chan.send_json(wire.READY, {})
         while True:
@@ -88,6 +147,7 @@ class _DestinationSession:
                 return
             elif mtype == wire.ABORT:
                 info, _ = wire.unpack_json(payload)
+                self.source_aborted = True
                 raise MigrationError(f"source aborted: {info.get('reason')}", "abort")
             else:
                 raise wire.ProtocolError(f"unexpected {wire.NAMES.get(mtype, mtype)}")
@@ -96,6 +156,11 @@ class _DestinationSession:
         if not _NAME_RE.fullmatch(name) or name in (".", ".."):
             raise wire.ProtocolError(f"refusing image file name {name!r}")
         return name
+
+    def _open_image(self, name: str, flags: int) -> int:
+        """Open ``name`` inside the incoming directory through its fd, never following
+        a symlink (nobody else can write there; this is the second lock)."""
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.tmp_fd)
 
     def _write_image_piece(self, payload: bytes) -> None:
         if len(payload) < 2:
@@ -109,8 +174,14 @@ class _DestinationSession:
         if off != self.image_names.get(name, 0):
             raise wire.ProtocolError(f"image {name}: piece at offset {off}, expected "
                                      f"{self.image_names.get(name, 0)}")
-        with open(os.path.join(self.tmp, name), "ab" if off else "wb") as f:
-            f.write(data)
+        flags = os.O_WRONLY | (os.O_APPEND if off else os.O_CREAT | os.O_EXCL)
+        fd = self._open_image(name, flags)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         self.image_names[name] = off + len(data)
 
     async def _finish(self, info: dict, tail: bytes) -> None:
@@ -127,46 +198,64 @@ class _DestinationSession:
                 miss = addrs[~found]
                 raise MigrationError(f"cannot assemble {pages_file}: {miss.size} pages never "
                                      f"arrived, first at {int(miss[0]):#x}", "assemble")
-            fd = os.open(os.path.join(self.tmp, pages_file),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = self._open_image(pages_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             try:
                 _write_rows(fd, self.store.rows, slots)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             for name in self.image_names:
-                fd = os.open(os.path.join(self.tmp, name), os.O_RDONLY | os.O_CLOEXEC)
+                fd = self._open_image(name, os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
             # The files' entries in tmp, then the rename in images_dir: after a crash
             # the set is either complete under its final name or still ".incoming-".
-            fsync_dir(self.tmp)
-            final = os.path.join(self.images_dir,
-                                 os.path.basename(self.tmp).replace(".incoming-", "migrated-", 1))
-            os.rename(self.tmp, final)
-            fsync_dir(self.images_dir)
-            return final
+            os.fsync(self.tmp_fd)
+            base = os.path.basename(self.tmp)
+            final_name = base.replace(".incoming-", "migrated-", 1)
+            os.rename(base, final_name, src_dir_fd=self.server.dir_fd,
+                      dst_dir_fd=self.server.dir_fd)
+            os.fsync(self.server.dir_fd)
+            return os.path.join(self.images_dir, final_name)
 
         self.final_dir = await asyncio.to_thread(assemble)
         self.tmp = None
         t1 = time.monotonic()
         self.result["assemble_s"] = t1 - t0
+        pidfile = os.path.join(self.final_dir, ".restored.pid")
+        self._record(D.RESTORING, tmp_dir=None, final_dir=self.final_dir, pidfile=pidfile)
         if not self.restore:
+            self._record(D.PREPARED)
+            self.restored_sent = True
             await self.chan.send_json(wire.RESTORED, {"pid": None, "images": self.final_dir})
-            self.result.update(ok=True, images=self.final_dir)
+            self.result.update(images=self.final_dir)
             await self._wait_commit()
             return
         try:
-            res = await asyncio.to_thread(criu.restore, self.final_dir, True, (), 300.0)
-            if res.pid <= 0:
+            p = criu_spawn(["restore", "-D", self.final_dir, "-o", "restore.log", "--pidfile",
+                            pidfile, "-d", "--leave-stopped"], None, pdeathsig=True)
+            fault("dest:restore")
+            try:
+                await asyncio.to_thread(p.wait, 300.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                raise CriuError("criu restore did not finish within 300 s") from None
+            criu_result(p, os.path.join(self.final_dir, "restore.log"), "restore")
+            try:
+                with open(pidfile) as f:
+                    self.restored_pid = int(f.read().strip())
+            except (OSError, ValueError):
                 raise MigrationError(f"criu restore from {self.final_dir} left no pid file",
-                                     "restore")
-            self.restored_pid = res.pid
+                                     "restore") from None
+            self.restored_start = records.start_time(self.restored_pid)
+            self._record(D.RESTORING, restored_pid=self.restored_pid,
+                         restored_start=self.restored_start)
             st = proc.state(self.restored_pid)
-            if st is None or st in ("Z", "X", "T", "t"):
-                raise MigrationError(f"restored pid {self.restored_pid} is not running "
+            if st is None or st in ("Z", "X"):
+                raise MigrationError(f"restored pid {self.restored_pid} is not alive "
                                      f"(state {st})", "restore")
         except (CriuError, OSError, ValueError, MigrationError) as exc:
             await self.chan.send_json(wire.FAILED, {"error": str(exc)[-3000:]})
@@ -174,31 +263,59 @@ class _DestinationSession:
         t2 = time.monotonic()
         stats = _read_stats(os.path.join(self.final_dir, "stats-restore"))
         self.result.update(restore_s=t2 - t1, pid=self.restored_pid)
+        self._record(D.PREPARED)
+        self.restored_sent = True
         await self.chan.send_json(wire.RESTORED, {"pid": self.restored_pid, "stats": stats,
                                                   "assemble_s": t1 - t0, "restore_s": t2 - t1})
+        fault("dest:after_restored")
         await self._wait_commit()
 
     async def _wait_commit(self) -> None:
         try:
             mtype, payload = await self.chan.expect(wire.COMMIT, wire.ABORT)
         except StateSyncError as exc:
-            # The source may already have killed its copy: keeping ours is the only way
-            # not to lose the service. Say so loudly.
-            self.log(f"no commit from the source ({exc}); keeping restored pid "
-                     f"{self.restored_pid}: check that the source copy is gone")
-            self.result.update(ok=True, uncommitted=True)
-            self.restored_pid = None
-            return
+            # The source decides; until it says so (on a new connection: RESOLVE) the
+            # copy stays stopped. Past the hold, abort: the source still holds its own
+            # copy (frozen or resumed), since it kills it only after our RESUMED.
+            hold = self.server.hold_for(self.begin)
+            self.log(f"session {self.session}: lost the source before COMMIT ({exc}); "
+                     f"holding the stopped copy (pid {self.restored_pid}) {hold:.0f} s for it")
+            outcome = await self.server.wait_resolution(self.session, hold)
+            if outcome == "resumed":
+                self.result.update(ok=True, resolved_after_reconnect=True)
+                self.restored_pid = None
+                return
+            if outcome is None:
+                raise MigrationError(f"no word from the source within {hold:.0f} s after "
+                                     f"the link failed: dropped the stopped copy", "commit")
+            raise MigrationError("source aborted (told on reconnect)", "commit")
         if mtype == wire.ABORT:
+            self.source_aborted = True
             raise MigrationError("source aborted after restore", "commit")
+        self._commit_here()
+        fault("dest:after_resumed")
         self.result.update(ok=True)
         self.restored_pid = None       # committed: no longer ours to kill
         try:
-            await self.chan.send_json(wire.DONE, {})
-        except StateSyncError:
-            pass
+            await self.chan.send_json(wire.RESUMED, {"pid": self.result.get("pid"),
+                                                     "session": self.session})
+            await self.chan.expect(wire.DONE)
+            records.remove(self.record_path)
+        except StateSyncError as exc:
+            # We run it; the source (still holding its stopped copy) will ask with a
+            # RESOLVE if it missed our RESUMED: stay for it a while, the record stays.
+            hold = self.server.hold_for(self.begin)
+            self.log(f"session {self.session}: no DONE after RESUMED ({exc}); waiting "
+                     f"{hold:.0f} s for the source to ask")
+            await self.server.wait_resolution(self.session, hold)
         if not self.keep_images and self.final_dir:
             shutil.rmtree(self.final_dir, ignore_errors=True)
+
+    def _commit_here(self) -> None:
+        self._record(D.COMMITTED)
+        fault("dest:commit_received")
+        resume_tree(self.restored_pid, self.restored_start)
+        self._record(D.RESUMED)
 
 
 def _write_rows(fd: int, rows: np.ndarray, slots: np.ndarray) -> None:
@@ -221,66 +338,149 @@ def _write_rows(fd: int, rows: np.ndarray, slots: np.ndarray) -> None:
 
 
 class DestinationServer:
-    """A running destination agent (see :func:`serve_destination`)."""
+    """A running destination agent (see :func:`serve_destination`).
+
+    ``state_dir``: where the durable handoff records go (records.state_dir).
+    ``hold``: seconds a stopped restored copy waits for the source to come back after
+    the connection broke before COMMIT (default: the source's resolve window + one
+    io_timeout, so a source that reconnects in time always finds it).
+    ``handshake_timeout`` bounds an unauthenticated connection; at most
+    ``max_pending`` of them are held (the oldest is dropped for a new one)."""
 
     def __init__(self, listen: str, images_dir: str, secret, *, once: bool = True,
                  restore: bool = True, keep_images: bool = False, io_timeout: float = 30.0,
-                 log: Optional[Callable[[str], None]] = None):
+                 log: Optional[Callable[[str], None]] = None, state_dir: Optional[str] = None,
+                 hold: Optional[float] = None, handshake_timeout: float = 5.0,
+                 max_pending: int = 64):
         self.host, self.port = _parse_hostport(listen)
-        self.images_dir = images_dir
-        self.secret = wire.load_secret(secret)
+        self.images_dir = os.path.abspath(images_dir)
+        self.secret = load_secret_checked(secret)
         self.once = once
         self.restore = restore
         self.keep_images = keep_images
         self.io_timeout = io_timeout
+        self.state_base = records.state_dir(state_dir)
+        self.hold = hold
+        self.handshake_timeout = min(float(handshake_timeout), float(io_timeout))
+        self.max_pending = max(1, int(max_pending))
         self.log = log or (lambda msg: print(f"statesync receive: {msg}", file=sys.stderr,
                                              flush=True))
         self.results: List[dict] = []
         self._done: Optional[asyncio.Event] = None
         self._busy = False
+        self._pending: "collections.OrderedDict[int, asyncio.Task]" = collections.OrderedDict()
+        self._waiters: Dict[str, asyncio.Future] = {}
+        self._refused = 0
         self.server = None
+        self.dir_fd = -1
+        self.supervisor: Optional[Supervisor] = None
+        self.supervisor_pid: Optional[int] = None
+        self.supervisor_start: Optional[int] = None
+
+    def hold_for(self, begin: dict) -> float:
+        if self.hold is not None:
+            return float(self.hold)
+        return float(begin.get("resolve_window") or 3 * self.io_timeout) + \
+            float(begin.get("io_timeout") or self.io_timeout)
 
     def sweep_stale(self) -> List[str]:
-        """Remove partial image sets left by destination agents that were killed."""
+        """Settle records of dead agents (kill unconfirmed restored copies, resume
+        committed ones), then remove image sets (``.incoming-*``, ``migrated-*``) of
+        dead agents that no live record needs."""
+        for line in settle_orphans(self.state_base, "dest", None, log=self.log):
+            self.log(line)
+        needed = set()
+        for r in records.all_records(self.state_base, "dest"):
+            if r.get("state") not in (D.ABORTED.value,) and not (
+                    r.get("state") == D.RESUMED.value and not r.get("keep_images")):
+                for k in ("tmp_dir", "final_dir"):
+                    if r.get(k):
+                        needed.add(os.path.basename(r[k]))
         removed = []
         try:
             names = os.listdir(self.images_dir)
         except FileNotFoundError:
             return removed
         for name in names:
-            m = re.fullmatch(r"\.incoming-(\d+)-\d+-\w+", name)
-            if m and int(m.group(1)) != os.getpid() and proc.state(int(m.group(1))) is None:
+            m = re.fullmatch(r"(?:\.incoming|migrated)-(\d+)-\d+-\w+", name)
+            if not m or name in needed:
+                continue
+            owner = int(m.group(1))
+            if owner != os.getpid() and proc.state(owner) in (None, "Z", "X"):
+                if name.startswith("migrated-") and self.keep_images:
+                    continue
                 shutil.rmtree(os.path.join(self.images_dir, name), ignore_errors=True)
                 removed.append(name)
         if removed:
-            self.log(f"removed partial image sets of dead agents: {', '.join(removed)}")
+            self.log(f"removed image sets of dead agents: {', '.join(removed)}")
         return removed
 
     async def start(self):
+        self.dir_fd = check_private_dir(self.images_dir)
         self.sweep_stale()
+        self.supervisor = Supervisor.spawn("dest", self.state_base, None)
+        self.supervisor_pid, self.supervisor_start = self.supervisor.pid, self.supervisor.start
         self._done = asyncio.Event()
-        self.server = await asyncio.start_server(self._handle, self.host, self.port,
+        self.server = await asyncio.start_server(self._accept, self.host, self.port,
                                                  limit=wire.MAX_FRAME + 1024)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
-    async def _handle(self, reader, writer) -> None:
+    async def _accept(self, reader, writer) -> None:
+        task = asyncio.current_task()
+        key = id(task)
+        self._pending[key] = task
+        while len(self._pending) > self.max_pending:
+            _, oldest = self._pending.popitem(last=False)
+            oldest.cancel()
+        try:
+            await self._handle(reader, writer, key)
+        except asyncio.CancelledError:
+            if key in self._pending or self._pending.get(key) is None:
+                writer.close()
+                return
+            raise
+        finally:
+            self._pending.pop(key, None)
+
+    async def _handle(self, reader, writer, key) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            chan = await wire.Channel.server(reader, writer, self.secret, self.io_timeout)
-        except wire.ProtocolError as exc:
-            self.log(f"refused {peer}: {exc}")
+            chan = await asyncio.wait_for(
+                wire.Channel.server(reader, writer, self.secret, self.handshake_timeout),
+                self.handshake_timeout)
+            chan.timeout = self.io_timeout
+            self._pending.pop(key, None)     # authenticated: no longer evictable
+            mtype, payload = await chan.recv()
+        except asyncio.CancelledError:
+            self._note_refused(peer, "dropped: too many unauthenticated connections")
             writer.close()
             return
-        if self._busy:
-            await chan.send_json(wire.ERROR, {"error": "destination busy with another migration"})
+        except (StateSyncError, OSError, asyncio.TimeoutError, EOFError) as exc:
+            self._note_refused(peer, str(exc) or type(exc).__name__)
+            writer.close()
+            return
+        try:
+            info, _ = wire.unpack_json(payload)
+            if mtype == wire.RESOLVE:
+                await self._serve_resolve(chan, info)
+                return
+            if mtype != wire.BEGIN:
+                raise wire.ProtocolError(f"expected BEGIN or RESOLVE, got "
+                                         f"{wire.NAMES.get(mtype, mtype)}")
+            if self._busy:
+                self.log(f"refused {peer}: busy with another migration")
+                await chan.send_json(wire.BUSY, {"error": "destination busy with another "
+                                                          "migration"})
+                return
+        except (StateSyncError, OSError) as exc:
+            self.log(f"{peer}: {exc}")
             chan.close()
             return
         self._busy = True
         try:
             self.log(f"authenticated source {peer}")
-            result = await _DestinationSession(chan, self.images_dir, self.restore,
-                                               self.keep_images, self.log).run()
+            result = await _DestinationSession(self, chan, info).run()
             self.results.append(result)
             self.log(("migration done: " if result.get("ok") else "migration failed: ")
                      + json.dumps(result))
@@ -290,6 +490,74 @@ class DestinationServer:
         if self.once:
             self._done.set()
 
+    def _note_refused(self, peer, why: str) -> None:
+        """One line per refused peer (no traceback), at most 20 lines, then a count."""
+        self._refused += 1
+        if self._refused <= 20:
+            self.log(f"refused {peer}: {why}")
+        elif self._refused % 100 == 0:
+            self.log(f"refused {self._refused} unauthenticated connections so far")
+
+    async def wait_resolution(self, session: str, hold: float) -> Optional[str]:
+        """Wait (at most ``hold`` s) for a RESOLVE of ``session``; its outcome, or None."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[session] = fut
+        try:
+            return await asyncio.wait_for(fut, hold)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._waiters.pop(session, None)
+
+    def _apply(self, session: str, decision: str) -> dict:
+        """The source's decision for ``session`` against our record; our state after."""
+        if not _NAME_RE.fullmatch(session):
+            return {"state": "unknown"}
+        path = records.record_path(self.state_base, "dest", session)
+        r = records.read(path)
+        if r is None:
+            return {"state": "unknown"}
+        st = r.get("state")
+        pid, start = r.get("restored_pid"), r.get("restored_start")
+        if st == D.PREPARED.value:
+            if decision == "commit" and (pid is None or records.alive(pid, start)):
+                records.transition(path, self.state_base, "dest", D.COMMITTED)
+                resume_tree(pid, start)
+                records.transition(path, self.state_base, "dest", D.RESUMED)
+                st = D.RESUMED.value
+                if not r.get("keep_images"):
+                    drop_images(r)
+            else:
+                kill_tree(pid, start)
+                drop_images(r)
+                records.transition(path, self.state_base, "dest", D.ABORTED)
+                st = D.ABORTED.value
+        elif st == D.COMMITTED.value:
+            resume_tree(pid, start)
+            records.transition(path, self.state_base, "dest", D.RESUMED)
+            st = D.RESUMED.value
+        elif st in (D.RECEIVING.value, D.RESTORING.value):
+            return {"state": "pending"}
+        return {"state": st if st in (D.RESUMED.value, D.ABORTED.value) else "unknown",
+                "pid": pid}
+
+    async def _serve_resolve(self, chan: wire.Channel, info: dict) -> None:
+        session, decision = str(info.get("session", "")), str(info.get("decision", "abort"))
+        out = self._apply(session, decision)
+        self.log(f"session {session}: source says {decision}; here: {out['state']}")
+        fut = self._waiters.get(session)
+        if fut is not None and not fut.done() and out["state"] in ("resumed", "aborted"):
+            fut.set_result(out["state"])
+        try:
+            await chan.send_json(wire.STATUS, dict(out, session=session))
+            await chan.expect(wire.DONE)
+            if out["state"] in ("resumed", "aborted", "unknown"):
+                records.remove(records.record_path(self.state_base, "dest", session))
+        except StateSyncError:
+            pass
+        finally:
+            chan.close()
+
     async def serve(self, timeout: Optional[float] = None) -> List[dict]:
         try:
             if timeout is None:
@@ -298,5 +566,23 @@ class DestinationServer:
                 await asyncio.wait_for(self._done.wait(), timeout)
         finally:
             self.server.close()
+            for t in list(self._pending.values()):
+                t.cancel()
             await self.server.wait_closed()
+            self.close()
         return self.results
+
+    def close(self) -> None:
+        """Stop the supervisor: with ``bye`` when no record of ours needs it."""
+        if self.supervisor is not None:
+            mine = [r for r in records.all_records(self.state_base, "dest")
+                    if r.get("supervisor_pid") == self.supervisor_pid
+                    and r.get("state") not in (D.RESUMED.value, D.ABORTED.value)]
+            if mine:
+                self.supervisor.detach()
+            else:
+                self.supervisor.bye()
+            self.supervisor = None
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1

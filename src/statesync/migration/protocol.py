@@ -68,6 +68,12 @@ NAMES = {v: k for k, v in {"BEGIN": BEGIN, "READY": READY, "PAGES": PAGES,
                            "FINAL": FINAL, "RESTORED": RESTORED, "FAILED": FAILED,
                            "COMMIT": COMMIT, "ABORT": ABORT, "DONE": DONE, "ERROR": ERROR,
                            "CLOSE": CLOSE}.items()}
+# The handoff's confirm phase and its resolution (docs/migrate.md, owned by the
+# migration agents): RESUMED = the destination resumed the restored tree after COMMIT;
+# RESOLVE = a source (agent, supervisor or `statesync recover`) tells a destination its
+# decision for a session; STATUS = the destination's answer; BUSY = another migration runs.
+RESUMED, RESOLVE, STATUS, BUSY = 14, 15, 16, 17
+NAMES.update({RESUMED: "RESUMED", RESOLVE: "RESOLVE", STATUS: "STATUS", BUSY: "BUSY"})
 
 
 _SECRET_HOWTO = "e.g. `head -c 32 /dev/urandom | base64 > FILE`, then pass secret=\"@FILE\""

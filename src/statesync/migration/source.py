@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-import signal
+import os
+import secrets
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -13,10 +14,13 @@ from statesync._consts import PAGE_SIZE
 from statesync.errors import MigrationError, StateSyncError
 from statesync.migration import protocol as wire
 from statesync.migration.codec import PageCodec, decode_pages
-from statesync.migration.common import BATCH_PAGES, _parse_hostport, _signal_all
+from statesync.migration import records
+from statesync.migration.common import BATCH_PAGES, _parse_hostport, fault, sweep_dump_dirs
 from statesync.migration.memsource import MemorySource
 from statesync.migration.pagetable import PageTable
 from statesync.migration.report import Report, RoundReport
+from statesync.migration.records import SourceState as S
+from statesync.migration.supervisor import Supervisor, resume_tree, settle_orphans
 from statesync.migration.switchover import SwitchOver
 from statesync.planning.costs import CriuCosts
 
@@ -27,7 +31,8 @@ class _SourceAgent(SwitchOver):
                  scheduler_name: str, work_dir: Optional[str], io_timeout: float,
                  progress: Optional[Callable[[dict], None]], criu_args: List[str],
                  link_rate_Bps: Optional[float], costs: "CriuCosts",
-                 netns: Optional[str] = None, xor: bool = False):
+                 netns: Optional[str] = None, xor: bool = False,
+                 state_dir: Optional[str] = None):
         self.pid = pid
         self.netns = netns
         self.dest = dest
@@ -55,8 +60,25 @@ class _SourceAgent(SwitchOver):
         self.report = Report(pid=pid, dest=dest, strategy=strategy, codec=self.codec.name,
                              memory_backend=self.mem.backend)
         self.chan: Optional[wire.Channel] = None
-        self.stopped_pids: List[int] = []
-        self.committed = False
+        # The handoff (docs/migrate.md): one session id per attempt, a durable record
+        # of our state in it, a supervisor process that settles it if we die.
+        self.session = secrets.token_hex(8)
+        self.state_base = records.state_dir(state_dir)
+        self.record_path = ""
+        self.supervisor: Optional[Supervisor] = None
+        self.pid_start = records.start_time(pid)
+        self.frozen = False          # the tree may be stopped by our dump
+        self.decided = False         # COMMIT decided: never resume on our own any more
+        self.committed = False       # destination confirmed; our copy killed
+        self.dump_dir: Optional[str] = None
+        self._criu = None
+        self.deadline = 0.0
+        max_down = getattr(targets, "max_downtime_s", None) or 1.0
+        # Longest freeze before the agent aborts and resumes: the downtime target with a
+        # wide margin (restore of a large state, a slow link), plus one io_timeout for
+        # a peer that stops answering. Never a constant.
+        self.budget_s = float(io_timeout) + 4.0 * float(max_down)
+        self.resolve_window = 3.0 * float(io_timeout)
         self.state_addrs = np.zeros(0, dtype=np.uint64)
         self.t_start = 0.0
         # Migration.cancel() (api.py) sets cancel_requested; the switch-over checks it
@@ -262,6 +284,7 @@ class _SourceAgent(SwitchOver):
         addrs = self.state_addrs
         index = 0
         while True:
+            fault(f"source:round{min(index, 1)}")
             rnd = await self._round(index, addrs)
             rep.rounds.append(rnd)
             dirty = await self._in_thread(self.mem.collect)
@@ -298,6 +321,43 @@ class _SourceAgent(SwitchOver):
         rep.predicted_downtime_s = rep.rounds[-1].predicted_downtime_s
         self.mem.detach()
 
+    def _record(self, state, **fields) -> None:
+        if self.record_path:
+            records.transition(self.record_path, self.state_base, "source", state, **fields)
+
+    def _start_handoff(self) -> None:
+        """Sweep what dead agents left, start our supervisor, write our record."""
+        base = self.work_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+        swept = sweep_dump_dirs(base)
+        if swept:
+            self.report.notes.append(f"removed dump directories of dead agents: {', '.join(swept)}")
+        for line in settle_orphans(self.state_base, "source", None, self.secret, 0.0):
+            self.report.notes.append(line)
+        self.supervisor = Supervisor.spawn("source", self.state_base, self.secret)
+        self.record_path = records.record_path(self.state_base, "source", self.session)
+        records.write(self.record_path, {
+            "role": "source", "session": self.session, "state": S.PRECOPY.value,
+            "pid": self.pid, "pid_start": self.pid_start, "dest": self.dest,
+            "netns": self.netns, "agent_pid": os.getpid(),
+            "agent_start": records.start_time(os.getpid()),
+            "supervisor_pid": self.supervisor.pid, "supervisor_start": self.supervisor.start,
+            "io_timeout": self.io_timeout, "resolve_window": self.resolve_window,
+            "budget_s": self.budget_s, "final_sent": False, "history": []})
+
+    def _end_handoff(self) -> None:
+        """Final record: remove it and let the supervisor go; else leave both to it."""
+        if self.supervisor is None:
+            return
+        r = records.read(self.record_path) or {}
+        final = r.get("state") == S.COMMITTED.value or (
+            r.get("state") == S.ABORTED.value and r.get("peer_told", True)) \
+            or r.get("state") == S.PRECOPY.value
+        if final:
+            records.remove(self.record_path)
+            self.supervisor.bye()
+        else:
+            self.supervisor.detach()
+
     async def run(self) -> Report:
         host, port = _parse_hostport(self.dest)
         t_start = self.t_start = time.monotonic()
@@ -311,10 +371,20 @@ class _SourceAgent(SwitchOver):
                                      phase) from None
             phase = "authenticate"
             self.chan = await wire.Channel.client(reader, writer, self.secret, self.io_timeout)
+            self._start_handoff()
             await self.chan.send_json(wire.BEGIN, {"pid": self.pid, "page_size": PAGE_SIZE,
                                                    "strategy": self.strategy,
-                                                   "codec": self.codec.name})
-            await self.chan.expect(wire.READY)
+                                                   "codec": self.codec.name,
+                                                   "session": self.session,
+                                                   "io_timeout": self.io_timeout,
+                                                   "resolve_window": self.resolve_window})
+            mtype, payload = await self.chan.expect(wire.READY, wire.BUSY)
+            if mtype == wire.BUSY:
+                from statesync.errors import DestinationBusy
+                info, _ = wire.unpack_json(payload)
+                raise DestinationBusy(f"destination {host}:{port} is busy with another "
+                                      f"migration ({info.get('error', '')}); try again later",
+                                      "begin")
             phase = "plan"
             await self._plan()
             if self.mode != "cold":
@@ -328,6 +398,10 @@ class _SourceAgent(SwitchOver):
             self.report.failed_phase = getattr(exc, "phase", None) or phase
             self.report.error = str(exc)
             await self._abort(exc)
+            from statesync.errors import DestinationBusy, InDoubt
+            if isinstance(exc, (InDoubt, DestinationBusy)):
+                exc.report = self.report
+                raise
             if isinstance(exc, (StateSyncError, OSError, asyncio.TimeoutError)):
                 raise MigrationError(f"migration of pid {self.pid} aborted: {exc}",
                                      self.report.failed_phase, self.report) from exc
@@ -337,22 +411,32 @@ class _SourceAgent(SwitchOver):
             if self.chan is not None:
                 self.report.bytes_wire_total = self.chan.bytes_sent
                 self.chan.close()
+            self._end_handoff()
         return self.report
 
     async def _abort(self, exc: BaseException) -> None:
+        """Undo everything not yet decided. Synchronous first (a second cancellation
+        cannot stop the resume), then a best-effort ABORT to the destination."""
         try:
             self.mem.detach()
         except Exception:
             pass
-        if self.chan is not None:
+        if not self.decided and not self.committed:
+            if self.frozen or getattr(self, "_criu", None) is not None:
+                self._wait_criu()
+                # The whole tree as CRIU froze it (walked now), not a list taken before.
+                resume_tree(self.pid, self.pid_start)
+            r = records.read(self.record_path) if self.record_path else None
+            final_sent = bool(r and r.get("final_sent"))
+            self._record(S.ABORTED, peer_told=not final_sent)
+        if self.chan is not None and not self.decided:
+            # Best effort: a destination holding a stopped copy drops it at once. Not
+            # proof of delivery: after FINAL the supervisor still sends a RESOLVE.
             try:
-                await asyncio.wait_for(self.chan.send_json(wire.ABORT, {"reason": str(exc)[:500]}),
-                                       2.0)
+                await asyncio.wait_for(self.chan.send_json(
+                    wire.ABORT, {"reason": str(exc)[:500], "session": self.session}), 2.0)
             except BaseException:
                 pass
         if not self.committed:
-            if self.stopped_pids:
-                _signal_all(self.stopped_pids, signal.SIGCONT)
-                time.sleep(0.01)
             st = proc.state(self.pid)
             self.report.source_resumed = st is not None and st not in ("T", "t", "Z", "X")

@@ -5,76 +5,128 @@ import asyncio
 import os
 import random
 import shutil
-import signal
 import struct
+import subprocess
 import tempfile
 import time
 
 import numpy as np
 
-from statesync import criu, proc
+from statesync import criu
 from statesync._consts import PAGE_SIZE
 from statesync.errors import CriuError, MigrationError, StateSyncError
 from statesync.migration import protocol as wire
+from statesync.migration import records
 from statesync.migration.common import (
     _TRANSIENT_DUMP_ERRORS,
     _ns_pid,
     _present_pages_of,
     _read_stats,
-    _signal_all,
+    criu_result,
+    criu_spawn,
+    fault,
 )
+from statesync.migration.records import SourceState as S
+from statesync.migration.supervisor import kill_tree, resolve_with_peer, resume_tree
 
 
 class SwitchOver:
-    """The switch-over half of the source agent (mixed into :class:`_SourceAgent`)."""
+    """The switch-over half of the source agent (mixed into :class:`_SourceAgent`).
+
+    Source states (records.SourceState; docs/migrate.md): FREEZING (criu dump) ->
+    FROZEN (final transfer, FINAL, wait for RESTORED = the destination's copy is
+    restored and stopped) -> COMMITTING (decision recorded, COMMIT sent) -> COMMITTED
+    once RESUMED arrives (then, and only then, the frozen copy is killed). Any failure
+    before COMMITTING aborts: the whole frozen tree resumes. A failure after COMMIT
+    was sent is IN_DOUBT: both copies stay stopped until the destination answers a
+    RESOLVE (here, in the supervisor or in ``statesync recover``)."""
 
     async def _switchover(self, t_start: float) -> None:
         base = self.work_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
-        tmp = tempfile.mkdtemp(prefix=f"statesync-dump-{self.pid}-", dir=base)
+        # The agent's pid in the name: a later agent removes what a killed one left.
+        tmp = tempfile.mkdtemp(prefix=f"statesync-dump-a{os.getpid()}-{self.pid}-", dir=base)
+        self.dump_dir = tmp
         try:
             await self._switchover_in(tmp)
         finally:
+            self._wait_criu()
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _wait_criu(self) -> None:
+        """A dump still running (cancelled while waiting for it) must finish before the
+        tree can be resumed: CRIU stops the tree at its end (--leave-stopped)."""
+        p = getattr(self, "_criu", None)
+        if p is not None and p.poll() is None:
+            try:
+                p.wait(300)
+            except Exception:
+                pass
+        self._criu = None
+
+    def _budget_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    async def _within_budget(self, coro, what: str):
+        left = self._budget_left()
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(coro, left)
+        except asyncio.TimeoutError:
+            raise MigrationError(f"switch-over budget of {self.budget_s:.1f} s exceeded during "
+                                 f"{what}; the source resumes", "switchover") from None
+
+    async def _dump(self, tmp: str, netns) -> None:
+        args = ["dump", "-t", str(self.pid), "-D", tmp, "-o", "dump.log",
+                "--leave-stopped"] + self.criu_args
+        p = criu_spawn(args, netns, pdeathsig=False)
+        self._criu = p
+        fault("source:dump")
+        try:
+            # to its end even if cancelled meanwhile (a dump cut in half cannot be undone)
+            await self._in_thread(p.wait, 300.0)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise CriuError(f"criu dump of pid {self.pid} did not finish within 300 s") from None
+        self._criu = None
+        criu_result(p, os.path.join(tmp, "dump.log"), f"dump of pid {self.pid}")
+
     async def _switchover_in(self, tmp: str) -> None:
-        from statesync import _core
         rep = self.report
-        pids = [self.pid] + proc.descendants(self.pid)
         vpid = _ns_pid(self.pid)
         netns = criu.netns_of(self.pid)
+        self.deadline = time.monotonic() + self.budget_s
+        self._record(S.FREEZING, dump_dir=tmp, deadline=time.time() + self.budget_s)
         self._emit("phase", phase="dump")
         for attempt in range(self.dump_retries + 1):
             t0 = time.monotonic()
-            # Before the dump: an abort (or a cancel) from here on resumes them, whatever
-            # state the dump left them in (SIGCONT to a running process does nothing).
-            self.stopped_pids = pids
             try:
-                await self._in_thread(
-                    criu.dump, self.pid, tmp, extra_args=["--leave-stopped"] + self.criu_args,
-                    timeout=300.0, netns=netns)
+                await self._dump(tmp, netns)
                 break
             except StateSyncError as exc:
-                # CRIU resumes the tree itself when a dump fails; anything else failing
-                # after a --leave-stopped dump leaves it stopped: the abort resumes
-                # stopped_pids either way. A client connection in flight at the instant
-                # CRIU collects sockets fails a dump ("half of stream unix connection"):
-                # a later attempt usually finds none.
-                self.stopped_pids = pids
+                # CRIU resumes the tree itself when a dump fails; the abort resumes the
+                # whole tree (walked after the dump) either way. A client connection in
+                # flight at the instant CRIU collects sockets fails a dump ("half of
+                # stream unix connection"): a later attempt usually finds none.
+                self.frozen = True
                 transient = isinstance(exc, CriuError) and any(
                     m in (exc.log_tail or "") for m in _TRANSIENT_DUMP_ERRORS)
                 if (attempt == self.dump_retries or not transient
                         or not os.path.exists(f"/proc/{self.pid}")):
                     raise MigrationError(str(exc), "dump") from exc
                 # as after any failed dump: make sure nothing stays stopped
-                _signal_all(pids, signal.SIGCONT)
-                self.stopped_pids = []
+                resume_tree(self.pid, self.pid_start)
+                self.frozen = False
                 rep.notes.append(f"dump attempt {attempt + 1} failed, retried: "
                                  f"{str(exc).splitlines()[-1].strip()}")
                 for name in os.listdir(tmp):
                     os.unlink(os.path.join(tmp, name))
                 await asyncio.sleep(random.uniform(0.02, 0.06) * (attempt + 1))
         t_dumped = time.monotonic()
-        self.stopped_pids = pids
+        self.frozen = True
+        self._record(S.FROZEN)
+        fault("source:frozen")
         rep.criu_dump_stats = _read_stats(os.path.join(tmp, "stats-dump"))
         # Freeze starts inside the dump; CRIU's own stats say how long after its start.
         frozen_us = rep.criu_dump_stats.get("frozen_time")
@@ -83,7 +135,29 @@ class SwitchOver:
         rep.phases["freeze"] = rep.criu_dump_stats.get("freezing_time", 0) / 1e6
         rep.phases["dump"] = t_dumped - t_freeze
         self._emit("phase", phase="final transfer", dump_s=dump_wall)
+        info, t2, t4 = await self._within_budget(self._to_prepared(tmp, vpid), "the final transfer "
+                                                  "and the restore")
+        fault("source:after_restored")
+        # The destination times its own steps; what remains of t2..t4 is the transfer
+        # (until the last byte was applied there) and the round trip of RESTORED.
+        assemble = float(info.get("assemble_s") or 0.0)
+        restore = float(info.get("restore_s") or 0.0)
+        rep.phases["final_transfer"] = max(0.0, (t4 - t2) - assemble - restore)
+        rep.phases["assemble"] = assemble
+        rep.phases["restore"] = restore
+        rep.restored_pid = info.get("pid")
+        rep.criu_restore_stats = info.get("stats", {})
+        await self._commit()
+        t5 = time.monotonic()
+        rep.phases["commit"] = t5 - t4
+        rep.downtime_s = t5 - t_freeze
+        self._emit("done")
 
+    async def _to_prepared(self, tmp: str, vpid: int):
+        """Final diff and transfer, FINAL, and the destination's RESTORED (its copy
+        restored and stopped). Returns (RESTORED info, t sent, t RESTORED)."""
+        from statesync import _core
+        rep = self.report
         t1 = time.monotonic()
         main_pm = f"pagemap-{vpid}.img"
         if not os.path.exists(os.path.join(tmp, main_pm)):
@@ -126,6 +200,7 @@ class SwitchOver:
                                      + struct.pack("!Q", off) + piece)
             images_bytes += len(data)
         rep.images_bytes = images_bytes
+        fault("source:final_transfer")
         b0 = self.chan.bytes_sent
         sel_addrs = addrs[need_idx]
         n_final, _ = await self._send_pages(
@@ -133,42 +208,83 @@ class SwitchOver:
                                                 np.ones(a.size, dtype=bool)))
         rep.final_pages = n_final
         rep.final_bytes_wire = self.chan.bytes_sent - b0
+        # From FINAL on the destination may hold a restored (stopped) copy: an abort
+        # must be told to it, now or later (the record says whether it was).
+        self._record(S.FROZEN, final_sent=True)
         await self.chan.send_json(wire.FINAL, {"pages_file": pages_file, "count": int(addrs.size),
                                                "images_bytes": images_bytes},
                                   np.ascontiguousarray(addrs, dtype="<u8").tobytes())
+        fault("source:after_final")
         self._emit("phase", phase="restore", final_pages=n_final)
         mtype, payload = await self.chan.expect(wire.RESTORED, wire.FAILED,
-                                                timeout=max(self.io_timeout, 120.0))
+                                                timeout=max(0.1, self._budget_left()))
         info, _ = wire.unpack_json(payload)
         t4 = time.monotonic()
         if mtype == wire.FAILED:
             raise MigrationError(f"destination could not restore: {info.get('error')}",
                                  "restore")
-        # The destination times its own steps; what remains of t2..t4 is the transfer
-        # (until the last byte was applied there) and the round trip of RESTORED.
-        assemble = float(info.get("assemble_s") or 0.0)
-        restore = float(info.get("restore_s") or 0.0)
-        rep.phases["final_transfer"] = max(0.0, (t4 - t2) - assemble - restore)
-        rep.phases["assemble"] = assemble
-        rep.phases["restore"] = restore
-        rep.restored_pid = info.get("pid")
-        rep.criu_restore_stats = info.get("stats", {})
-        rep.downtime_s = t4 - t_freeze
-        if self.cancel_requested:
+        return info, t2, t4
+
+    async def _commit(self) -> None:
+        """Decide (durably, under the records lock: the supervisor may have aborted at
+        the deadline), send COMMIT, wait for RESUMED, then kill the frozen copy."""
+        if self._budget_left() <= 0:
+            raise MigrationError(f"switch-over budget of {self.budget_s:.1f} s exceeded before "
+                                 f"the commit; the source resumes", "commit")
+        if self.cancel_requested:       # Migration.cancel() (api.py)
             raise MigrationError("cancelled before the commit", "restore")
-        self.committing = True      # no await since the check: a cancel now is refused
+        if records.transition(self.record_path, self.state_base, "source", S.COMMITTING,
+                              expect=(S.FROZEN,)) is None:
+            raise MigrationError("the supervisor aborted this switch-over (budget exceeded)",
+                                 "commit")
+        # No await since the cancel check: from here a cancel is refused (api.py).
+        self.decided = self.committing = True
         self._emit("phase", phase="commit")
+        try:
+            await self.chan.send_json(wire.COMMIT, {"session": self.session})
+            fault("source:after_commit")
+            _, payload = await self.chan.expect(wire.RESUMED, timeout=self.io_timeout)
+            resumed, _ = wire.unpack_json(payload)
+        except StateSyncError as exc:
+            self.report.notes.append(f"no RESUMED after COMMIT ({exc}); asking the destination")
+            await self._resolve_in_doubt(str(exc))
+            return
+        await self._finish_commit(resumed.get("pid"))
+        try:
+            await self.chan.send_json(wire.DONE, {"session": self.session})
+        except StateSyncError:
+            pass
+
+    async def _finish_commit(self, dest_pid) -> None:
         # The destination runs the service: now the stopped source copy goes, and is
         # gone when migrate() returns (SIGKILL of a pid-namespace init is asynchronous;
         # kill_tree waits). Off the event loop: the wait is a few milliseconds of polling.
         await asyncio.get_running_loop().run_in_executor(
-            None, proc.kill_tree, list(reversed(self.stopped_pids)))
+            None, kill_tree, self.pid, self.pid_start)
         self.committed = True
-        # From here the service runs at the destination only: a lost COMMIT is worth a
-        # note (the destination keeps what it restored), not a failed migration.
-        try:
-            await self.chan.send_json(wire.COMMIT, {})
-            await self.chan.expect(wire.DONE, timeout=10.0)
-        except StateSyncError as exc:
-            rep.notes.append(f"destination did not acknowledge the commit: {exc}")
-        self._emit("done")
+        self._record(S.COMMITTED, peer_told=True)
+        if dest_pid:
+            self.report.restored_pid = dest_pid
+
+    async def _resolve_in_doubt(self, why: str) -> None:
+        """COMMIT went out, RESUMED did not come back: ask the destination (new
+        connections) for the resolve window. Resumed there -> kill ours; aborted or
+        unknown there -> resume ours (MigrationError); no answer -> InDoubt."""
+        from statesync.errors import InDoubt
+        self._record(S.IN_DOUBT)
+        info = await asyncio.to_thread(resolve_with_peer, self.dest, self.netns, self.secret,
+                                       self.session, "commit", self.resolve_window,
+                                       self.io_timeout, lambda m: self.report.notes.append(m))
+        if info is None:
+            raise InDoubt(f"switch-over of pid {self.pid} IN DOUBT ({why}): COMMIT was sent "
+                          f"and {self.dest} never confirmed; both copies stay stopped. Run "
+                          f"`statesync recover` on this host once the destination is reachable "
+                          f"(session {self.session})", "commit")
+        if info.get("state") == "resumed":
+            self.report.notes.append("destination confirmed after reconnecting")
+            await self._finish_commit(info.get("pid"))
+            return
+        self.decided = False       # the destination does not run it: ours must resume
+        self._record(S.FROZEN, peer_told=True)
+        raise MigrationError(f"destination dropped its copy ({info.get('state')}) after the "
+                             f"link failed ({why})", "commit")
