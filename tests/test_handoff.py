@@ -346,14 +346,29 @@ def test_forking_target_aborted_after_dump_leaves_nothing_stopped(bed):
 # --------------------------------------------------------------------------- hardening
 
 
-def test_images_dir_of_another_user_is_refused(tmp_path):
+@pytest.fixture
+def request_cleanup():
+    todo = []
+    yield todo
+    for f in todo:
+        f()
+
+
+def test_images_dir_of_another_user_is_refused(request_cleanup):
     """The swap attack: `nobody` pre-creates the images dir (or it is world-writable);
     the agent refuses it and writes nothing, saying how to fix it."""
     import pwd
     from statesync.errors import UnsafeDirectory
     from statesync.migration.destination import DestinationServer
     require(have_root(), "needs root (chown to nobody)")
+    import pathlib
+    import shutil
+    import tempfile
     nobody = pwd.getpwnam("nobody").pw_uid
+    # Where nobody can reach (pytest's tmp_path is private to root).
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="ssh-swap-", dir="/dev/shm"))
+    tmp_path.chmod(0o755)
+    request_cleanup.append(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
     d = tmp_path / "images"
     d.mkdir()
     os.chown(d, nobody, nobody)
@@ -445,8 +460,13 @@ def test_preauth_idle_connections_and_reset_peers_do_not_block_a_migration(bed):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
     time.sleep(0.3)
-    rep = migrate(bed.wl.pid, f"{bed.tb.addr_b}:{bed.port}", secret=SECRET,
-                  netns=bed.tb.ns_a, io_timeout=IO, strategy="cold")
+    try:
+        rep = migrate(bed.wl.pid, f"{bed.tb.addr_b}:{bed.port}", secret=SECRET,
+                      netns=bed.tb.ns_a, io_timeout=IO, strategy="cold")
+    except Exception:
+        bed.dest.kill()
+        print(bed.dest.stderr.read().decode()[-5000:])
+        raise
     assert rep.ok
     assert bed.dest.wait(30) == 0
     for s in idle:
@@ -508,6 +528,8 @@ def test_recover_resolves_an_in_doubt_source(bed):
     assert [r["state"] for r in records.all_records(bed.state, "source")] == ["in_doubt"]
     assert [st for _, side, st in bed.copies() if side == "a"] in (["T"], ["t"]), bed.copies()
     bed.tb.set_link(True)
+    bed.dest.wait(60)
+    bed.start_dest()        # the destination host's agent, restarted (systemd would)
     r = subprocess.run(bed.tb.wrap("a", [sys.executable, "-m", "statesync", "recover",
                                          "--secret-file", bed.secret_file, "--window", "20"]),
                        capture_output=True, text=True, timeout=60, env=bed.env())

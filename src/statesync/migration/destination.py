@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -318,6 +319,13 @@ class _DestinationSession:
         self._record(D.RESUMED)
 
 
+def conn_peer(conn: socket.socket):
+    try:
+        return conn.getpeername()
+    except OSError:
+        return "?"
+
+
 def _write_rows(fd: int, rows: np.ndarray, slots: np.ndarray) -> None:
     """Write ``rows[slots]`` to fd in order, without gathering them first: runs of
     consecutive slots go out as one iovec each (the store keeps rows in arrival
@@ -368,7 +376,8 @@ class DestinationServer:
         self.results: List[dict] = []
         self._done: Optional[asyncio.Event] = None
         self._busy = False
-        self._pending: "collections.OrderedDict[int, asyncio.Task]" = collections.OrderedDict()
+        self._pending: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        self._lsock: Optional[socket.socket] = None
         self._waiters: Dict[str, asyncio.Future] = {}
         self._refused = 0
         self.server = None
@@ -421,41 +430,76 @@ class DestinationServer:
         self.supervisor = Supervisor.spawn("dest", self.state_base, None)
         self.supervisor_pid, self.supervisor_start = self.supervisor.pid, self.supervisor.start
         self._done = asyncio.Event()
-        self.server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                 limit=wire.MAX_FRAME + 1024)
-        self.port = self.server.sockets[0].getsockname()[1]
+        fam = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0][0]
+        lsock = socket.create_server((self.host, self.port), family=fam, backlog=128)
+        lsock.setblocking(False)
+        self._lsock = lsock
+        self.port = lsock.getsockname()[1]
+        self.server = asyncio.ensure_future(self._accept_loop())
         return self
 
-    async def _accept(self, reader, writer) -> None:
-        task = asyncio.current_task()
-        key = id(task)
-        self._pending[key] = task
-        while len(self._pending) > self.max_pending:
-            _, oldest = self._pending.popitem(last=False)
-            oldest.cancel()
+    async def _accept_loop(self) -> None:
+        """Accept connections ourselves: an unauthenticated one beyond ``max_pending``
+        evicts the oldest unauthenticated one before anything else is allocated, so
+        idle peers can never exhaust our file descriptors (asyncio's own accept loop
+        takes a whole backlog at once)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._lsock)
+            except OSError as exc:     # EMFILE/ENFILE: make room, then retry
+                self._evict_oldest()
+                self._note_refused("(accept)", f"{exc.strerror or exc}")
+                await asyncio.sleep(0.05)
+                continue
+            while len(self._pending) >= self.max_pending:
+                self._evict_oldest()
+            conn.setblocking(False)
+            task = asyncio.ensure_future(self._accept(conn))
+            self._pending[id(task)] = (task, conn)
+
+    def _evict_oldest(self) -> None:
+        if not self._pending:
+            return
+        _, (task, conn) = self._pending.popitem(last=False)
+        task.cancel()
         try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    async def _accept(self, conn: socket.socket) -> None:
+        key = id(asyncio.current_task())
+        writer = None
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn,
+                                                           limit=wire.MAX_FRAME + 1024)
             await self._handle(reader, writer, key)
         except asyncio.CancelledError:
-            if key in self._pending or self._pending.get(key) is None:
-                writer.close()
-                return
-            raise
+            self._note_refused(conn_peer(conn), "dropped: too many unauthenticated connections")
+        except OSError as exc:
+            self._note_refused(conn_peer(conn), str(exc))
         finally:
             self._pending.pop(key, None)
+            if writer is not None:
+                writer.close()
+            else:
+                conn.close()
 
     async def _handle(self, reader, writer, key) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            chan = await asyncio.wait_for(
-                wire.Channel.server(reader, writer, self.secret, self.handshake_timeout),
-                self.handshake_timeout)
+            # asyncio.timeout, not wait_for: no inner task whose exception an eviction
+            # (cancellation) would leave unretrieved.
+            handshake = wire.Channel.server(reader, writer, self.secret, self.handshake_timeout)
+            if hasattr(asyncio, "timeout"):
+                async with asyncio.timeout(self.handshake_timeout):
+                    chan = await handshake
+            else:       # Python < 3.11
+                chan = await asyncio.wait_for(handshake, self.handshake_timeout)
             chan.timeout = self.io_timeout
             self._pending.pop(key, None)     # authenticated: no longer evictable
             mtype, payload = await chan.recv()
-        except asyncio.CancelledError:
-            self._note_refused(peer, "dropped: too many unauthenticated connections")
-            writer.close()
-            return
         except (StateSyncError, OSError, asyncio.TimeoutError, EOFError) as exc:
             self._note_refused(peer, str(exc) or type(exc).__name__)
             writer.close()
@@ -565,10 +609,15 @@ class DestinationServer:
             else:
                 await asyncio.wait_for(self._done.wait(), timeout)
         finally:
-            self.server.close()
-            for t in list(self._pending.values()):
+            self.server.cancel()
+            for t, _ in list(self._pending.values()):
                 t.cancel()
-            await self.server.wait_closed()
+            try:
+                await self.server
+            except BaseException:
+                pass
+            if self._lsock is not None:
+                self._lsock.close()
             self.close()
         return self.results
 
