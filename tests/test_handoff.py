@@ -132,7 +132,7 @@ class Bed:
     def dumps_left(self):
         return [n for n in os.listdir("/dev/shm") if n.startswith("statesync-dump-")
                 and self.src is not None and f"-a{self.src.pid}-" in n
-                or n.startswith(f"statesync-dump-a") and f"-{self.wl.pid}-" in n]
+                or n.startswith("statesync-dump-a") and f"-{self.wl.pid}-" in n]
 
     def close(self):
         for p in (self.src, self.dest, *self.extra):

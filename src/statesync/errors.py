@@ -253,7 +253,8 @@ class NetworkMoveError(StateSyncError):
         super().__init__(f"netns {netns}: {msg}" if netns else msg)
 
 
-# --- handoff (issue 10)
+# --------------------------------------------------------------------------- handoff (issue 10)
+
 
 class InDoubt(MigrationError):
     """The switch-over's outcome is unknown here: COMMIT was sent and the destination's
