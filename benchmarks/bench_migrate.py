@@ -76,6 +76,7 @@ def run_case(case: str, rate: str, strategy: str, redis_mb: int, calibration=Non
         sf = os.path.join(tb.root, "secret")
         with open(sf, "wb") as f:
             f.write(SECRET)
+        os.chmod(sf, 0o600)     # agents refuse a secret others can read
         dest, port = _dest(tb, sf)
         kw = dict(strategy=strategy, secret=SECRET, netns=tb.ns_a, io_timeout=60,
                   link_rate=tb.rate_bps, calibration=calibration)

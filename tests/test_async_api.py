@@ -34,6 +34,7 @@ class _Bed:
         self.secret_file = os.path.join(tb.root, "secret")
         with open(self.secret_file, "wb") as f:
             f.write(SECRET)
+        os.chmod(self.secret_file, 0o600)     # agents refuse a secret others can read
         self.port = tb.free_port("b")
         self.dest = tb.python("b", ["receive", "--listen", f"{tb.addr_b}:{self.port}",
                                     "--images-dir", tb.dir_b, "--secret-file",

@@ -538,3 +538,33 @@ def test_recover_resolves_an_in_doubt_source(bed):
     assert ("killed the stopped source copy" in r.stdout) == (side == "b"), r.stdout
     assert records.all_records(bed.state, "source") == []
     json.dumps(r.stdout)
+
+
+def test_image_parsers_refuse_special_files(tmp_path):
+    """A FIFO, /dev/zero or a directory where an image file belongs: one-line
+    CriuImageError at once (fstat of the opened fd), never a hang, an unbounded read
+    or a raw OSError."""
+    fifo = tmp_path / "pagemap-1.img"
+    os.mkfifo(fifo)
+    zero = tmp_path / "pages-1.img"
+    os.symlink("/dev/zero", zero)
+    d = tmp_path / "mm-1.img"
+    d.mkdir()
+    code = f"""
+from statesync.criu import images, imageset
+from statesync.errors import CriuImageError
+cases = [lambda: images.Pagemap({str(fifo)!r}, 4096), lambda: images.Pagemap({str(zero)!r}, 4096),
+         lambda: images.ImageFile({str(d)!r}, images.MM_MAGIC),
+         lambda: imageset._map_pages({str(fifo)!r}, 4096),
+         lambda: imageset._map_pages({str(zero)!r}, 4096)]
+for c in cases:
+    try:
+        c()
+    except CriuImageError as e:
+        assert "not a regular image file" in str(e) and "\\n" not in str(e), e
+    else:
+        raise SystemExit("accepted a special file")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -20,6 +20,7 @@ pages with no header.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from typing import Any, Dict, Iterator, List, Tuple
 
@@ -47,6 +48,46 @@ MAX_RUN_PAGES = 0xFFFFFFFF
 _U32 = struct.Struct("<I")
 
 # --------------------------------------------------------------------------- protobuf
+
+
+def open_regular(path) -> int:
+    """An O_RDONLY fd of ``path`` after checking, on the opened fd, that it is a
+    regular file: a FIFO (opened O_NONBLOCK, so the open itself cannot hang), a
+    device (/dev/zero) or a directory is refused with a one-line CriuImageError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CriuImageError("image file missing", path) from None
+    except OSError as exc:
+        raise CriuImageError(f"cannot open: {exc.strerror}", path) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+                if stat.S_ISSOCK(mode) else "not a regular file")
+        raise CriuImageError(f"is {kind}, not a regular image file: refusing to read it", path)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_regular(path) -> bytes:
+    """The whole content of a regular image file, never more than its size at open."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        parts, got = [], 0
+        while got < size:
+            b = os.read(fd, min(size - got, 1 << 24))
+            if not b:
+                break
+            parts.append(b)
+            got += len(b)
+        return b"".join(parts)
+    except OSError as exc:
+        raise CriuImageError(f"cannot read: {exc.strerror}", path) from None
+    finally:
+        os.close(fd)
 
 
 def _varint(buf: bytes, pos: int, end: int, path, base: int) -> Tuple[int, int]:
@@ -142,13 +183,7 @@ class ImageFile:
 
     def __init__(self, path, magic: int, service: bool = False):
         self.path = str(path)
-        try:
-            with open(path, "rb") as f:
-                self.data = f.read()
-        except FileNotFoundError:
-            raise CriuImageError("image file missing", path) from None
-        except OSError as exc:
-            raise CriuImageError(f"cannot read: {exc.strerror}", path) from None
+        self.data = read_regular(path)
         d = self.data
         pos = 0
         if magic != INVENTORY_MAGIC:
@@ -306,13 +341,7 @@ class Pagemap:
         from statesync import _core
 
         self.path = str(path)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise CriuImageError("image file missing", path) from None
-        except OSError as exc:
-            raise CriuImageError(f"cannot read: {exc.strerror}", path) from None
+        data = read_regular(path)
         for off, want, what in ((0, IMG_COMMON_MAGIC, "header"), (4, PAGEMAP_MAGIC, "image")):
             if len(data) < off + 4:
                 raise CriuImageError(f"truncated: no {what} magic", path, off)

@@ -17,6 +17,7 @@ from statesync.criu.images import (
     encode_pagemap,
     expand_runs,
     is_task_pagemap,
+    open_regular,
     pagemap_files,
     read_inventory,
     read_mm,
@@ -62,12 +63,9 @@ def _map_pages(path, page_size: int) -> np.ndarray:
     """Read-only (rows, page_size) view of a pages file via mmap (empty when the file is
     empty or missing; the caller checks the row count against the pagemap)."""
     import mmap
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return np.zeros((0, page_size), dtype=np.uint8)
-    except OSError as exc:
-        raise CriuImageError(f"cannot open: {exc.strerror}", path) from None
+    fd = open_regular(path)     # a FIFO, device or directory is refused, never mapped
     try:
         size = os.fstat(fd).st_size
         rows = size // page_size
@@ -320,7 +318,7 @@ class AtomicDir:
 
 
 def _copy_file(src: str, dst: str) -> None:
-    with open(src, "rb") as f:
+    with os.fdopen(open_regular(src), "rb") as f:
         def chunks():
             while True:
                 b = f.read(1 << 20)

@@ -289,6 +289,8 @@ class Migration:
             self.cancel()
             try:
                 await asyncio.wait([task])
+                if not task.cancelled():
+                    task.exception()    # retrieved: no "never retrieved" traceback at exit
             finally:
                 raise asyncio.CancelledError()
 

@@ -212,7 +212,7 @@ def sweep_dump_dirs(base: Optional[str] = None) -> List[str]:
     """Remove ``statesync-dump-a<AGENT>-<PID>-*`` directories whose agent is dead (old
     ``statesync-dump-<PID>-*`` ones whose target is gone too). Returns their names."""
     base = base or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
-    removed = []
+    removed: List[str] = []
     try:
         names = os.listdir(base)
     except OSError:

@@ -450,9 +450,9 @@ def main(argv: List[str]) -> int:
         elif side == "source":
             _deadline_watch(base, agent_pid, _log_default)
     # The agent is gone without saying bye: settle what it left.
-    for line in settle_orphans(base, side, os.getpid(), secret,
-                               window=_window(base, side, os.getpid())):
-        _log_default(line)
+    for msg in settle_orphans(base, side, os.getpid(), secret,
+                              window=_window(base, side, os.getpid())):
+        _log_default(msg)
     return 0
 
 

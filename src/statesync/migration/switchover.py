@@ -79,6 +79,7 @@ class SwitchOver:
     async def _dump(self, tmp: str, netns) -> None:
         args = ["dump", "-t", str(self.pid), "-D", tmp, "-o", "dump.log",
                 "--leave-stopped"] + self.criu_args
+        self.frozen = True      # from here the tree may be stopped: an abort resumes it
         p = criu_spawn(args, netns, pdeathsig=False)
         self._criu = p
         fault("source:dump")
