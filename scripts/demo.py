@@ -89,7 +89,8 @@ def migrate_one(tb: Testbed, secret_file: str, strategy: str) -> None:
             print(f"\n== {strategy} migration of workload pid {wl.pid} "
                   f"({tb.ns_a} -> {tb.ns_b}, {RATE})")
             t0 = time.monotonic()
-            rep = migrate(wl.pid, f"{tb.addr_b}:{port}", strategy=strategy, secret="@" + secret_file,
+            rep = migrate(wl.pid, f"{tb.addr_b}:{port}", strategy=strategy,
+                          secret="@" + secret_file,
                           netns=tb.ns_a, link_rate=tb.rate_bps, progress=progress,
                           compression="none" if strategy == "cold" else "auto")
             restored = rep.restored_pid

@@ -122,7 +122,8 @@ def fault(point: str) -> None:
     """Test-only fault injection at a named phase boundary of a real migration.
 
     ``STATESYNC_TEST_FAULT="POINT:ACTION[,POINT:ACTION...]"``; ACTION ``kill`` = SIGKILL
-    this agent right here, ``fail`` = raise MigrationError (an ordinary abort), ``hold`` = create the file ``$STATESYNC_TEST_FAULT_FILE``
+    this agent right here, ``fail`` = raise MigrationError (an ordinary abort),
+    ``hold`` = create the file ``$STATESYNC_TEST_FAULT_FILE``
     (holding POINT) and wait, blocking, until the test deletes it (at most 60 s), so a
     test can take the link down or signal the agent at exactly this point. Points
     (docs/migrate.md): source:round0, source:round1, source:dump, source:frozen,

@@ -275,21 +275,8 @@ class _DestinationSession:
         try:
             mtype, payload = await self.chan.expect(wire.COMMIT, wire.ABORT)
         except StateSyncError as exc:
-            # The source decides; until it says so (on a new connection: RESOLVE) the
-            # copy stays stopped. Past the hold, abort: the source still holds its own
-            # copy (frozen or resumed), since it kills it only after our RESUMED.
-            hold = self.server.hold_for(self.begin)
-            self.log(f"session {self.session}: lost the source before COMMIT ({exc}); "
-                     f"holding the stopped copy (pid {self.restored_pid}) {hold:.0f} s for it")
-            outcome = await self.server.wait_resolution(self.session, hold)
-            if outcome == "resumed":
-                self.result.update(ok=True, resolved_after_reconnect=True)
-                self.restored_pid = None
-                return
-            if outcome is None:
-                raise MigrationError(f"no word from the source within {hold:.0f} s after "
-                                     f"the link failed: dropped the stopped copy", "commit")
-            raise MigrationError("source aborted (told on reconnect)", "commit")
+            await self._hold_after_loss(exc)
+            return
         if mtype == wire.ABORT:
             self.source_aborted = True
             raise MigrationError("source aborted after restore", "commit")
@@ -311,6 +298,23 @@ class _DestinationSession:
             await self.server.wait_resolution(self.session, hold)
         if not self.keep_images and self.final_dir:
             shutil.rmtree(self.final_dir, ignore_errors=True)
+
+    async def _hold_after_loss(self, exc: Exception) -> None:
+        """The source decides; until it says so (on a new connection: RESOLVE) the
+        copy stays stopped. Past the hold, abort: the source still holds its own copy
+        (frozen or resumed), since it kills it only after our RESUMED."""
+        hold = self.server.hold_for(self.begin)
+        self.log(f"session {self.session}: lost the source before COMMIT ({exc}); "
+                 f"holding the stopped copy (pid {self.restored_pid}) {hold:.0f} s for it")
+        outcome = await self.server.wait_resolution(self.session, hold)
+        if outcome == "resumed":
+            self.result.update(ok=True, resolved_after_reconnect=True)
+            self.restored_pid = None
+            return
+        if outcome is None:
+            raise MigrationError(f"no word from the source within {hold:.0f} s after "
+                                 f"the link failed: dropped the stopped copy", "commit")
+        raise MigrationError("source aborted (told on reconnect)", "commit")
 
     def _commit_here(self) -> None:
         self._record(D.COMMITTED)

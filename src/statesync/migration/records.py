@@ -134,13 +134,15 @@ def locked(base: str, side: str) -> Iterator[None]:
         os.close(fd)
 
 
-def transition(path: str, base: str, side: str, new_state: str, expect=None, **fields) -> Optional[Dict]:
+def transition(path: str, base: str, side: str, new_state: str, expect=None,
+               **fields) -> Optional[Dict]:
     """Move the record at ``path`` to ``new_state`` (plus ``fields``) under the lock,
     only if its current state is one of ``expect`` (any when None). Returns the new
     record, or None when the current state was not expected (someone else decided)."""
     with locked(base, side):
         cur = read(path) or {}
-        if expect is not None and cur.get("state") not in {str(getattr(s, "value", s)) for s in expect}:
+        allowed = {str(getattr(s, "value", s)) for s in expect or ()}
+        if expect is not None and cur.get("state") not in allowed:
             return None
         cur.update(fields)
         cur["state"] = str(getattr(new_state, "value", new_state))

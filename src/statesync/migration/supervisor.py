@@ -214,8 +214,8 @@ def resolve_with_peer(dest: str, netns: Optional[str], secret: bytes, session: s
     last = ""
     while True:
         try:
-            info = asyncio.run(_resolve_once(dest, netns, secret, session, decision,
-                                             min(io_timeout, max(0.5, deadline - time.monotonic()))))
+            t = min(io_timeout, max(0.5, deadline - time.monotonic()))
+            info = asyncio.run(_resolve_once(dest, netns, secret, session, decision, t))
             if info.get("state") != "pending":
                 return info
             last = "the destination is still restoring it"
@@ -343,7 +343,8 @@ def settle_orphans(base: str, side: str, supervisor_pid: Optional[int] = None,
                                   or rec.alive(r.get("supervisor_pid"), r.get("supervisor_start"))):
             continue
         if side == "source":
-            if r.get("state") in (S.COMMITTED,) or (r.get("state") == S.ABORTED and r.get("peer_told", True)):
+            if r.get("state") == S.COMMITTED or (
+                    r.get("state") == S.ABORTED and r.get("peer_told", True)):
                 _drop_dump_dir(r)
                 rec.remove(r["_path"])
                 continue
@@ -411,7 +412,8 @@ def _deadline_watch(base: str, agent_pid: int, log) -> None:
         if dl and now > dl + DEADLINE_GRACE_S:
             if r.get("state") == S.FREEZING and criu_running("dump", "-t", str(r.get("pid"))):
                 continue
-            done = rec.transition(r["_path"], base, "source", S.ABORTED, expect={S.FROZEN, S.FREEZING},
+            done = rec.transition(r["_path"], base, "source", S.ABORTED,
+                                  expect=(S.FROZEN, S.FREEZING),
                                   peer_told=not r.get("final_sent"))
             if done is not None:
                 n = resume_tree(r.get("pid"), r.get("pid_start"))
