@@ -159,6 +159,7 @@ class Bed:
         self.secret_file = os.path.join(tb.root, "secret")
         with open(self.secret_file, "wb") as f:
             f.write(SECRET)
+        os.chmod(self.secret_file, 0o600)     # agents refuse a secret others can read
         self.dest = None
         self.port = None
         self.wl = None
