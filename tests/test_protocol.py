@@ -405,3 +405,25 @@ def test_encryption_options_for_the_agents():
     for bad in ("hmac-sha256", "rot13", 1, 0):
         with pytest.raises(ValueError, match="unknown encryption setting"):
             eo(bad)
+
+
+def test_aclose_delivers_the_last_frames_even_with_input_unread():
+    """The abort path: a side that never read what its peer sent still gets its last
+    frame and its CLOSE delivered (no reset over unread input), and aclose() returns
+    once the peer has closed too."""
+    async def go():
+        p = await pair()
+        for i in range(4):                       # input the client will never read
+            await p.server.send(wire.PAGES, os.urandom(1 << 20))
+        await p.client.send_json(wire.ABORT, {"reason": "test"})
+        closing = asyncio.ensure_future(p.client.aclose(timeout=5))
+        mtype, payload = await p.server.recv()
+        assert mtype == wire.ABORT and wire.unpack_json(payload)[0] == {"reason": "test"}
+        with pytest.raises(wire.ProtocolError, match="authenticated CLOSE"):
+            await p.server.recv()
+        p.server.close()
+        t0 = asyncio.get_running_loop().time()
+        await closing
+        assert asyncio.get_running_loop().time() - t0 < 3
+        await p.close()
+    run(go())

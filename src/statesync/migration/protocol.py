@@ -433,6 +433,34 @@ class Channel:
         with contextlib.suppress(RuntimeError, OSError):
             self.writer.close()
 
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """:meth:`close`, making sure what was sent arrives: the CLOSE frame, then a FIN
+        after all our frames, then whatever the peer still sends is read and dropped
+        until it closes too (at most ``timeout`` seconds). Closing a socket with unread
+        input makes the kernel reset the connection and discard frames not yet
+        delivered (an ABORT, say); this never does. Use it where the last frame
+        matters (the abort path)."""
+        if not self._closed:
+            with contextlib.suppress(ProtocolError, RuntimeError, OSError):
+                if not self.writer.is_closing():
+                    for p in self._frame(CLOSE, b"")[0]:
+                        self.writer.write(p)
+            self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        with contextlib.suppress(asyncio.TimeoutError, RuntimeError, OSError, ConnectionError):
+            await asyncio.wait_for(self.writer.drain(), timeout)
+            if self.writer.can_write_eof() and not self.writer.is_closing():
+                self.writer.write_eof()
+            while True:
+                left = deadline - loop.time()
+                if left <= 0 or not await asyncio.wait_for(self.reader.read(1 << 16), left):
+                    break
+        with contextlib.suppress(RuntimeError, OSError):
+            self.writer.close()
+        with contextlib.suppress(asyncio.TimeoutError, RuntimeError, OSError, ConnectionError):
+            await asyncio.wait_for(self.writer.wait_closed(), max(0.1, deadline - loop.time()))
+
     def describe(self) -> dict[str, Any]:
         """What the session uses, for reports and logs."""
         return {"encrypted": self.encrypted, "cipher": self.cipher, "protocol": VERSION}
