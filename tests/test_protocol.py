@@ -413,7 +413,7 @@ def test_aclose_delivers_the_last_frames_even_with_input_unread():
     once the peer has closed too."""
     async def go():
         p = await pair()
-        for i in range(4):                       # input the client will never read
+        for _ in range(4):                       # input the client will never read
             await p.server.send(wire.PAGES, os.urandom(1 << 20))
         await p.client.send_json(wire.ABORT, {"reason": "test"})
         closing = asyncio.ensure_future(p.client.aclose(timeout=5))
