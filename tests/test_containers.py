@@ -145,13 +145,19 @@ def lan(rootfs):
     from statesync.testing.testbed import Testbed
     require(find_program("iptables-save"), "iptables missing (scripts/setup-system.sh)")
     with Testbed(rate="1gbit") as tb, net.ServiceLan(tb.ns_a, tb.ns_b) as lan:
-        names = []
-        bundles = []
-        yield tb, lan, names, bundles
-        for n in names:
-            runc.delete(n)
-        for b in bundles:
-            b.unmount()
+        names: list = []
+        bundles: list = []
+        try:
+            yield tb, lan, names, bundles
+        finally:
+            # also what a failed step created before the test could record it
+            mine = {n for n in runc.list_names() if n.startswith((f"ssct{os.getpid()}",
+                                                                 f"ssci{os.getpid()}"))}
+            for n in sorted(set(names) | mine):
+                runc.delete(n)
+            for b in bundles:
+                b.unmount()
+            runc.unmount_under(tb.root)
 
 
 def test_runc_redis_checkpoint_left_stopped_restores_on_other_host(lan, rootfs):

@@ -38,7 +38,8 @@ from ..errors import ContainerError, ContainerNotFound
 
 __all__ = ["DEFAULT_ROOT", "Bundle", "Container", "CheckpointResult", "RestoreResult",
            "find_runc", "make_bundle", "run", "state", "exists", "pids_of", "checkpoint",
-           "restore", "kill", "delete", "resume", "criu_log_error", "seccomp_allows"]
+           "restore", "kill", "delete", "resume", "criu_log_error", "seccomp_allows",
+           "list_names", "unmount_under"]
 
 #: runc state directory for containers statesync creates (podman's live in /run/runc).
 DEFAULT_ROOT = "/run/statesync/runc"
@@ -325,6 +326,30 @@ def state(container, root: Optional[str] = None) -> dict:
     c = _as_container(container, root)
     r = _run(c.runc("state", c.name), c.name, "runc state", 20.0, not_found_ok=True)
     return json.loads(r.stdout)
+
+
+def list_names(root: str = DEFAULT_ROOT) -> List[str]:
+    """Names of the containers runc knows under state directory ``root``."""
+    try:
+        return sorted(n for n in os.listdir(root)
+                      if os.path.exists(os.path.join(root, n, "state.json")))
+    except FileNotFoundError:
+        return []
+
+
+def unmount_under(path: str) -> int:
+    """Lazily unmount every mount point at or below ``path`` (deepest first): the
+    overlay roots of bundles a failed run left. Returns how many."""
+    path = os.path.abspath(path)
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for ln in f:
+            mp = ln.split()[4].replace("\\040", " ")
+            if mp == path or mp.startswith(path + "/"):
+                points.append(mp)
+    for mp in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    return len(points)
 
 
 def exists(container, root: Optional[str] = None) -> bool:
