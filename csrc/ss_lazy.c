@@ -899,12 +899,18 @@ int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, 
             pmap[np] = i;
             pf[np++] = (struct pollfd){.fd = d.t[i].fd, .events = POLLIN};
         }
-        if (d.finished_restore && opts->no_prefetch == 0 && !work) {
-            /* nothing pending anywhere: close what is left */
-            for (size_t i = 0; i < d.nt; i++)
-                if (!d.t[i].finished && d.t[i].remaining == 0)
+        if (d.finished_restore) {
+            /* a task with nothing left to fill is released at once (its holes
+             * become ordinary memory), in both modes */
+            int closed = 0;
+            for (size_t i = 0; i < d.nt; i++) {
+                if (!d.t[i].finished && d.t[i].remaining == 0) {
                     task_close(&d, &d.t[i]);
-            continue;
+                    closed = 1;
+                }
+            }
+            if (closed)
+                continue;
         }
         int timeout = (d.ndef || backoff) ? 1 : (work ? 0 : -1);
         backoff = 0;

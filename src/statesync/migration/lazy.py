@@ -131,6 +131,10 @@ class LazyStats:
 # --------------------------------------------------------------------------- images
 
 
+def _is_page_table(x) -> bool:
+    return all(hasattr(x, a) for a in ("keys", "slots", "rows", "used"))
+
+
 def _lazy_able(vmas: np.ndarray) -> np.ndarray:
     """Mask of the VMAs CRIU's restorer registers with userfaultfd (vma_entry_can_be_lazy),
     minus the main stack, which CRIU's lazy dump never makes lazy either."""
@@ -283,12 +287,14 @@ class LazyPagesDaemon:
     """Serve ``criu restore --lazy-pages`` of ``images_dir`` from a page store.
 
     ``pages``: the content of the lazy pages, per dumped pid: a mapping
-    ``{pid: (addrs, pages)}`` (sorted uint64 addresses, (n, page_size) uint8 rows;
-    read-only mmap views are fine and are not copied), a single ``(addrs, pages)``
-    when the tree is one task, or an image set (path or ImageSet) holding every page
-    (a full dump). Every PE_LAZY page of the restore set must be in the store, else
-    :class:`LazyPagesError` at construction; ``missing="zero"`` serves absent ones as
-    zero pages instead (for a store that leaves out all-zero pages).
+    ``{pid: store}`` where a store is ``(addrs, pages)`` (sorted uint64 addresses,
+    (n, page_size) uint8 rows; read-only mmap views are fine and are not copied) or
+    the destination's :class:`statesync.migration.pagetable.PageTable` (served in
+    place, no copy); a single store when the tree is one task; or an image set (path
+    or ImageSet) holding every page (a full dump). Every PE_LAZY page of the restore
+    set must be in the store, else :class:`LazyPagesError` at construction;
+    ``missing="zero"`` serves absent ones as zero pages instead (for a store that
+    leaves out all-zero pages).
 
     ``work_dir``: CRIU's ``-W`` (default: images_dir), where the socket is made.
     ``chunk``: pages per background copy ioctl. ``prefetch=False`` serves faults only
@@ -331,23 +337,32 @@ class LazyPagesDaemon:
         return [int(e["pid"]) for e in tree]
 
     def _source_for(self, pages, pid):
+        """(addrs, slots or None, rows array) of pid's pages in the store."""
         if isinstance(pages, Mapping):
             got = pages.get(pid)
-            if got is None:
+        elif isinstance(pages, tuple) and len(pages) == 2:
+            got = pages
+        elif _is_page_table(pages):
+            got = pages
+        else:
+            s = pages if isinstance(pages, _iset.ImageSet) else _iset.ImageSet(pages,
+                                                                               self.page_size)
+            if not os.path.exists(os.path.join(s.path, f"pagemap-{pid}.img")):
                 return None
-            return got
-        if isinstance(pages, tuple) and len(pages) == 2:
-            return pages
-        s = pages if isinstance(pages, _iset.ImageSet) else _iset.ImageSet(pages, self.page_size)
-        if not os.path.exists(os.path.join(s.path, f"pagemap-{pid}.img")):
+            got = (s.addresses(pid), s.pages(pid))
+        if got is None:
             return None
-        return s.addresses(pid), s.pages(pid)
+        if _is_page_table(got):
+            # statesync.migration.pagetable.PageTable (the destination's store):
+            # keys sorted, slots[i] the row of keys[i]; served in place
+            return got.keys, got.slots, got.rows[:got.used]
+        return got[0], None, got[1]
 
     def _build_stores(self, pages, missing):
         stores = []
         ps = self.page_size
         pids = self._pids()
-        if isinstance(pages, tuple) and len(pids) != 1:
+        if (isinstance(pages, tuple) or _is_page_table(pages)) and len(pids) != 1:
             raise ValueError(f"{len(pids)} tasks in {self.images_dir}: give pages per pid")
         self.lazy_total = 0
         for pid in pids:
@@ -363,20 +378,30 @@ class LazyPagesDaemon:
                                      "page store has nothing for this pid; pass its pages",
                                      pid=pid)
             addrs = np.ascontiguousarray(src[0], dtype=np.uint64)
-            data = src[1]
+            slots = src[1]
+            data = src[2]
             if not isinstance(data, np.ndarray):
                 data = np.asarray(data)
             data = data.reshape(-1, ps) if data.ndim == 1 else data
             if data.dtype != np.uint8 or not data.flags.c_contiguous:
                 data = np.ascontiguousarray(data, dtype=np.uint8)
-            if data.shape[0] != addrs.size:
+            if slots is None and data.shape[0] != addrs.size:
                 raise ValueError(f"pid {pid}: {addrs.size} addresses but {data.shape[0]} pages")
+            if slots is not None and slots.size != addrs.size:
+                raise ValueError(f"pid {pid}: {addrs.size} keys but {slots.size} slots")
             if addrs.size > 1 and np.any(addrs[1:] <= addrs[:-1]):
                 raise ValueError(f"pid {pid}: store addresses must be sorted and unique")
             pos = np.searchsorted(addrs, lazy)
             ok = pos < addrs.size
             ok[ok] = addrs[pos[ok]] == lazy[ok]
-            rows = np.where(ok, pos, -1).astype(np.int64)
+            rows = np.full(lazy.size, -1, dtype=np.int64)
+            if slots is None:
+                rows[ok] = pos[ok]
+            else:
+                rows[ok] = np.asarray(slots, dtype=np.int64)[pos[ok]]
+                if rows.size and int(rows.max()) >= data.shape[0]:
+                    raise ValueError(f"pid {pid}: a slot points past the store's "
+                                     f"{data.shape[0]} rows")
             if not ok.all() and missing == "error":
                 bad = int(lazy[~ok][0])
                 raise LazyPagesError(f"pid {pid}: page {bad:#x} is lazy in {pm_path} but not in "
