@@ -53,8 +53,9 @@ struct task {
     size_t remaining;
     size_t cursor;          /* sequential fill: no pending page below it */
     size_t ra;              /* read-ahead start (index), SIZE_MAX: none */
-    const uint8_t *pages;
-    size_t nrows;
+    struct ss_lazy_src one;         /* the store when it is one array */
+    const struct ss_lazy_src *src;  /* else its pieces (nsrc > 0) */
+    size_t nsrc;
     const uint64_t *breaks;
     size_t nbreaks;
 };
@@ -149,6 +150,31 @@ static size_t lower_bound(const uint64_t *v, size_t n, uint64_t a)
             hi = mid;
     }
     return lo;
+}
+
+/* Where store row `row` lives, and how many rows follow it in the same piece
+ * (*avail); NULL when no piece holds it. */
+static const uint8_t *row_ptr(const struct task *t, int64_t row, size_t ps, uint64_t *avail)
+{
+    const struct ss_lazy_src *v = t->nsrc ? t->src : &t->one;
+    size_t n = t->nsrc ? t->nsrc : 1;
+    uint64_t r = (uint64_t)row;
+    size_t lo = 0, hi = n; /* last piece with first_row <= r */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (v[mid].first_row <= r)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (row < 0 || lo == 0)
+        return NULL;
+    const struct ss_lazy_src *p = &v[lo - 1];
+    if (r - p->first_row >= p->nrows || !p->base)
+        return NULL;
+    if (avail)
+        *avail = p->nrows - (r - p->first_row);
+    return p->base + (size_t)(r - p->first_row) * ps;
 }
 
 static void mark_done(struct task *t, size_t i)
@@ -322,12 +348,12 @@ static int serve_fault(struct daemon *d, size_t ti, uint64_t addr, uint64_t t0)
         have = 0; /* filled in the background (DONTWAKE) or dropped: see below */
     const uint8_t *src = NULL;
     if (have && t->row[i] >= 0) {
-        if ((size_t)t->row[i] >= t->nrows) {
+        src = row_ptr(t, t->row[i], d->ps, NULL);
+        if (!src) {
             d->st->err_pid = t->pid;
             d->st->err_addr = addr;
             return -ERANGE;
         }
-        src = t->pages + (size_t)t->row[i] * d->ps;
     }
     size_t got = place(d, t->fd, addr, src, 1, 0, &err);
     if (got == 1 || err == EEXIST) {
@@ -390,8 +416,9 @@ static int handle_fork(struct daemon *d, size_t ti, int child_fd)
     struct task *p = &d->t[ti];
     nt->fd = child_fd;
     nt->pid = p->pid;
-    nt->pages = p->pages;
-    nt->nrows = p->nrows;
+    nt->one = p->one;
+    nt->src = p->src;
+    nt->nsrc = p->nsrc;
     nt->breaks = p->breaks;
     nt->nbreaks = p->nbreaks;
     fcntl(child_fd, F_SETFD, FD_CLOEXEC);
@@ -557,12 +584,15 @@ static int fill_run(struct daemon *d, struct task *t, size_t i, size_t k)
         int zero = t->row[i] < 0;
         const uint8_t *src = NULL;
         if (!zero) {
-            if ((size_t)t->row[i] + k > t->nrows) {
+            uint64_t avail = 0;
+            src = row_ptr(t, t->row[i], d->ps, &avail);
+            if (!src) {
                 d->st->err_pid = t->pid;
                 d->st->err_addr = t->addr[i];
                 return -ERANGE;
             }
-            src = t->pages + (size_t)t->row[i] * d->ps;
+            if (avail < k)
+                k = avail; /* the rest of the run lives in the next piece */
         }
         int err = 0;
         size_t got = place(d, t->fd, t->addr[i], src, k, 1, &err);
@@ -764,8 +794,11 @@ static int handle_sock(struct daemon *d, int conn, const struct ss_lazy_store *s
     if (n) {
         memcpy(t->addr, s->addrs, n * sizeof *t->addr);
         memcpy(t->row, s->rows, n * sizeof *t->row);
-        t->pages = s->pages;
-        t->nrows = s->nrows;
+        t->one.base = s->pages;
+        t->one.first_row = 0;
+        t->one.nrows = s->nrows;
+        t->src = s->src;
+        t->nsrc = s->nsrc;
         t->breaks = s->breaks;
         t->nbreaks = s->nbreaks;
     }
@@ -840,10 +873,19 @@ int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, 
         const struct ss_lazy_store *s = &stores[i];
         if (s->n && (!s->addrs || !s->rows))
             return -EINVAL;
+        struct task probe;
+        memset(&probe, 0, sizeof probe);
+        probe.one.base = s->pages;
+        probe.one.nrows = s->nrows;
+        probe.src = s->src;
+        probe.nsrc = s->nsrc;
+        for (size_t j = 1; j < s->nsrc; j++)
+            if (s->src[j].first_row < s->src[j - 1].first_row + s->src[j - 1].nrows)
+                return -EINVAL;
         for (size_t j = 0; j < s->n; j++) {
             if (s->addrs[j] % d.ps || (j && s->addrs[j] <= s->addrs[j - 1]))
                 return -EINVAL;
-            if (s->rows[j] >= 0 && (!s->pages || (size_t)s->rows[j] >= s->nrows))
+            if (s->rows[j] >= 0 && !row_ptr(&probe, s->rows[j], d.ps, NULL))
                 return -ERANGE;
         }
     }

@@ -44,12 +44,22 @@
 /* ss_lazy_serve flags */
 #define SS_LAZY_ACCEPT 1u /* sock is a listening socket: accept one connection first */
 
+/* One piece of a page store: nrows rows of page_size bytes at base, holding the
+ * store's rows first_row .. first_row + nrows - 1 (a store grown in chunks). */
+struct ss_lazy_src {
+    const uint8_t *base;
+    uint64_t first_row;
+    uint64_t nrows;
+};
+
 /* The pages of one dumped task (pagemap-<pid>.img). addrs (sorted, unique,
  * page-aligned) are the task's lazy pages; page i's content is row rows[i] of
- * pages (nrows rows of page_size bytes), or a zero page when rows[i] < 0.
- * breaks (sorted, may be NULL) are addresses where a copy run must not cross
- * (VMA boundaries of the images): UFFDIO_COPY works inside one VMA only. A run
- * that still fails with ENOENT is retried page by page. */
+ * the store, or a zero page when rows[i] < 0. The store is either pages (nrows
+ * rows of page_size bytes) or, when nsrc > 0, the pieces src (sorted by
+ * first_row, not overlapping). breaks (sorted, may be NULL) are addresses where
+ * a copy run must not cross (VMA boundaries of the images): UFFDIO_COPY works
+ * inside one VMA only. A run that still fails with ENOENT is retried page by
+ * page. Nothing here is copied: it must stay unchanged until the call returns. */
 struct ss_lazy_store {
     int32_t pid;
     size_t n;
@@ -57,6 +67,8 @@ struct ss_lazy_store {
     const int64_t *rows;
     const uint8_t *pages;
     size_t nrows;
+    const struct ss_lazy_src *src;
+    size_t nsrc;
     const uint64_t *breaks;
     size_t nbreaks;
 };

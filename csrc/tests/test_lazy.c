@@ -135,7 +135,9 @@ static int child_basic(int sock, uint8_t *map, size_t span)
     return bad > 99 ? 99 : bad;
 }
 
-static void test_basic(void)
+/* pieces > 1: the store's rows live in that many separate arrays (a store
+ * grown in chunks), runs must stop at their ends */
+static void test_basic(int pieces)
 {
     size_t span = 1500;
     uint8_t *map = mmap(NULL, span * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
@@ -154,6 +156,21 @@ static void test_basic(void)
     close(sv[1]);
     struct ss_lazy_store ls = {.pid = pid, .n = s.n, .addrs = s.addrs, .rows = s.rows,
                                .pages = s.pages, .nrows = s.nrows};
+    struct ss_lazy_src src[4];
+    uint8_t *copies[4] = {NULL};
+    if (pieces > 1) {
+        size_t per = (s.nrows + (size_t)pieces - 1) / (size_t)pieces;
+        for (int k = 0; k < pieces; k++) {
+            size_t first = (size_t)k * per, cnt = first + per > s.nrows ? s.nrows - first : per;
+            copies[k] = malloc(cnt * ps);
+            memcpy(copies[k], s.pages + first * ps, cnt * ps);
+            src[k] = (struct ss_lazy_src){copies[k], first, cnt};
+        }
+        ls.pages = NULL;
+        ls.nrows = 0;
+        ls.src = src;
+        ls.nsrc = (size_t)pieces;
+    }
     uint64_t lat[64];
     struct ss_lazy_opts o = {.page_size = ps, .chunk = 64, .cancel_fd = -1, .lat_ns = lat,
                              .lat_cap = 64};
@@ -176,8 +193,10 @@ static void test_basic(void)
     CHECK(st.prefetch_ioctls < s.n / 2); /* runs (broken at every store zero page) */
     CHECK(st.faults >= 6 && st.lat_n == (st.faults < 64 ? st.faults : 64));
     CHECK(st.t_finished_ns >= st.t_connected_ns && st.t_filled_ns >= st.t_finished_ns);
-    CHECK(st.lost_exited == 0 && st.unreachable == 0);
+    CHECK(st.lost_exited == 0 && st.unreachable == 0 && st.left == 0);
     close(sv[0]);
+    for (int k = 0; k < 4; k++)
+        free(copies[k]);
     store_free(&s);
     munmap(map, span * ps);
 }
@@ -344,6 +363,13 @@ static void test_protocol_failures(void)
     struct ss_lazy_store bad = {.pid = 1, .n = 2, .addrs = addrs, .rows = rows,
                                 .pages = (const uint8_t *)addrs, .nrows = 2};
     CHECK(ss_lazy_serve(-1, 0, &bad, 1, NULL, &st) == -EINVAL);
+    /* a row no piece holds */
+    uint64_t one[1] = {ps};
+    int64_t far[1] = {5};
+    struct ss_lazy_src piece = {(const uint8_t *)addrs, 0, 2};
+    struct ss_lazy_store out = {.pid = 1, .n = 1, .addrs = one, .rows = far, .src = &piece,
+                                .nsrc = 1};
+    CHECK(ss_lazy_serve(-1, 0, &out, 1, NULL, &st) == -ERANGE);
 }
 
 /* ---------------------------------------------------------------- test 4 */
@@ -384,7 +410,8 @@ int main(void)
     }
     close(probe);
     test_close_means_zeros();
-    test_basic();
+    test_basic(1);
+    test_basic(3);
     test_events();
     TEST_DONE();
 }

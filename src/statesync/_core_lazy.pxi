@@ -4,6 +4,10 @@
 # whole serving loop and raises OSError (with .stats attached) on failure.
 
 cdef extern from "ss_lazy.h" nogil:
+    struct ss_lazy_src:
+        const uint8_t *base
+        uint64_t first_row
+        uint64_t nrows
     struct ss_lazy_store:
         int32_t pid
         size_t n
@@ -11,6 +15,8 @@ cdef extern from "ss_lazy.h" nogil:
         const int64_t *rows
         const uint8_t *pages
         size_t nrows
+        const ss_lazy_src *src
+        size_t nsrc
         const uint64_t *breaks
         size_t nbreaks
     struct ss_lazy_opts:
@@ -98,10 +104,17 @@ def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
     boundaries) or None. accept: sock is listening (accept CRIU's connection).
     Returns (stats dict, fault service times in ns as a uint64 array). Releases
     the GIL for the whole run. Raises OSError(errno) with .stats on failure."""
-    cdef size_t ns = len(stores), i
+    cdef size_t ns = len(stores), i, k, npc = 0
+    for st_ in stores:
+        if isinstance(st_[3], list):
+            npc += len(st_[3])
     cdef ss_lazy_store *cs = <ss_lazy_store *>malloc((ns if ns else 1) * sizeof(ss_lazy_store))
-    if cs == NULL:
+    cdef ss_lazy_src *pcs = <ss_lazy_src *>malloc((npc if npc else 1) * sizeof(ss_lazy_src))
+    if cs == NULL or pcs == NULL:
+        free(cs)
+        free(pcs)
         raise MemoryError()
+    cdef size_t used = 0
     cdef const uint64_t[::1] av
     cdef const int64_t[::1] rv
     cdef const uint8_t[:, ::1] pv
@@ -115,15 +128,19 @@ def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
             if addrs.shape[0] != rows.shape[0]:
                 raise ValueError(f"pid {pid}: {addrs.shape[0]} addresses but "
                                  f"{rows.shape[0]} rows")
-            if pages.ndim != 2 or (pages.shape[0] and pages.shape[1] != page_size):
-                raise ValueError(f"pid {pid}: pages have shape {pages.shape}, expected "
-                                 f"(n, {page_size})")
+            pieces = pages if isinstance(pages, list) else None
+            for arr in ([a for _, a in pieces] if pieces is not None else [pages]):
+                if arr.ndim != 2 or (arr.shape[0] and arr.shape[1] != page_size):
+                    raise ValueError(f"pid {pid}: pages have shape {arr.shape}, expected "
+                                     f"(n, {page_size})")
             cs[i].pid = <int32_t>int(pid)
             cs[i].n = addrs.shape[0]
             cs[i].addrs = NULL
             cs[i].rows = NULL
             cs[i].pages = NULL
             cs[i].nrows = 0
+            cs[i].src = NULL
+            cs[i].nsrc = 0
             cs[i].breaks = NULL
             cs[i].nbreaks = 0
             if addrs.shape[0]:
@@ -132,7 +149,20 @@ def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
                 keep += [av, rv]
                 cs[i].addrs = &av[0]
                 cs[i].rows = &rv[0]
-            if pages.shape[0]:
+            if pieces is not None:
+                cs[i].src = &pcs[used]
+                cs[i].nsrc = len(pieces)
+                for k in range(len(pieces)):
+                    first, arr = pieces[k]
+                    pcs[used].first_row = <uint64_t>int(first)
+                    pcs[used].nrows = arr.shape[0]
+                    pcs[used].base = NULL
+                    if arr.shape[0]:
+                        pv = arr
+                        keep.append(pv)
+                        pcs[used].base = &pv[0, 0]
+                    used += 1
+            elif pages.shape[0]:
                 pv = pages
                 keep.append(pv)
                 cs[i].pages = &pv[0, 0]
@@ -149,6 +179,7 @@ def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
                          accept_timeout_ms, prefetch, lat, max_latencies)
     finally:
         free(cs)
+        free(pcs)
 
 
 cdef object _lazy_run(int sock, ss_lazy_store *cs, size_t ns, bint accept, size_t page_size,

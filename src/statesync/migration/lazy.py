@@ -131,6 +131,16 @@ class LazyStats:
 # --------------------------------------------------------------------------- images
 
 
+def _rows_u8(data, ps: int) -> np.ndarray:
+    """(n, ps) C-contiguous uint8 rows (a view when data already is one)."""
+    if not isinstance(data, np.ndarray):
+        data = np.asarray(data)
+    data = data.reshape(-1, ps) if data.ndim == 1 else data
+    if data.dtype != np.uint8 or not data.flags.c_contiguous:
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+    return data
+
+
 def _is_page_table(x) -> bool:
     return all(hasattr(x, a) for a in ("keys", "slots", "rows", "used"))
 
@@ -353,8 +363,13 @@ class LazyPagesDaemon:
         if got is None:
             return None
         if _is_page_table(got):
-            # statesync.migration.pagetable.PageTable (the destination's store):
-            # keys sorted, slots[i] the row of keys[i]; served in place
+            # statesync's PageStore (migration.pagetable.PageTable, the destination's
+            # store): keys sorted, slots[i] the row of keys[i], rows in chunks; the
+            # chunks are served in place (pieces), never gathered
+            chunks = getattr(got, "_chunks", None)
+            starts = getattr(got, "_starts", None)
+            if chunks is not None and starts is not None and len(chunks) == len(starts):
+                return got.keys, got.slots, [(int(a), c) for a, c in zip(starts, chunks)]
             return got.keys, got.slots, got.rows[:got.used]
         return got[0], None, got[1]
 
@@ -380,13 +395,14 @@ class LazyPagesDaemon:
             addrs = np.ascontiguousarray(src[0], dtype=np.uint64)
             slots = src[1]
             data = src[2]
-            if not isinstance(data, np.ndarray):
-                data = np.asarray(data)
-            data = data.reshape(-1, ps) if data.ndim == 1 else data
-            if data.dtype != np.uint8 or not data.flags.c_contiguous:
-                data = np.ascontiguousarray(data, dtype=np.uint8)
-            if slots is None and data.shape[0] != addrs.size:
-                raise ValueError(f"pid {pid}: {addrs.size} addresses but {data.shape[0]} pages")
+            if isinstance(data, list):
+                data = [(first, _rows_u8(c, ps)) for first, c in data]
+                nrows = max((first + c.shape[0] for first, c in data), default=0)
+            else:
+                data = _rows_u8(data, ps)
+                nrows = data.shape[0]
+            if slots is None and nrows != addrs.size:
+                raise ValueError(f"pid {pid}: {addrs.size} addresses but {nrows} pages")
             if slots is not None and slots.size != addrs.size:
                 raise ValueError(f"pid {pid}: {addrs.size} keys but {slots.size} slots")
             if addrs.size > 1 and np.any(addrs[1:] <= addrs[:-1]):
@@ -399,9 +415,9 @@ class LazyPagesDaemon:
                 rows[ok] = pos[ok]
             else:
                 rows[ok] = np.asarray(slots, dtype=np.int64)[pos[ok]]
-                if rows.size and int(rows.max()) >= data.shape[0]:
+                if rows.size and int(rows.max()) >= nrows:
                     raise ValueError(f"pid {pid}: a slot points past the store's "
-                                     f"{data.shape[0]} rows")
+                                     f"{nrows} rows")
             if not ok.all() and missing == "error":
                 bad = int(lazy[~ok][0])
                 raise LazyPagesError(f"pid {pid}: page {bad:#x} is lazy in {pm_path} but not in "
@@ -435,9 +451,10 @@ class LazyPagesDaemon:
 
     def _populate_all(self):
         for st in self._stores:
-            if self.done:
-                return
-            _populate(st[3])
+            for arr in ([c for _, c in st[3]] if isinstance(st[3], list) else [st[3]]):
+                if self.done:
+                    return
+                _populate(arr)
 
     def _run(self):
         from statesync import _core
