@@ -221,11 +221,12 @@ class _DestinationSession:
             os.fsync(self.server.dir_fd)
             return os.path.join(self.images_dir, final_name)
 
-        self.final_dir = await asyncio.to_thread(assemble)
+        final_dir: str = await asyncio.to_thread(assemble)
+        self.final_dir = final_dir
         self.tmp = None
         t1 = time.monotonic()
         self.result["assemble_s"] = t1 - t0
-        pidfile = os.path.join(self.final_dir, ".restored.pid")
+        pidfile = os.path.join(final_dir, ".restored.pid")
         self._record(D.RESTORING, tmp_dir=None, final_dir=self.final_dir, pidfile=pidfile)
         if not self.restore:
             self._record(D.PREPARED)
@@ -235,7 +236,7 @@ class _DestinationSession:
             await self._wait_commit()
             return
         try:
-            p = criu_spawn(["restore", "-D", self.final_dir, "-o", "restore.log", "--pidfile",
+            p = criu_spawn(["restore", "-D", final_dir, "-o", "restore.log", "--pidfile",
                             pidfile, "-d", "--leave-stopped"], None, pdeathsig=True)
             fault("dest:restore")
             try:
@@ -244,7 +245,7 @@ class _DestinationSession:
                 p.kill()
                 p.wait()
                 raise CriuError("criu restore did not finish within 300 s") from None
-            criu_result(p, os.path.join(self.final_dir, "restore.log"), "restore")
+            criu_result(p, os.path.join(final_dir, "restore.log"), "restore")
             try:
                 with open(pidfile) as f:
                     self.restored_pid = int(f.read().strip())
@@ -262,7 +263,7 @@ class _DestinationSession:
             await self.chan.send_json(wire.FAILED, {"error": str(exc)[-3000:]})
             raise MigrationError(f"restore failed: {exc}", "restore") from exc
         t2 = time.monotonic()
-        stats = _read_stats(os.path.join(self.final_dir, "stats-restore"))
+        stats = _read_stats(os.path.join(final_dir, "stats-restore"))
         self.result.update(restore_s=t2 - t1, pid=self.restored_pid)
         self._record(D.PREPARED)
         self.restored_sent = True
@@ -339,7 +340,8 @@ def _write_rows(fd: int, rows: np.ndarray, slots: np.ndarray) -> None:
     breaks = np.flatnonzero(np.diff(slots) != 1) + 1
     starts = np.concatenate([[0], breaks]).tolist()
     ends = np.concatenate([breaks, [slots.size]]).tolist()
-    iov = [memoryview(rows[slots[a]:slots[a] + (b - a)]).cast("B") for a, b in zip(starts, ends)]
+    iov = [memoryview(rows[slots[a]:slots[a] + (b - a)]).cast("B")  # type: ignore[arg-type]
+           for a, b in zip(starts, ends)]
     for i in range(0, len(iov), 512):
         chunk = iov[i:i + 512]
         want = sum(len(v) for v in chunk)
@@ -384,7 +386,7 @@ class DestinationServer:
         self._lsock: Optional[socket.socket] = None
         self._waiters: Dict[str, asyncio.Future] = {}
         self._refused = 0
-        self.server = None
+        self.server: Optional[asyncio.Future] = None
         self.dir_fd = -1
         self.supervisor: Optional[Supervisor] = None
         self.supervisor_pid: Optional[int] = None
@@ -409,7 +411,7 @@ class DestinationServer:
                 for k in ("tmp_dir", "final_dir"):
                     if r.get(k):
                         needed.add(os.path.basename(r[k]))
-        removed = []
+        removed: List[str] = []
         try:
             names = os.listdir(self.images_dir)
         except FileNotFoundError:
@@ -448,9 +450,11 @@ class DestinationServer:
         idle peers can never exhaust our file descriptors (asyncio's own accept loop
         takes a whole backlog at once)."""
         loop = asyncio.get_running_loop()
+        lsock = self._lsock
+        assert lsock is not None
         while True:
             try:
-                conn, _ = await loop.sock_accept(self._lsock)
+                conn, _ = await loop.sock_accept(lsock)
             except OSError as exc:     # EMFILE/ENFILE: make room, then retry
                 self._evict_oldest()
                 self._note_refused("(accept)", f"{exc.strerror or exc}")
@@ -535,7 +539,7 @@ class DestinationServer:
         finally:
             self._busy = False
             chan.close()
-        if self.once:
+        if self.once and self._done is not None:
             self._done.set()
 
     def _note_refused(self, peer, why: str) -> None:
@@ -607,6 +611,7 @@ class DestinationServer:
             chan.close()
 
     async def serve(self, timeout: Optional[float] = None) -> List[dict]:
+        assert self._done is not None and self.server is not None, "start() first"
         try:
             if timeout is None:
                 await self._done.wait()

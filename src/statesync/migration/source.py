@@ -5,7 +5,7 @@ import asyncio
 import os
 import secrets
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, cast
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class _SourceAgent(SwitchOver):
         self.max_rounds = max_rounds
         self.targets = targets
         self.scheduler_name = scheduler_name
-        self.sched = None
+        self.sched: Any = None
         self.work_dir = work_dir
         self.io_timeout = io_timeout
         self.progress = progress or (lambda ev: None)
@@ -59,7 +59,8 @@ class _SourceAgent(SwitchOver):
         self.mirror = PageTable(PAGE_SIZE)        # contents the destination holds (xor only)
         self.report = Report(pid=pid, dest=dest, strategy=strategy, codec=self.codec.name,
                              memory_backend=self.mem.backend)
-        self.chan: Optional[wire.Channel] = None
+        # Set once connected (run()); every user runs after that.
+        self.chan: wire.Channel = cast("wire.Channel", None)
         # The handoff (docs/migrate.md): one session id per attempt, a durable record
         # of our state in it, a supervisor process that settles it if we die.
         self.session = secrets.token_hex(8)
@@ -236,7 +237,7 @@ class _SourceAgent(SwitchOver):
             probe = await self._in_thread(self.mem.collect)
             window = max(time.monotonic() - t0, 1e-3)
             rate = probe.size / window
-        codecs = ()
+        codecs: tuple = ()
         if self.compression in ("auto", "lz4"):
             c = await asyncio.to_thread(self._sample_codec)
             codecs = (c,) if c is not None else ()

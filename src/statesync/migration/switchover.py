@@ -10,6 +10,8 @@ import subprocess
 import tempfile
 import time
 
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+
 import numpy as np
 
 from statesync import criu
@@ -27,6 +29,7 @@ from statesync.migration.common import (
     fault,
 )
 from statesync.migration.records import SourceState as S
+from statesync.migration.report import Report
 from statesync.migration.supervisor import kill_tree, resolve_with_peer, resume_tree
 
 
@@ -40,6 +43,43 @@ class SwitchOver:
     before COMMITTING aborts: the whole frozen tree resumes. A failure after COMMIT
     was sent is IN_DOUBT: both copies stay stopped until the destination answers a
     RESOLVE (here, in the supervisor or in ``statesync recover``)."""
+
+    # What the source agent (source._SourceAgent) provides.
+    pid: int
+    pid_start: Optional[int]
+    dest: str
+    netns: Optional[str]
+    secret: bytes
+    session: str
+    state_base: str
+    record_path: str
+    report: Report
+    chan: Any
+    shadow: Any
+    criu_args: List[str]
+    work_dir: Optional[str]
+    dump_dir: Optional[str]
+    dump_retries: int
+    io_timeout: float
+    budget_s: float
+    resolve_window: float
+    deadline: float
+    frozen: bool
+    decided: bool
+    committed: bool
+    committing: bool
+    cancel_requested: bool
+    _criu: Optional[subprocess.Popen]
+
+    if TYPE_CHECKING:
+        def _emit(self, kind: str, **kw: Any) -> None: ...
+
+        def _record(self, state: Any, **fields: Any) -> None: ...
+
+        async def _in_thread(self, fn: Callable[..., Any], *args: Any,
+                             **kwargs: Any) -> Any: ...
+
+        async def _send_pages(self, addrs: np.ndarray, reader: Any) -> Tuple[int, int]: ...
 
     async def _switchover(self, t_start: float) -> None:
         base = self.work_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
