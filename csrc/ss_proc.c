@@ -85,9 +85,18 @@ ssize_t ss_pagemap_select_ex(int fd, uint64_t start, uint64_t end, size_t page_s
             addr = end;
             break;
         }
-        for (ssize_t i = 0; i < got; i++)
-            if ((buf[i] & mask) && !(buf[i] & exclude))
-                out[n++] = addr + (uint64_t)i * page_size;
+        for (ssize_t i = 0; i < got; i++) {
+            if (!(buf[i] & mask) || (buf[i] & exclude & ~SS_PM_MARKER))
+                continue;
+            /* A PTE marker (a uffd-wp marker on a never-populated page, a guard
+             * region) shows as "swapped" with swap type 31 (SWP_PTE_MARKER: the last
+             * of the 5-bit types) when the reader may see swap entries (CAP_SYS_ADMIN).
+             * It holds no memory. */
+            if ((exclude & SS_PM_MARKER) && (buf[i] & (1ULL << 62)) &&
+                !(buf[i] & (1ULL << 63)) && (buf[i] & 0x1f) == 0x1f)
+                continue;
+            out[n++] = addr + (uint64_t)i * page_size;
+        }
         addr += (uint64_t)got * page_size;
     }
     if (next)

@@ -42,6 +42,10 @@ ssize_t ss_pagemap_select(int fd, uint64_t start, uint64_t end, size_t page_size
 
 /* ss_pagemap_select, leaving out pages whose entry has any bit of exclude set
  * (SS_PM_FILE: page-cache pages of a file, which CRIU does not dump). */
+/* In ss_pagemap_select_ex's exclude: leave out PTE markers (bit 60 of a pagemap
+ * entry is always zero, so it is free to carry this request). */
+#define SS_PM_MARKER (1ULL << 60)
+
 ssize_t ss_pagemap_select_ex(int fd, uint64_t start, uint64_t end, size_t page_size,
                              uint64_t mask, uint64_t exclude, uint64_t *out, size_t cap,
                              uint64_t *next);

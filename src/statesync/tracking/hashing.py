@@ -5,10 +5,18 @@ from typing import TYPE_CHECKING, List
 
 import numpy as np
 
-from statesync import _core, proc
-from statesync._consts import PAGE_SIZE
+from statesync import proc
 from statesync.proc import Vma
-from statesync.tracking.common import _EMPTY, _in_sorted, _merge, _select, _tracked
+from statesync.tracking.common import (
+    PM_MARKER,
+    _EMPTY,
+    _hash_any,
+    _hash_ranges,
+    _in_sorted,
+    _merge,
+    _select,
+    _tracked,
+)
 
 if TYPE_CHECKING:
     from statesync.tracking.tracker import Tracker
@@ -27,9 +35,11 @@ class _HashState:
 
     def refresh(self, vmas: List[Vma], baseline: bool = False) -> np.ndarray:
         vmas = sorted(vmas, key=lambda v: v.start)
-        addrs = _select(self.pm, [(v.start, v.end) for v in vmas],
-                        proc.PM_PRESENT | proc.PM_SWAPPED)
-        hashes, ok = _core.hash_remote(self.pid, addrs, PAGE_SIZE)
+        priv, shared = _hash_ranges(vmas)
+        mask = proc.PM_PRESENT | proc.PM_SWAPPED
+        addrs = _merge([_select(self.pm, priv, mask, exclude=proc.PM_FILE | PM_MARKER),
+                        _select(self.pm, shared, mask, exclude=PM_MARKER)])
+        hashes, ok = _hash_any(self.pid, addrs)
         if not ok.all():  # vanished between pagemap and read: not there now
             addrs, hashes = addrs[ok], hashes[ok]
         old_a, old_h = self.addrs, self.hashes

@@ -18,6 +18,7 @@ from statesync.errors import (
 )
 from statesync.proc import Vma
 from statesync.tracking.common import (
+    PM_MARKER,
     _EMPTY,
     _in_sorted,
     _merge,
@@ -184,8 +185,11 @@ class _UffdBackend(_Backend):
     # -- VMAs
 
     def _sync_vmas(self, arm: bool = False) -> List[Tuple[int, int]]:
-        """Register new candidate VMAs, forget vanished ones, and update the hashed
-        set. Returns the runs [(start, end)] of adjacent registered VMAs."""
+        """Register new VMAs, forget vanished ones, and update the hashed set.
+        Returns the runs [(start, end)] of registered VMAs to scan: a run spans
+        unmapped gaps (the scan walks no page table there, and a VMA mapped into
+        a gap meanwhile fails the scan with EPERM, see collect) and ends at a VMA
+        we do not track through uffd."""
         maps = self.t._maps()
         if maps is self._synced_maps and not arm:
             return self._runs_cache
@@ -209,29 +213,34 @@ class _UffdBackend(_Backend):
             else:
                 self.refused[(v.start, v.end)] = rc
                 hashed.append(v)
-        runs = self._runs()
+        runs = self._runs(maps)
         self._synced_maps, self._runs_cache = maps, runs
-        self._restrict_present(runs)
+        self._restrict_present()
         if arm:
-            self.present = _select(self.t._pm, runs, proc.PM_PRESENT | proc.PM_SWAPPED)
+            # (pagemap is read per VMA: a run may span terabytes of unmapped gap)
+            self.present = _select(self.t._pm, sorted(self.registered.items()),
+                                   proc.PM_PRESENT | proc.PM_SWAPPED, exclude=PM_MARKER)
             for s, e in runs:
                 _, err = _core.scan_written(self.t._pm, s, e, self.flags, arm_only=True)
                 if err == -errno.EPERM:
                     # replaced since the maps read: the next collect registers the
                     # new VMA and reports all its pages
-                    self.registered.pop(s, None)
+                    for a in [a for a in self.registered if s <= a < e]:
+                        self.registered.pop(a, None)
         self._hashed = hashed
         return runs
 
-    def _restrict_present(self, runs) -> None:
+    def _restrict_present(self) -> None:
         """Forget present pages outside the registered VMAs (unmapped ones)."""
         if not self.present.size:
             return
-        starts = np.array([s for s, _ in runs], dtype=np.uint64)
-        ends = np.array([e for _, e in runs], dtype=np.uint64)
+        starts = np.array(sorted(self.registered), dtype=np.uint64)
+        ends = np.array([self.registered[s] for s in sorted(self.registered)], dtype=np.uint64)
+        if not starts.size:
+            self.present = _EMPTY
+            return
         k = np.searchsorted(starts, self.present, side="right") - 1
-        keep = (k >= 0) & (self.present < ends[np.maximum(k, 0)]) if runs else \
-            np.zeros(self.present.size, dtype=bool)
+        keep = (k >= 0) & (self.present < ends[np.maximum(k, 0)])
         if not keep.all():
             self.present = self.present[keep]
 
@@ -259,14 +268,20 @@ class _UffdBackend(_Backend):
         self.present = self.present[~inside]
         return gone
 
-    def _runs(self) -> List[Tuple[int, int]]:
+    def _runs(self, maps: List[Vma]) -> List[Tuple[int, int]]:
         runs: List[Tuple[int, int]] = []
-        for s in sorted(self.registered):
-            e = self.registered[s]
-            if runs and runs[-1][1] == s:
-                runs[-1] = (runs[-1][0], e)
-            else:
-                runs.append((s, e))
+        cur: Optional[List[int]] = None
+        for v in maps:     # ascending
+            if self.registered.get(v.start) == v.end:
+                if cur is None:
+                    cur = [v.start, v.end]
+                else:
+                    cur[1] = v.end
+            elif cur is not None:
+                runs.append((cur[0], cur[1]))
+                cur = None
+        if cur is not None:
+            runs.append((cur[0], cur[1]))
         return runs
 
     def _reregister(self, s: int, e: int) -> None:
