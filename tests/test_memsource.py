@@ -66,3 +66,159 @@ def test_no_fd_leak_and_missing_process_is_no_such_process():
     with pytest.raises(NoSuchProcess) as ei:
         dumpable_pages(2 ** 22 + 1)
     assert ei.value.pid == 2 ** 22 + 1
+
+
+# --------------------------------------------------------------------------- shmem
+
+_SHM32 = r'''
+import hashlib, mmap, socket, sys
+N = 8192                                   # 32 MiB MAP_SHARED anonymous (Python's default)
+m = mmap.mmap(-1, N * 4096)
+for i in range(N):
+    m[i * 4096:i * 4096 + 64] = bytes([i % 251 + 1]) * 64
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1]); s.listen()
+while True:
+    c, _ = s.accept()
+    cmd = c.recv(100).decode().split()
+    if cmd[0] == "w":
+        i = int(cmd[1]); m[i * 4096 + 100:i * 4096 + 108] = b"XXXXXXXX"
+    c.sendall(hashlib.sha1(m).hexdigest().encode()); c.close()
+'''
+
+
+def _shm_expected(i):
+    page = bytearray(PS)
+    page[:64] = bytes([i % 251 + 1]) * 64
+    return bytes(page)
+
+
+class _ShmServer:
+    def __init__(self, tmp_path, pidns):
+        import subprocess
+        script = tmp_path / "shm32.py"
+        script.write_text(_SHM32)
+        self.name = f"statesync-memsource-shm-{os.getpid()}-{id(self)}"
+        pre = ["unshare", "-p", "-f", "setsid"] if pidns else []
+        self.p = subprocess.Popen(pre + ["/usr/bin/python3", str(script), self.name],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        self.req("h")
+        from statesync import proc
+        self.pid = proc.descendants(self.p.pid)[0] if pidns else self.p.pid
+
+    def req(self, x):
+        import socket
+        import time
+        deadline = time.monotonic() + 30
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect("\0" + self.name)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        s.sendall(x.encode())
+        r = s.recv(100).decode()
+        s.close()
+        return r
+
+    def kill(self):
+        from statesync import proc
+        proc.kill_tree([self.pid], self.p, timeout=20)
+
+
+def _shm_space(ms):
+    sh = [sp for sp in ms.spaces.values() if sp.kind == "shmem" and sp.size == 8192 * PS]
+    assert len(sh) == 1, ms.spaces
+    return sh[0]
+
+
+def test_shared_anonymous_32mb_buffer_is_state_and_tracked(tmp_path):
+    """A Python process's 32 MB mmap.mmap(-1, ...) buffer (MAP_SHARED anonymous): with
+    shmem=True the memory source lists its 8192 pages as state (one shmem space, by
+    offset, as CRIU's pagemap-shmem-INO.img), reads them exactly, and the tracker
+    reports the pages written through the mapping as that object's keys."""
+    from conftest import have_root, require
+    from statesync.migration.memsource import MemorySource, addr_of, make_keys, space_of
+    require(have_root(), "reading shmem through /proc/PID/map_files needs CAP_SYS_ADMIN")
+    srv = _ShmServer(tmp_path, pidns=False)
+    ms = MemorySource(srv.pid, shmem=True)
+    try:
+        keys = ms.present_pages()
+        sp = _shm_space(ms)
+        assert sp.image == f"pagemap-shmem-{sp.shmid}.img"
+        mine = keys[space_of(keys) == sp.index]
+        assert np.array_equal(addr_of(mine), np.arange(8192, dtype=np.uint64) * PS)
+        # the private pages of the root are still there, as plain addresses (space 0)
+        assert (space_of(keys) == 0).sum() > 100
+        pages, ok = ms.read(mine)
+        assert ok.all()
+        for i in (0, 1, 250, 251, 4096, 8191):
+            assert pages[i].tobytes() == _shm_expected(i)
+        # without shmem=True the buffer is not state (CRIU dumps it whole)
+        plain = MemorySource(srv.pid).present_pages()
+        assert (space_of(plain) == 0).all()
+        ms.attach_tracker("auto")
+        ms.collect()
+        srv.req("w 5")
+        srv.req("w 8000")
+        got = ms.collect()
+        shm_got = addr_of(got[space_of(got) == sp.index])
+        assert {5 * PS, 8000 * PS} <= set(shm_got.tolist())
+        assert shm_got.size < 64, "only what was written, not the whole object"
+        p2, ok2 = ms.read(make_keys(sp.index, np.array([5 * PS], np.uint64)))
+        assert ok2.all() and p2[0, 100:108].tobytes() == b"XXXXXXXX"
+    finally:
+        ms.close()
+        srv.kill()
+
+
+def test_image_set_from_precopied_shmem_pages_restores(tmp_path, criu_ok):
+    """Pre-copied shmem pages (read by the memory source while the process runs)
+    become the pagemap-shmem-INO.img of an image set statesync's writer assembles
+    from a dump's non-memory images; the dump's own shmem pages are zeroed first, so
+    only the pre-copied ones can give the restored process its content: plain
+    `criu restore` brings back the exact buffer."""
+    from statesync import criu
+    from statesync.migration.memsource import MemorySource, addr_of, space_of
+    srv = _ShmServer(tmp_path, pidns=True)
+    rpid = None
+    try:
+        srv.req("w 77")
+        h = srv.req("h")
+        ms = MemorySource(srv.pid, shmem=True)
+        keys = ms.present_pages()
+        sp = _shm_space(ms)
+        mine = keys[space_of(keys) == sp.index]
+        pages, ok = ms.read(mine)
+        assert ok.all() and mine.size == 8192
+        ms.close()
+        criu.dump(srv.pid, tmp_path / "final", leave_running=True)
+        name = sp.image
+        tpl = criu.ImageSet(tmp_path / "final")
+        assert name in tpl.pagemap_names
+        pid_of = tpl.pagemap(name).pages_id
+        with open(tmp_path / "final" / f"pages-{pid_of}.img", "r+b") as f:   # forget them
+            size = f.seek(0, 2)
+            f.seek(0)
+            f.write(bytes(size))
+        tpl.close()
+        r = criu.write_image_set_pages(tmp_path / "final", tmp_path / "out",
+                                       {name: (addr_of(mine), pages)})
+        assert r.pages_written >= 8192
+        os.kill(srv.pid, 9)
+        srv.p.wait(timeout=20)
+        rr = criu.restore(tmp_path / "out")
+        rpid = rr.pid
+        assert srv.req("h") == h
+    finally:
+        if rpid:
+            try:
+                os.kill(rpid, 9)
+            except ProcessLookupError:
+                pass
+        srv.kill()

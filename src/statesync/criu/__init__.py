@@ -52,10 +52,12 @@ from statesync.criu.writer import (
                                    flatten,
                                    info,
                                    write_image_set,
+                                   write_image_set_pages,
                                    write_incremental,
 )
 
 __all__ = ["CriuInfo", "DumpResult", "RestoreResult", "ImageSet", "find_criu", "check", "dump",
            "restore", "diff", "write_incremental", "flatten", "write_image_set", "info",
+           "write_image_set_pages",
            "PE_PARENT", "PE_LAZY", "PE_PRESENT", "VMA_DTYPE", "WriteResult", "netns_of",
            "FEATURES", "MIN_VERSION"]

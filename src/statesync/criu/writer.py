@@ -250,6 +250,53 @@ def write_image_set(template_dir, out_dir, addrs, pages: Union[np.ndarray, Calla
     return _write(base, out_dir, parent, {name: (addrs, pages)})
 
 
+def write_image_set_pages(template_dir, out_dir, pagemaps: Dict[str, tuple],
+                          parent_dir=None) -> WriteResult:
+    """:func:`write_image_set` for several pagemaps at once, task and shared memory:
+    ``pagemaps`` maps an image name of the template to ``(addrs, pages)`` as there
+    (``pages`` an (n, page_size) array or a callable). Task pagemaps
+    (``pagemap-PID.img``) take page addresses, which must lie in the task's VMAs;
+    shmem pagemaps (``pagemap-shmem-SHMID.img``, written by CRIU for MAP_SHARED
+    anonymous memory, memfd and SysV segments) take byte offsets in the object, which
+    must lie below its size as the template's VMAs with that shmid map it. Pages of a
+    pagemap not given keep the template's content. This is how a destination
+    assembles a process tree's image set from pre-copied pages: one entry per task
+    and one per shmem object (a page shared by several tasks is one offset of its
+    object's pagemap). ValueError names the first page out of bounds."""
+    base = _as_set(template_dir)
+    parent = _as_set(parent_dir) if parent_dir is not None else None
+    names = set(base.pagemap_names)
+    shm_size: Dict[int, int] = {}
+    for n in names:
+        if _img.is_task_pagemap(n):
+            v = base.vmas(n)
+            for sid, pg, st, en in zip(v["shmid"].tolist(), v["pgoff"].tolist(),
+                                       v["start"].tolist(), v["end"].tolist()):
+                if sid:
+                    shm_size[sid] = max(shm_size.get(sid, 0), pg + en - st)
+    over = {}
+    for name, (addrs, pages) in pagemaps.items():
+        if name not in names:
+            raise ValueError(f"{name} is not a pagemap of the template {base.path}")
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        if addrs.size and _img.is_task_pagemap(name):
+            v = base.vmas(name)
+            i = np.searchsorted(v["start"], addrs, side="right") - 1
+            ok = i >= 0
+            ok[ok] = addrs[ok] < v["end"][i[ok]]
+            if not ok.all():
+                raise ValueError(f"{name}: page {int(addrs[~ok][0]):#x} lies in no VMA of the "
+                                 f"template {base.path} ({int((~ok).sum())} such pages)")
+        elif addrs.size and name.startswith("pagemap-shmem-"):
+            sid = int(name[len("pagemap-shmem-"):-len(".img")])
+            size = shm_size.get(sid)
+            if size is not None and int(addrs.max()) >= size:
+                raise ValueError(f"{name}: offset {int(addrs.max()):#x} lies past the end of "
+                                 f"shmem {sid} ({size} bytes as the template maps it)")
+        over[name] = (addrs, pages)
+    return _write(base, out_dir, parent, over)
+
+
 def info(path) -> dict:
     """Summary of an image set: pids, pages, bytes, VMAs, pagemap entries per process,
     the parent chain."""
