@@ -222,3 +222,106 @@ def test_image_set_from_precopied_shmem_pages_restores(tmp_path, criu_ok):
             except ProcessLookupError:
                 pass
         srv.kill()
+
+
+# --------------------------------------------------------------------------- trees
+
+_TREE = r'''
+import mmap, os, socket, sys, time
+buf = mmap.mmap(-1, 256 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(256):
+    buf[i * 4096] = i % 200 + 1
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1]); s.listen()
+kids = []
+while True:
+    c, _ = s.accept()
+    cmd = c.recv(100).decode().split()
+    out = "ok"
+    if cmd[0] == "fork":                   # a child that sleeps, then one that writes
+        pid = os.fork()
+        if pid == 0:
+            s.close()
+            r, w = int(cmd[1]), int(cmd[2])
+            time.sleep(r / 10)
+            for i in range(w):
+                buf[i * 4096 + 1] = 0xEE
+            time.sleep(3600)
+        kids.append(pid); out = str(pid)
+    elif cmd[0] == "w":
+        buf[int(cmd[1]) * 4096 + 2] = 0xAB
+    c.sendall(out.encode()); c.close()
+'''
+
+
+def test_process_tree_children_forked_during_tracking_are_precopied(tmp_path):
+    """tree=True: a child forked after the tracker attached becomes a space at the
+    next collect (all its pages reported), its later writes are reported as its own
+    keys, and the pages it still shares copy-on-write with its parent are listed as
+    aliases (same PFN), so they need to travel once."""
+    import subprocess
+    import time
+    import socket
+    from conftest import have_root, require
+    from statesync import proc
+    from statesync.migration.memsource import MemorySource, addr_of, space_of
+    require(have_root(), "PFNs in pagemap (COW aliases) need CAP_SYS_ADMIN")
+    script = tmp_path / "tree.py"
+    script.write_text(_TREE)
+    name = f"statesync-memsource-tree-{os.getpid()}"
+    p = subprocess.Popen(["/usr/bin/python3", str(script), name], stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+
+    def req(x):
+        deadline = time.monotonic() + 30
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect("\0" + name)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        s.sendall(x.encode())
+        r = s.recv(100).decode()
+        s.close()
+        return r
+
+    ms = None
+    try:
+        req("w 0")
+        ms = MemorySource(p.pid, tree=True)
+        k0 = ms.present_pages()
+        assert set(space_of(k0).tolist()) == {0}
+        ms.attach_tracker("auto")
+        ms.collect()
+        child = int(req("fork 5 16"))          # sleeps 0.5 s, then writes 16 pages
+        got = ms.collect()
+        kids = [sp for sp in ms.spaces.values() if sp.kind == "task" and sp.pid == child]
+        assert len(kids) == 1, ms.spaces
+        ci = kids[0].index
+        child_keys = got[space_of(got) == ci]
+        want = ms.present_pages()
+        assert np.setdiff1d(want[space_of(want) == ci], child_keys).size == 0
+        # COW: the child's untouched buffer pages are the parent's physical pages
+        dst, src = ms.aliases(want)
+        assert dst.size > 200 and (space_of(dst) == ci).all() and (space_of(src) == 0).all()
+        assert np.array_equal(addr_of(dst[:5]), addr_of(src[:5]))
+        time.sleep(1.0)                         # the child writes its 16 pages
+        got = ms.collect()
+        written = addr_of(got[space_of(got) == ci])
+        maps = proc.read_maps(child)
+        pages, _ = ms.read(got[space_of(got) == ci])
+        hits = sum(1 for a, pg in zip(written.tolist(), pages) if pg[1] == 0xEE)
+        assert hits >= 16, (hits, written.size, len(maps))
+        dst2, _ = ms.aliases(ms.present_pages())
+        assert dst2.size <= dst.size - 16      # written pages are no longer shared
+    finally:
+        if ms is not None:
+            ms.close()
+        for c in proc.descendants(p.pid):
+            os.kill(c, 9)
+        p.kill()
+        p.wait()
