@@ -51,6 +51,7 @@ class Tracker:
         self._pm = -1
         self._maps_cache: List[Vma] = []
         self._maps_raw: Optional[bytes] = None
+        self._line_cache: Dict[bytes, Vma] = {}
         proc.read_maps(self.pid)  # NoSuchProcess / AccessDenied early, with the pid
         try:
             self._pm = _core.pagemap_open(self.pid)
@@ -103,7 +104,21 @@ class Tracker:
                 raise ProcessGone(self.pid, "exited while tracked", exc) from exc
             raise proc.os_error(self.pid, exc, "read maps", gone=True) from exc
         if raw != self._maps_raw:
-            self._maps_cache = proc.parse_maps(raw)
+            # Parse only the lines that changed (a heap that grew, a new mapping):
+            # the rest of a process's few hundred VMAs are the same objects as before.
+            cache = self._line_cache
+            out: List[Vma] = []
+            fresh: Dict[bytes, Vma] = {}
+            for line in raw.split(b"\n"):
+                if not line:
+                    continue
+                v = cache.get(line)
+                if v is None:
+                    v = proc.parse_maps(line)[0]
+                fresh[line] = v
+                out.append(v)
+            self._line_cache = fresh
+            self._maps_cache = out
             self._maps_raw = raw
         return self._maps_cache
 

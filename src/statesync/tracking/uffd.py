@@ -194,8 +194,9 @@ class _UffdBackend(_Backend):
         if maps is self._synced_maps and not arm:
             return self._runs_cache
         present = {v.start: v for v in maps}
-        for s in [s for s, e in self.registered.items()
-                  if s not in present or present[s].end != e]:
+        removed = [(s, e) for s, e in self.registered.items()
+                   if s not in present or present[s].end != e]
+        for s, _ in removed:
             del self.registered[s]
         hashed = []
         for v in maps:
@@ -215,7 +216,8 @@ class _UffdBackend(_Backend):
                 hashed.append(v)
         runs = self._runs(maps)
         self._synced_maps, self._runs_cache = maps, runs
-        self._restrict_present()
+        if removed:
+            self._restrict_present(removed)
         if arm:
             # (pagemap is read per VMA: a run may span terabytes of unmapped gap)
             self.present = _select(self.t._pm, sorted(self.registered.items()),
@@ -230,19 +232,30 @@ class _UffdBackend(_Backend):
         self._hashed = hashed
         return runs
 
-    def _restrict_present(self) -> None:
-        """Forget present pages outside the registered VMAs (unmapped ones)."""
+    def _restrict_present(self, removed: List[Tuple[int, int]]) -> None:
+        """Forget present pages of VMAs that are no longer registered as they were
+        (unmapped, resized): those in the removed ranges and outside every registered
+        VMA now. Costs O(pages in the removed ranges), not O(present pages)."""
         if not self.present.size:
             return
-        starts = np.array(sorted(self.registered), dtype=np.uint64)
-        ends = np.array([self.registered[s] for s in sorted(self.registered)], dtype=np.uint64)
-        if not starts.size:
-            self.present = _EMPTY
+        cand = []
+        for s, e in removed:
+            lo = int(np.searchsorted(self.present, np.uint64(s)))
+            hi = int(np.searchsorted(self.present, np.uint64(e)))
+            if hi > lo:
+                cand.append(np.arange(lo, hi))
+        if not cand:
             return
-        k = np.searchsorted(starts, self.present, side="right") - 1
-        keep = (k >= 0) & (self.present < ends[np.maximum(k, 0)])
-        if not keep.all():
-            self.present = self.present[keep]
+        idx = np.unique(np.concatenate(cand))
+        pages = self.present[idx]
+        starts = np.array(sorted(self.registered), dtype=np.uint64)
+        if starts.size:
+            ends = np.array([self.registered[int(s)] for s in starts], dtype=np.uint64)
+            k = np.searchsorted(starts, pages, side="right") - 1
+            still = (k >= 0) & (pages < ends[np.maximum(k, 0)])
+            idx = idx[~still]
+        if idx.size:
+            self.present = np.delete(self.present, idx)
 
     def _vanished(self, runs) -> np.ndarray:
         """Pages present at the last collect that are neither present nor swapped
@@ -259,13 +272,13 @@ class _UffdBackend(_Backend):
         sel = hi > lo
         if not sel.any():
             return _EMPTY
-        # Mark the present-set indices that fall inside a not-present region.
-        mark = np.zeros(self.present.size + 1, dtype=np.int32)
-        np.add.at(mark, lo[sel], 1)
-        np.add.at(mark, hi[sel], -1)
-        inside = np.cumsum(mark[:-1]) > 0
-        gone = self.present[inside]
-        self.present = self.present[~inside]
+        # The present-set indices inside a not-present region (regions are disjoint
+        # and sorted: the index ranges are too). O(pages gone), not O(present set).
+        lo, hi = lo[sel], hi[sel]
+        n = hi - lo
+        idx = np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+        gone = self.present[idx]
+        self.present = np.delete(self.present, idx)
         return gone
 
     def _runs(self, maps: List[Vma]) -> List[Tuple[int, int]]:
@@ -327,8 +340,9 @@ class _UffdBackend(_Backend):
         gone = self._vanished(runs)
         if written.size:
             new = written[~_in_sorted(written, self.present)]
-            if new.size:
-                self.present = _merge([self.present, new])
+            if new.size:   # both sorted: one O(n) insert, no re-sort of the present set
+                self.present = np.insert(self.present,
+                                         np.searchsorted(self.present, new), new)
         hashed = self.hash.refresh(self._hashed)
         return _merge([written, gone, hashed])
 
