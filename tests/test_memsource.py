@@ -71,11 +71,17 @@ def test_no_fd_leak_and_missing_process_is_no_such_process():
 # --------------------------------------------------------------------------- shmem
 
 _SHM32 = r'''
-import hashlib, mmap, socket, sys
+import ctypes, hashlib, mmap, socket, sys
 N = 8192                                   # 32 MiB MAP_SHARED anonymous (Python's default)
 m = mmap.mmap(-1, N * 4096)
 for i in range(N):
     m[i * 4096:i * 4096 + 64] = bytes([i % 251 + 1]) * 64
+# 16 private pages written, then left PROT_NONE (a guard area, a W^X JIT's old code)
+pn = mmap.mmap(-1, 16 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+pn[:] = b"N" * (16 * 4096)
+pn_addr = ctypes.addressof(ctypes.c_char.from_buffer(pn))
+libc = ctypes.CDLL(None)
+libc.mprotect(ctypes.c_void_p(pn_addr), ctypes.c_size_t(16 * 4096), 0)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.bind("\0" + sys.argv[1]); s.listen()
 while True:
@@ -183,20 +189,19 @@ def test_image_set_from_precopied_shmem_pages_restores(tmp_path, criu_ok):
     from a dump's non-memory images; the dump's own shmem pages are zeroed first, so
     only the pre-copied ones can give the restored process its content: plain
     `criu restore` brings back the exact buffer."""
-    from statesync import criu
+    from statesync import criu, proc
     from statesync.migration.memsource import MemorySource, addr_of, space_of
     srv = _ShmServer(tmp_path, pidns=True)
     rpid = None
+    ms = MemorySource(srv.pid, shmem=True)
     try:
         srv.req("w 77")
         h = srv.req("h")
-        ms = MemorySource(srv.pid, shmem=True)
         keys = ms.present_pages()
         sp = _shm_space(ms)
         mine = keys[space_of(keys) == sp.index]
         pages, ok = ms.read(mine)
         assert ok.all() and mine.size == 8192
-        ms.close()
         criu.dump(srv.pid, tmp_path / "final", leave_running=True)
         name = sp.image
         tpl = criu.ImageSet(tmp_path / "final")
@@ -207,6 +212,25 @@ def test_image_set_from_precopied_shmem_pages_restores(tmp_path, criu_ok):
             f.seek(0)
             f.write(bytes(size))
         tpl.close()
+        # What the memory source called state is what CRIU dumped: the shmem object
+        # page for page, the task's private pages (PROT_NONE ones included) too
+        ik = {n: k for n, _, k in ms.image_keys(str(tmp_path / "final"))}
+        assert np.array_equal(ik[name], mine)
+        task = [n for n in ik if n != name]
+        assert len(task) == 1
+        dumped = ik[task[0]]
+        assert (space_of(dumped) == 0).all()
+        ours = keys[space_of(keys) == 0]
+        # the interpreter ran a little between our listing and the dump: compare
+        # the bulk, and the PROT_NONE VMA exactly
+        assert np.setdiff1d(dumped, ours).size <= 0.05 * dumped.size
+        pn = [v for v in proc.read_maps(srv.pid) if v.perms == "---p" and v.size == 16 * PS]
+        assert pn, "the PROT_NONE VMA"
+        lo, hi = pn[0].start, pn[0].end
+        in_pn = lambda k: k[(k >= lo) & (k < hi)]  # noqa: E731
+        assert in_pn(dumped).size == 16 and np.array_equal(in_pn(dumped), in_pn(ours))
+        pg, okk = ms.read(in_pn(ours))
+        assert okk.all() and (pg == ord("N")).all()   # read although PROT_NONE
         r = criu.write_image_set_pages(tmp_path / "final", tmp_path / "out",
                                        {name: (addr_of(mine), pages)})
         assert r.pages_written >= 8192
@@ -216,6 +240,7 @@ def test_image_set_from_precopied_shmem_pages_restores(tmp_path, criu_ok):
         rpid = rr.pid
         assert srv.req("h") == h
     finally:
+        ms.close()
         if rpid:
             try:
                 os.kill(rpid, 9)

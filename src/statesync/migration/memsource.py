@@ -219,14 +219,23 @@ class MemorySource:
         return [self.pid] + [p for p in proc.descendants(self.pid)
                              if proc.state(p) not in (None, "Z", "X")]
 
-    def _maps_of(self, pid: int) -> List[Vma]:
+    def _maps_of(self, pid: int, fresh: bool = True) -> List[Vma]:
+        """pid's VMAs: read now (``fresh``), or as its tracker read them in its last
+        collect (maps are read once per collect)."""
         t = self.trackers.get(pid)
-        maps = t._maps() if t is not None else proc.read_maps(pid)  # type: ignore[attr-defined]
+        if not fresh and t is not None and t._maps_raw is not None:  # type: ignore[attr-defined]
+            maps = t._maps_cache  # type: ignore[attr-defined]
+        elif t is not None:
+            maps = t._maps()  # type: ignore[attr-defined]
+        else:
+            maps = proc.read_maps(pid)
         self._maps[pid] = maps
         return maps
 
-    def _refresh(self) -> None:
-        """Find new tasks (forked since) and new shmem objects; forget exited tasks."""
+    def _refresh(self, fresh: bool = True) -> None:
+        """Find new tasks (forked since) and new shmem objects; forget exited tasks.
+        ``fresh=False`` (collect): look for shmem objects in the maps the trackers
+        read last; one mapped since is found at the next collect, all its pages then."""
         pids = self._pids()
         live = set(pids)
         for p in pids:
@@ -243,7 +252,7 @@ class MemorySource:
         if self.shmem:
             for p in pids:
                 try:
-                    maps = self._maps_of(p)
+                    maps = self._maps_of(p, fresh)
                 except ProcessError:
                     continue
                 for v in maps:
@@ -356,6 +365,38 @@ class MemorySource:
         first = np.maximum.accumulate(np.where(~dup, np.arange(k.size), 0))
         return k[dup], k[first[dup]]
 
+    # -- switch-over
+
+    def image_keys(self, dump_dir: str) -> List[Tuple[str, int, np.ndarray]]:
+        """For a CRIU dump of the tree: ``[(pagemap name, pages_id, keys)]``, one per
+        pagemap-*.img (tasks and shmem objects), keys in the order of the pages in
+        ``pages-<pages_id>.img`` (PE_PRESENT runs), in the spaces of this source, so
+        the switch-over can diff each image against what the destination holds and the
+        destination can assemble each pages file from its store. A pagemap whose task
+        or object this source never saw gets a fresh space (all its pages needed)."""
+        from statesync.criu import images as _img
+        by_vpid = {_ns_pid(sp.pid): sp.index for sp in self.spaces.values()
+                   if sp.kind == "task"}
+        out = []
+        for name in _img.pagemap_files(dump_dir):
+            pm = _img.Pagemap(os.path.join(dump_dir, name), PAGE_SIZE)
+            sel = (pm.flags & _img.PE_PRESENT) != 0
+            v, n = pm.vaddr[sel], pm.nr_pages[sel].astype(np.int64)
+            first = np.repeat(v, n)
+            within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+            addrs = first + within.astype(np.uint64) * np.uint64(PAGE_SIZE)
+            if _img.is_task_pagemap(name):
+                idx = by_vpid.get(int(name[len("pagemap-"):-len(".img")]))
+            elif name.startswith("pagemap-shmem-"):
+                idx = self._shm_space.get(int(name[len("pagemap-shmem-"):-len(".img")]))
+            else:
+                idx = None
+            if idx is None:
+                idx = self._next
+                self._next += 1
+            out.append((name, int(pm.pages_id), make_keys(idx, addrs)))
+        return out
+
     # -- tracking
 
     def _attach(self, pid: int) -> None:
@@ -385,7 +426,7 @@ class MemorySource:
         state, not memory) dropped."""
         if not pages.size or (not self.shmem and not self.tree):
             return pages
-        maps = self._maps.get(pid) or self._maps_of(pid)
+        maps = self._maps.get(pid) or self._maps_of(pid, fresh=False)
         starts = np.array([v.start for v in maps], dtype=np.uint64)
         ends = np.array([v.end for v in maps], dtype=np.uint64)
         k = np.searchsorted(starts, pages, side="right") - 1
@@ -407,7 +448,7 @@ class MemorySource:
         space; new spaces (a forked child, a new shmem object) report all their pages."""
         if not self.tree and not self.shmem:
             return np.asarray(self.tracker.collect().pages, dtype=np.uint64)  # type: ignore[union-attr]
-        self._refresh()
+        self._refresh(fresh=False)
         parts: List[np.ndarray] = []
         shm_parts: List[np.ndarray] = []
         for pid, t in list(self.trackers.items()):
@@ -416,7 +457,7 @@ class MemorySource:
                 continue
             try:
                 pages = np.asarray(t.collect().pages, dtype=np.uint64)  # type: ignore[attr-defined]
-                self._maps_of(pid)
+                self._maps_of(pid, fresh=False)
             except ProcessGone as exc:
                 if pid == self.pid:
                     raise
