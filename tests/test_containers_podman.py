@@ -102,39 +102,28 @@ def image(criu_ok):
 
 @pytest.fixture
 def ctr(image, tmp_path):
-    """A redis-server podman container (runc, the CRIU config annotation); removed after."""
-    name = f"ssct{os.getpid()}x{time.monotonic_ns() % 10**6}"
+    """A redis-server podman container (runc, the CRIU config annotation) in a network
+    namespace this test made (``--network ns:PATH``: no podman bridge, no host firewall
+    rules); removed after, with the namespace."""
+    tag = f"ssct{os.getpid()}x{time.monotonic_ns() % 10**6}"
+    name, netns = tag, tag + "n"
+    subprocess.run(["ip", "netns", "add", netns], check=True, capture_output=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, capture_output=True)
     conf = tmp_path / "criu.conf"
     conf.write_text("")
-    r = subprocess.run(
-        [
-            "podman",
-            "run",
-            "-d",
-            *podman.PODMAN_RUN_ARGS,
-            "--annotation",
-            f"org.criu.config={conf}",
-            "--name",
-            name,
-            image,
-            "redis-server",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stderr
     try:
+        r = subprocess.run(["podman", "run", "-d", *podman.PODMAN_RUN_ARGS,
+                            "--network", f"ns:/run/netns/{netns}",
+                            "--annotation", f"org.criu.config={conf}", "--name", name, image,
+                            "redis-server", "--save", "", "--appendonly", "no",
+                            "--protected-mode", "no"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
         _wait(lambda: _exec(name, "redis-cli", "ping") == "PONG")
         yield name
     finally:
         subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True, timeout=60)
+        subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
 
 
 def _exec(name, *cmd):

@@ -277,8 +277,8 @@ def write_archive(out_path, images_dir, meta: PodmanMetadata, *, stats_dump=None
             _add_dir(tf, "artifacts")
             _add_bytes(tf, "config.dump", json.dumps(meta.config, indent=2).encode())
             _add_bytes(tf, "spec.dump", json.dumps(meta.spec, indent=2).encode())
-            if meta.network_status is not None:
-                _add_bytes(tf, "network.status", json.dumps(meta.network_status, indent=2).encode())
+            # podman writes it always ("null" for a container without podman networks)
+            _add_bytes(tf, "network.status", json.dumps(meta.network_status, indent=2).encode())
             sd = stats_dump or os.path.join(images_dir, "stats-dump")
             if os.path.exists(sd):
                 tf.add(sd, arcname="stats-dump", recursive=False)
