@@ -49,6 +49,8 @@ def test_growth_adds_chunks_and_never_moves_rows():
     slots, found = t.lookup(np.array([0, 39 * 512 * PS], np.uint64))
     assert found.all()
     assert t.rows[slots][:, 0].tolist() == [0, 39]
+    pieces = t.pieces()
+    assert [first for first, _ in pieces] == t._starts and pieces[0][1] is first
     # a slice of consecutive slots across a chunk boundary still reads right
     b = t._starts[1]
     assert t.rows[b - 1:b + 1].shape == (2, PS)

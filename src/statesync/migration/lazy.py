@@ -366,10 +366,8 @@ class LazyPagesDaemon:
             # statesync's PageStore (migration.pagetable.PageTable, the destination's
             # store): keys sorted, slots[i] the row of keys[i], rows in chunks; the
             # chunks are served in place (pieces), never gathered
-            chunks = getattr(got, "_chunks", None)
-            starts = getattr(got, "_starts", None)
-            if chunks is not None and starts is not None and len(chunks) == len(starts):
-                return got.keys, got.slots, [(int(a), c) for a, c in zip(starts, chunks)]
+            if hasattr(got, "pieces"):
+                return got.keys, got.slots, [(int(a), c) for a, c in got.pieces()]
             return got.keys, got.slots, got.rows[:got.used]
         return got[0], None, got[1]
 

@@ -186,6 +186,13 @@ class PageStore:
     def rows(self) -> _Rows:
         return _Rows(self)
 
+    def pieces(self) -> List[Tuple[int, np.ndarray]]:
+        """The row storage in place, for code that serves rows without gathering them
+        (the lazy-pages daemon): ``(first_slot, rows)`` per chunk, in slot order; the row
+        of slot ``s`` is ``rows[s - first_slot]`` of the piece holding it. Valid until
+        the store next grows or is cleared (writes in place stay visible)."""
+        return list(zip(self._starts, self._chunks))
+
     def as_array(self) -> np.ndarray:
         """Every row as one array indexed by slot (``as_array()[slots]``), e.g. for C
         code that wants one buffer: the chunk itself (no copy) while the store has one
