@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from typing import Any, AsyncIterator, Callable, List, Optional
+from typing import Any, AsyncIterator, Callable, List, Optional, Union
 
 from statesync.errors import MigrationCancelled, MigrationError, NoSuchProcess
 from statesync.migration import protocol as wire
@@ -29,6 +29,9 @@ from statesync.migration.source import _SourceAgent
 from statesync.planning.costs import CriuCosts
 
 ABORT_IF = (None, "predicted_downtime")
+# The wire encryption setting: None/True/"on", False/"off"/"none", or a cipher name
+# (statesync.migration.protocol.encryption_options).
+Encryption = Union[bool, str, None]
 
 
 def _no_running_loop(what: str, instead: str) -> None:
@@ -50,7 +53,7 @@ async def serve_destination_async(listen: str = f"127.0.0.1:{DEFAULT_PORT}",
                                   io_timeout: float = 30.0, timeout: Optional[float] = None,
                                   ready: Optional[Callable[[int], None]] = None,
                                   log: Optional[Callable[[str], None]] = None,
-                                  ) -> List[dict]:
+                                  encryption: Encryption = None) -> List[dict]:
     """The destination agent as a coroutine (see :func:`serve_destination` for the
     arguments): serves on the running loop until one migration finished (``once``),
     ``timeout`` seconds passed (``asyncio.TimeoutError``) or the awaiting task is
@@ -61,7 +64,7 @@ async def serve_destination_async(listen: str = f"127.0.0.1:{DEFAULT_PORT}",
     :class:`~statesync.migration.destination.DestinationServer` directly."""
     srv = await DestinationServer(listen, images_dir, secret, once=once, restore=restore,
                                   keep_images=keep_images, io_timeout=io_timeout,
-                                  log=log).start()
+                                  log=log, encryption=encryption).start()
     if ready:
         ready(srv.port)
     return await srv.serve(timeout)
@@ -72,24 +75,33 @@ def serve_destination(listen: str = f"127.0.0.1:{DEFAULT_PORT}", images_dir: str
                       keep_images: bool = False, io_timeout: float = 30.0,
                       timeout: Optional[float] = None,
                       ready: Optional[Callable[[int], None]] = None,
-                      log: Optional[Callable[[str], None]] = None) -> List[dict]:
+                      log: Optional[Callable[[str], None]] = None,
+                      encryption: Encryption = None) -> List[dict]:
     """Run a destination agent until one migration finished (``once``) or forever.
 
     Listens on ``listen`` (``HOST:PORT``; loopback unless told otherwise), accepts
     only peers that prove they hold ``secret`` (bytes, str, or ``"@PATH"``), writes
     the received image set under ``images_dir`` and restores it with CRIU in this
     process's network namespace. Returns one result dict per migration attempt
-    (``ok``, ``pid`` of the restored process, ``error``...). ``ready(port)`` is called
-    once listening.
+    (``ok``, ``pid`` of the restored process, ``encryption`` (the cipher suite the
+    session used), ``error``...). ``ready(port)`` is called once listening.
+
+    ``encryption``: ``None``/``True``/``"on"`` (default): every frame is encrypted
+    (AES-256-GCM or ChaCha20-Poly1305, as the source asks); ``False``/``"off"``:
+    authenticated-only frames, only for links already protected (a VPN, an SSH
+    tunnel): process memory then travels in clear and the log says so. Both agents
+    must agree: a source with the other setting is refused. Invalid values raise
+    ``ValueError`` before anything listens.
 
     Blocking: runs a private event loop in the calling thread, so it works from any
     thread that does not itself run an event loop (there it raises ``RuntimeError``:
     use :func:`serve_destination_async`).
     """
     _no_running_loop("serve_destination", "serve_destination_async")
+    wire.encryption_options(encryption)     # ValueError before anything starts
     return asyncio.run(serve_destination_async(
         listen, images_dir, secret, once=once, restore=restore, keep_images=keep_images,
-        io_timeout=io_timeout, timeout=timeout, ready=ready, log=log))
+        io_timeout=io_timeout, timeout=timeout, ready=ready, log=log, encryption=encryption))
 
 
 # --------------------------------------------------------------------------- source
@@ -135,7 +147,8 @@ class Migration:
                  link_rate: Optional[float] = None, costs: Optional[CriuCosts] = None,
                  netns: Optional[str] = None, dump_retries: int = 4,
                  calibration: Optional[str] = None, abort_if: Optional[str] = None,
-                 encryption: Optional[str] = None):
+                 encryption: Encryption = None):
+        wire.encryption_options(encryption)     # ValueError before the process is touched
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of "
                              f"{', '.join(STRATEGIES)}")
@@ -152,8 +165,6 @@ class Migration:
         key = wire.load_secret(secret)
         if calibration:
             costs = CriuCosts.load(calibration)
-        # The wire protocol's encryption option (statesync.migration.protocol) is plumbed
-        # here once the protocol offers it; None keeps the protocol's default.
         self.encryption = encryption
         self.pid = int(pid)
         self.dest = dest
@@ -165,7 +176,7 @@ class Migration:
                                    max_rounds, targets, scheduler, work_dir, io_timeout,
                                    self._on_event, list(criu_args),
                                    link_rate / 8 if link_rate else None,
-                                   costs or CriuCosts(), netns, xor)
+                                   costs or CriuCosts(), netns, xor, encryption=encryption)
         self._agent.dump_retries = max(0, int(dump_retries))
         self._events: List[dict] = []
         self._changed: Optional[asyncio.Event] = None
@@ -376,7 +387,7 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
             criu_args=(), link_rate: Optional[float] = None,
             costs: Optional[CriuCosts] = None, netns: Optional[str] = None,
             dump_retries: int = 4, calibration: Optional[str] = None,
-            abort_if: Optional[str] = None, encryption: Optional[str] = None) -> Report:
+            abort_if: Optional[str] = None, encryption: Encryption = None) -> Report:
     """Live-migrate process ``pid`` (and its children) to the destination agent at
     ``dest`` (``HOST:PORT``; :func:`serve_destination` or ``statesync receive`` must be
     listening there). Returns a :class:`~statesync.migration.report.Report` (times in seconds,
@@ -409,8 +420,19 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     ``io_timeout`` (seconds) bounds every wait on the peer. ``netns``:
     make the connection from this named network namespace (/run/netns/NAME) instead
     of the caller's, as the two-host testbed does; CRIU always runs in the target's
-    network namespace (:func:`statesync.criu.netns_of`). ``encryption``: reserved for
-    the wire protocol's encryption setting (``None``: the protocol's default).
+    network namespace (:func:`statesync.criu.netns_of`).
+
+    ``encryption``: ``None``/``True``/``"on"`` (default): every frame after the
+    handshake is encrypted and authenticated with AES-256-GCM;
+    ``"aes-256-gcm"``/``"chacha20-poly1305"``: encrypted with that cipher;
+    ``False``/``"off"``/``"none"``: authenticated-only frames (HMAC-SHA256), only for
+    links already protected (a VPN, an SSH tunnel): process memory then travels in
+    clear. The destination must be configured the same way (``serve_destination(...,
+    encryption=False)``, ``statesync receive --no-encryption``) or it refuses the
+    migration at the handshake (``MigrationError``, phase ``"authenticate"``; nothing
+    was sent, the process runs on). ``Report.encryption`` says which cipher suite was
+    used (``"hmac-sha256"`` when off). An invalid value raises ``ValueError`` before
+    the process is touched.
 
     ``work_dir``: the directory of the local CRIU dump at switch-over (a temporary
     directory is made in it and removed afterwards; default ``/dev/shm``, so the dump

@@ -74,7 +74,7 @@ class _DestinationSession:
         self.image_names: Dict[str, int] = {}
         self.restored_sent = False     # RESTORED may have reached the source
         self.source_aborted = False    # the source told us ABORT itself
-        self.result: dict = {"ok": False, "session": self.session}
+        self.result: dict = {"ok": False, "session": self.session, "encryption": chan.cipher}
         self.record_path = records.record_path(server.state_base, "dest", self.session)
 
     def _record(self, state, **fields) -> None:
@@ -359,13 +359,17 @@ class DestinationServer:
     the connection broke before COMMIT (default: the source's resolve window + one
     io_timeout, so a source that reconnects in time always finds it).
     ``handshake_timeout`` bounds an unauthenticated connection; at most
-    ``max_pending`` of them are held (the oldest is dropped for a new one)."""
+    ``max_pending`` of them are held (the oldest is dropped for a new one).
+    ``encryption``: ``None``/``True``/``"on"`` (default) accepts only sources that
+    encrypt (either cipher); ``False``/``"off"`` only authenticated-only ones (links
+    already protected: pages then travel in clear). A mismatch is refused."""
 
     def __init__(self, listen: str, images_dir: str, secret, *, once: bool = True,
                  restore: bool = True, keep_images: bool = False, io_timeout: float = 30.0,
                  log: Optional[Callable[[str], None]] = None, state_dir: Optional[str] = None,
                  hold: Optional[float] = None, handshake_timeout: float = 5.0,
-                 max_pending: int = 64):
+                 max_pending: int = 64, encryption=None):
+        self.encrypt = bool(wire.encryption_options(encryption)["encrypt"])   # ValueError
         self.host, self.port = _parse_hostport(listen)
         self.images_dir = os.path.abspath(images_dir)
         self.secret = load_secret_checked(secret)
@@ -435,6 +439,9 @@ class DestinationServer:
         self.sweep_stale()
         self.supervisor = Supervisor.spawn("dest", self.state_base, None)
         self.supervisor_pid, self.supervisor_start = self.supervisor.pid, self.supervisor.start
+        if not self.encrypt:
+            self.log("encryption OFF (--no-encryption): migration frames are NOT encrypted, "
+                     "process memory travels in clear; only for links already protected")
         self._done = asyncio.Event()
         fam = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0][0]
         lsock = socket.create_server((self.host, self.port), family=fam, backlog=128)
@@ -499,7 +506,8 @@ class DestinationServer:
         try:
             # asyncio.timeout, not wait_for: no inner task whose exception an eviction
             # (cancellation) would leave unretrieved.
-            handshake = wire.Channel.server(reader, writer, self.secret, self.handshake_timeout)
+            handshake = wire.Channel.server(reader, writer, self.secret, self.handshake_timeout,
+                                            encrypt=self.encrypt)
             if hasattr(asyncio, "timeout"):
                 async with asyncio.timeout(self.handshake_timeout):
                     chan = await handshake
@@ -530,15 +538,26 @@ class DestinationServer:
             chan.close()
             return
         self._busy = True
+        ok = False
         try:
-            self.log(f"authenticated source {peer}")
+            if chan.encrypted:
+                self.log(f"authenticated source {peer} ({chan.cipher})")
+            else:
+                self.log(f"authenticated source {peer} ({chan.cipher}): frames NOT encrypted, "
+                         f"process memory travels in clear (encryption off on both agents)")
             result = await _DestinationSession(self, chan, info).run()
+            ok = bool(result.get("ok"))
             self.results.append(result)
-            self.log(("migration done: " if result.get("ok") else "migration failed: ")
-                     + json.dumps(result))
+            self.log(("migration done: " if ok else "migration failed: ") + json.dumps(result))
         finally:
             self._busy = False
-            chan.close()
+            try:
+                if not ok:
+                    # A FAILED or ERROR may be our last frame: read until the source
+                    # closes (bounded), so a reset over unread input cannot discard it.
+                    await chan.aclose(2.0)
+            finally:
+                chan.close()
         if self.once and self._done is not None:
             self._done.set()
 

@@ -28,6 +28,14 @@ class RoundReport:
         return self.bytes_wire / self.duration_s / 1e6 if self.duration_s > 0 else 0.0
 
 
+def _encryption_text(cipher: str) -> str:
+    if not cipher:
+        return "-"
+    if cipher == "hmac-sha256":
+        return "OFF (hmac-sha256: authenticated only, pages in clear)"
+    return cipher
+
+
 @dataclass
 class Report:
     pid: int
@@ -36,6 +44,9 @@ class Report:
     tracker: str = ""
     codec: str = "raw"
     memory_backend: str = ""
+    # The wire protocol's cipher suite: "aes-256-gcm" / "chacha20-poly1305" (encrypted),
+    # "hmac-sha256" (encryption off: authenticated only), "" before the handshake.
+    encryption: str = ""
     scheduler: str = ""
     page_size: int = 4096
     ok: bool = False
@@ -94,7 +105,8 @@ class Report:
                  f"{'OK' if self.ok else 'FAILED'}"
                  + (f" [{self.failed_phase}] {self.error}" if not self.ok and self.error else ""),
                  f"  strategy {self.strategy}, tracker {self.tracker or '-'}, codec {self.codec}, "
-                 f"scheduler {self.scheduler or '-'}"]
+                 f"scheduler {self.scheduler or '-'}, "
+                 f"encryption {_encryption_text(self.encryption)}"]
         if self.rounds:
             lines.append("  round     pages      MB raw     MB wire   duration      MB/s"
                          "   dirty after  predicted downtime")
@@ -124,7 +136,9 @@ class Report:
         """Fill (and return) a ``prometheus_client.CollectorRegistry`` with gauges:
         ``<prefix>_downtime_seconds``, ``_total_seconds``, ``_bytes_total``,
         ``_rounds``, ``_phase_seconds{phase=...}``, ``_round_bytes{round=...}``,
-        ``_success``. Raises ImportError if prometheus-client is not installed."""
+        ``_success``, ``_info{codec=...,encryption=...}`` (always 1; ``encryption`` is
+        the cipher suite, ``hmac-sha256`` when off). Raises ImportError if
+        prometheus-client is not installed."""
         from prometheus_client import CollectorRegistry, Gauge
 
         reg = registry if registry is not None else CollectorRegistry()
@@ -144,6 +158,9 @@ class Report:
                    ["strategy", "round"], registry=reg)
         for r in self.rounds:
             rb.labels(strategy=s, round=str(r.index)).set(r.bytes_wire)
+        Gauge(f"{prefix}_info", "Always 1; labels: codec and wire encryption used",
+              ["strategy", "codec", "encryption"], registry=reg).labels(
+            strategy=s, codec=self.codec, encryption=self.encryption or "unknown").set(1)
         return reg
 
     def write_prometheus(self, path: str) -> None:

@@ -32,8 +32,12 @@ class _SourceAgent(SwitchOver):
                  progress: Optional[Callable[[dict], None]], criu_args: List[str],
                  link_rate_Bps: Optional[float], costs: "CriuCosts",
                  netns: Optional[str] = None, xor: bool = False,
-                 state_dir: Optional[str] = None):
+                 state_dir: Optional[str] = None, encryption=None):
         self.pid = pid
+        # The wire protocol's encryption setting (protocol.encryption_options: None/True/
+        # "on", False/"off"/"none", or a cipher name); ValueError here, before any work.
+        self.encryption = encryption
+        self.wire_options = wire.encryption_options(encryption)
         self.netns = netns
         self.dest = dest
         self.secret = secret
@@ -339,7 +343,7 @@ class _SourceAgent(SwitchOver):
         records.write(self.record_path, {
             "role": "source", "session": self.session, "state": S.PRECOPY.value,
             "pid": self.pid, "pid_start": self.pid_start, "dest": self.dest,
-            "netns": self.netns, "agent_pid": os.getpid(),
+            "netns": self.netns, "encryption": self.encryption, "agent_pid": os.getpid(),
             "agent_start": records.start_time(os.getpid()),
             "supervisor_pid": self.supervisor.pid, "supervisor_start": self.supervisor.start,
             "io_timeout": self.io_timeout, "resolve_window": self.resolve_window,
@@ -371,7 +375,9 @@ class _SourceAgent(SwitchOver):
                 raise MigrationError(f"cannot connect to destination {host}:{port}: {exc}",
                                      phase) from None
             phase = "authenticate"
-            self.chan = await wire.Channel.client(reader, writer, self.secret, self.io_timeout)
+            self.chan = await wire.Channel.client(reader, writer, self.secret, self.io_timeout,
+                                                  **self.wire_options)
+            self.report.encryption = self.chan.cipher
             self._start_handoff()
             await self.chan.send_json(wire.BEGIN, {"pid": self.pid, "page_size": PAGE_SIZE,
                                                    "strategy": self.strategy,
@@ -436,6 +442,16 @@ class _SourceAgent(SwitchOver):
             try:
                 await asyncio.wait_for(self.chan.send_json(
                     wire.ABORT, {"reason": str(exc)[:500], "session": self.session}), 2.0)
+            except BaseException:
+                pass
+            # Close by reading until the destination closes (bounded): closing with its
+            # frames unread resets the connection, and the reset can discard the ABORT
+            # before the destination read it. A destination in its restore reads it only
+            # afterwards: wait up to io_timeout there.
+            wait = (self.io_timeout if self.report.failed_phase in ("switchover", "restore")
+                    else 2.0)
+            try:
+                await self.chan.aclose(wait)
             except BaseException:
                 pass
         if not self.committed:

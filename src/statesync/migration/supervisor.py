@@ -172,7 +172,7 @@ def wait_criu_gone(needles, timeout: float) -> bool:
 
 
 async def _resolve_once(dest: str, netns: Optional[str], secret: bytes, session: str,
-                        decision: str, timeout: float) -> Dict:
+                        decision: str, timeout: float, encryption=None) -> Dict:
     """One RESOLVE exchange with the destination agent at ``dest``: tell it our
     decision for ``session``; returns its STATUS ({"state": ...})."""
     from statesync.migration import protocol as wire
@@ -192,7 +192,8 @@ async def _resolve_once(dest: str, netns: Optional[str], secret: bytes, session:
     else:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
-        chan = await wire.Channel.client(reader, writer, secret, timeout)
+        chan = await wire.Channel.client(reader, writer, secret, timeout,
+                                         **wire.encryption_options(encryption))
         await chan.send_json(wire.RESOLVE, {"session": session, "decision": decision})
         _, payload = await chan.expect(wire.STATUS, timeout=timeout)
         info, _ = wire.unpack_json(payload)
@@ -208,14 +209,18 @@ async def _resolve_once(dest: str, netns: Optional[str], secret: bytes, session:
 
 def resolve_with_peer(dest: str, netns: Optional[str], secret: bytes, session: str,
                       decision: str, window: float, io_timeout: float,
-                      log: Callable[[str], None] = _log_default) -> Optional[Dict]:
-    """Ask until the destination answers or ``window`` seconds passed; None then."""
+                      log: Callable[[str], None] = _log_default,
+                      encryption=None) -> Optional[Dict]:
+    """Ask until the destination answers or ``window`` seconds passed; None then.
+    ``encryption``: the migration's setting (a destination with encryption off refuses
+    an encrypting peer, and vice versa)."""
     deadline = time.monotonic() + window
     last = ""
     while True:
         try:
             t = min(io_timeout, max(0.5, deadline - time.monotonic()))
-            info = asyncio.run(_resolve_once(dest, netns, secret, session, decision, t))
+            info = asyncio.run(_resolve_once(dest, netns, secret, session, decision, t,
+                                             encryption))
             if info.get("state") != "pending":
                 return info
             last = "the destination is still restoring it"
@@ -251,7 +256,7 @@ def settle_source(r: Dict, base: str, secret: Optional[bytes], window: float,
         info = None
         if secret is not None and r.get("dest"):
             info = resolve_with_peer(r["dest"], r.get("netns"), secret, sess, "commit",
-                                     window, io_timeout, log)
+                                     window, io_timeout, log, r.get("encryption"))
         if info is None:
             rec.transition(path, base, "source", S.IN_DOUBT)
             _drop_dump_dir(r)
@@ -271,7 +276,7 @@ def settle_source(r: Dict, base: str, secret: Optional[bytes], window: float,
     elif st == S.ABORTED and not r.get("peer_told"):
         if secret is not None and r.get("dest"):
             info = resolve_with_peer(r["dest"], r.get("netns"), secret, sess, "abort",
-                                     window, io_timeout, log)
+                                     window, io_timeout, log, r.get("encryption"))
             if info is not None:
                 rec.transition(path, base, "source", S.ABORTED, peer_told=True)
                 msg = (msg + "; " if msg else f"session {sess}: ") + \

@@ -315,7 +315,8 @@ class SwitchOver:
         self._record(S.IN_DOUBT)
         info = await asyncio.to_thread(resolve_with_peer, self.dest, self.netns, self.secret,
                                        self.session, "commit", self.resolve_window,
-                                       self.io_timeout, lambda m: self.report.notes.append(m))
+                                       self.io_timeout, lambda m: self.report.notes.append(m),
+                                       getattr(self, "encryption", None))
         if info is None:
             raise InDoubt(f"switch-over of pid {self.pid} IN DOUBT ({why}): COMMIT was sent "
                           f"and {self.dest} never confirmed; both copies stay stopped. Run "
