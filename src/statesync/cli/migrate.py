@@ -68,6 +68,16 @@ def _say(msg: str) -> None:
         pass
 
 
+def _encryption_arg(a):
+    """``--no-encryption`` / ``--cipher`` as migrate()'s ``encryption``."""
+    return False if a.no_encryption else (a.cipher or None)
+
+
+_NO_ENCRYPTION_HELP = ("authenticated-only frames, not encrypted: only for links already "
+                       "protected; pages then travel in clear. Both agents must say so "
+                       "(statesync migrate and statesync receive): a mismatch is refused")
+
+
 def _cmd_migrate(a) -> int:
     report = None
     got = _terminate_as_interrupt()
@@ -84,7 +94,8 @@ def _cmd_migrate(a) -> int:
                          scheduler=a.scheduler,
                          progress=None if a.quiet else _print_progress,
                          link_rate=a.link_rate, work_dir=a.work_dir,
-                         calibration=a.calibration or None)
+                         calibration=a.calibration or None,
+                         encryption=_encryption_arg(a))
         rc = 0
     except MigrationError as exc:
         report = exc.report
@@ -116,7 +127,8 @@ def _cmd_receive(a) -> int:
         print(f"listening on {a.listen.rpartition(':')[0] or '127.0.0.1'}:{port}", flush=True)
     results = serve_destination(a.listen, a.images_dir, _secret_arg(a), once=not a.forever,
                                 restore=not a.no_restore, keep_images=a.keep_images,
-                                io_timeout=a.io_timeout, ready=ready)
+                                io_timeout=a.io_timeout, ready=ready,
+                                encryption=False if a.no_encryption else None)
     for r in results:
         print(json.dumps(r))
     return 0 if results and results[-1].get("ok") else 1
@@ -141,6 +153,11 @@ def cli_register(sub) -> None:
     p.add_argument("--secret-file", help="file holding the shared secret "
                    "(or STATESYNC_SECRET in the environment)")
     p.add_argument("--io-timeout", type=float, default=30.0)
+    enc = p.add_mutually_exclusive_group()
+    enc.add_argument("--no-encryption", action="store_true", help=_NO_ENCRYPTION_HELP)
+    enc.add_argument("--cipher", choices=["aes-256-gcm", "chacha20-poly1305"], default=None,
+                   help="the cipher of the encrypted frames (default aes-256-gcm; the "
+                   "destination accepts either)")
     p.add_argument("--work-dir", help="where the local CRIU dump goes (default /dev/shm)")
     p.add_argument("--calibration", default=_default_calibration(),
                    help="JSON file of this host's measured CRIU costs, refined by every "
@@ -158,5 +175,6 @@ def cli_register(sub) -> None:
     r.add_argument("--no-restore", action="store_true",
                    help="only write the image set (no criu restore)")
     r.add_argument("--keep-images", action="store_true")
+    r.add_argument("--no-encryption", action="store_true", help=_NO_ENCRYPTION_HELP)
     r.add_argument("--io-timeout", type=float, default=30.0)
     r.set_defaults(func=_cmd_receive)
