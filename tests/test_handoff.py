@@ -506,12 +506,14 @@ def test_second_source_gets_destination_busy(bed):
 
 
 def test_recover_resolves_an_in_doubt_source(bed):
-    """Source killed after COMMIT while the link is down: its supervisor cannot reach
-    the destination within the window: the record says IN_DOUBT and the tree stays
-    stopped. `statesync recover` (link back) asks the destination and settles it."""
+    """The link goes down between RESTORED and COMMIT: COMMIT never arrives, RESUMED
+    never comes back; neither the agent nor its supervisor can reach the destination
+    within their windows: the record says IN_DOUBT and the tree stays stopped.
+    `statesync recover` (link back, destination agent restarted) asks the destination
+    and settles it."""
     bed.start_dest()
     bed.spawn()
-    src = bed.start_source("source:after_commit:hold")
+    src = bed.start_source("source:after_restored:hold")
     bed.wait_marker()
     bed.tb.set_link(False)
     bed.release()

@@ -125,9 +125,14 @@ class _DestinationSession:
                                     dir=self.images_dir)
         self.tmp_fd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                               | os.O_CLOEXEC)
+        # Where the set will be and where CRIU will write the restored pid, known now:
+        # the one record write before RESTORED (each fsync in the freeze is downtime).
+        final = os.path.join(self.images_dir, os.path.basename(self.tmp).replace(
+            ".incoming-", "migrated-", 1))
         records.write(self.record_path, {
             "role": "dest", "session": self.session, "state": D.RECEIVING.value,
             "source_pid": begin.get("pid"), "images_dir": self.images_dir, "tmp_dir": self.tmp,
+            "final_dir": final, "pidfile": os.path.join(final, ".restored.pid"),
             "agent_pid": os.getpid(), "agent_start": records.start_time(os.getpid()),
             "supervisor_pid": self.server.supervisor_pid,
             "supervisor_start": self.server.supervisor_start,
@@ -227,9 +232,7 @@ class _DestinationSession:
         t1 = time.monotonic()
         self.result["assemble_s"] = t1 - t0
         pidfile = os.path.join(final_dir, ".restored.pid")
-        self._record(D.RESTORING, tmp_dir=None, final_dir=self.final_dir, pidfile=pidfile)
         if not self.restore:
-            self._record(D.PREPARED)
             self.restored_sent = True
             await self.chan.send_json(wire.RESTORED, {"pid": None, "images": self.final_dir})
             self.result.update(images=self.final_dir)
@@ -253,8 +256,6 @@ class _DestinationSession:
                 raise MigrationError(f"criu restore from {self.final_dir} left no pid file",
                                      "restore") from None
             self.restored_start = records.start_time(self.restored_pid)
-            self._record(D.RESTORING, restored_pid=self.restored_pid,
-                         restored_start=self.restored_start)
             st = proc.state(self.restored_pid)
             if st is None or st in ("Z", "X"):
                 raise MigrationError(f"restored pid {self.restored_pid} is not alive "
@@ -265,7 +266,6 @@ class _DestinationSession:
         t2 = time.monotonic()
         stats = _read_stats(os.path.join(final_dir, "stats-restore"))
         self.result.update(restore_s=t2 - t1, pid=self.restored_pid)
-        self._record(D.PREPARED)
         self.restored_sent = True
         await self.chan.send_json(wire.RESTORED, {"pid": self.restored_pid, "stats": stats,
                                                   "assemble_s": t1 - t0, "restore_s": t2 - t1})
@@ -281,13 +281,19 @@ class _DestinationSession:
         if mtype == wire.ABORT:
             self.source_aborted = True
             raise MigrationError("source aborted after restore", "commit")
-        self._commit_here()
-        fault("dest:after_resumed")
+        self._record(D.COMMITTED, restored_pid=self.restored_pid,
+                     restored_start=self.restored_start)
+        fault("dest:commit_received")
+        resume_tree(self.restored_pid, self.restored_start)
         self.result.update(ok=True)
         self.restored_pid = None       # committed: no longer ours to kill
         try:
+            # RESUMED first: the service runs, the source may end its downtime; the
+            # RESUMED record (informative: COMMITTED already means "resume") after.
             await self.chan.send_json(wire.RESUMED, {"pid": self.result.get("pid"),
                                                      "session": self.session})
+            self._record(D.RESUMED)
+            fault("dest:after_resumed")
             await self.chan.expect(wire.DONE)
             records.remove(self.record_path)
         except StateSyncError as exc:
@@ -305,6 +311,8 @@ class _DestinationSession:
         copy stays stopped. Past the hold, abort: the source still holds its own copy
         (frozen or resumed), since it kills it only after our RESUMED."""
         hold = self.server.hold_for(self.begin)
+        self._record(D.PREPARED, restored_pid=self.restored_pid,
+                     restored_start=self.restored_start)
         self.log(f"session {self.session}: lost the source before COMMIT ({exc}); "
                  f"holding the stopped copy (pid {self.restored_pid}) {hold:.0f} s for it")
         outcome = await self.server.wait_resolution(self.session, hold)
@@ -317,11 +325,6 @@ class _DestinationSession:
                                  f"the link failed: dropped the stopped copy", "commit")
         raise MigrationError("source aborted (told on reconnect)", "commit")
 
-    def _commit_here(self) -> None:
-        self._record(D.COMMITTED)
-        fault("dest:commit_received")
-        resume_tree(self.restored_pid, self.restored_start)
-        self._record(D.RESUMED)
 
 
 def conn_peer(conn: socket.socket):

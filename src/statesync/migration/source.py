@@ -73,6 +73,7 @@ class _SourceAgent(SwitchOver):
         self.supervisor: Optional[Supervisor] = None
         self.pid_start = records.start_time(pid)
         self.frozen = False          # the tree may be stopped by our dump
+        self.final_sent = False      # the destination may hold a restored copy
         self.decided = False         # COMMIT decided: never resume on our own any more
         self.committed = False       # destination confirmed; our copy killed
         self.dump_dir: Optional[str] = None
@@ -347,7 +348,7 @@ class _SourceAgent(SwitchOver):
             "agent_start": records.start_time(os.getpid()),
             "supervisor_pid": self.supervisor.pid, "supervisor_start": self.supervisor.start,
             "io_timeout": self.io_timeout, "resolve_window": self.resolve_window,
-            "budget_s": self.budget_s, "final_sent": False, "history": []})
+            "budget_s": self.budget_s, "history": []})
 
     def _end_handoff(self) -> None:
         """Final record: remove it and let the supervisor go; else leave both to it."""
@@ -433,9 +434,7 @@ class _SourceAgent(SwitchOver):
                 self._wait_criu()
                 # The whole tree as CRIU froze it (walked now), not a list taken before.
                 resume_tree(self.pid, self.pid_start)
-            r = records.read(self.record_path) if self.record_path else None
-            final_sent = bool(r and r.get("final_sent"))
-            self._record(S.ABORTED, peer_told=not final_sent)
+            self._record(S.ABORTED, peer_told=not self.final_sent)
         if self.chan is not None and not self.decided:
             # Best effort: a destination holding a stopped copy drops it at once. Not
             # proof of delivery: after FINAL the supervisor still sends a RESOLVE.

@@ -100,18 +100,17 @@ def resume_tree(root: Optional[int], start: Optional[int] = None) -> int:
     if not root or not rec.same_process(root, start):
         return 0
     n = 0
-    for _ in range(5):
+    for attempt in range(5):
         pids = tree(root)
-        stopped = [p for p in pids if _state(p) in ("T", "t")]
-        if not stopped and n:
-            break
         for p in pids:
             try:
                 os.kill(p, signal.SIGCONT)
             except ProcessLookupError:
                 pass
         n = max(n, len(pids))
-        time.sleep(0.005)
+        if not any(_state(p) in ("T", "t") for p in tree(root)):
+            break
+        time.sleep(0.001 * (attempt + 1))
     return n
 
 
@@ -248,7 +247,9 @@ def settle_source(r: Dict, base: str, secret: Optional[bytes], window: float,
     msg = ""
     if st in (S.PRECOPY, S.FREEZING, S.FROZEN):
         n = resume_tree(root, start)
-        rec.transition(path, base, "source", S.ABORTED, peer_told=not r.get("final_sent"))
+        # The agent may have sent FINAL: tell the destination (it answers "unknown"
+        # for a session it never prepared).
+        rec.transition(path, base, "source", S.ABORTED, peer_told=st == S.PRECOPY)
         msg = f"session {sess}: resumed pid {root} ({n} processes) at the source"
         st = S.ABORTED
         r = rec.read(path) or r
@@ -295,10 +296,12 @@ def _drop_dump_dir(r: Dict) -> None:
 
 
 def settle_dest(r: Dict, base: str, log: Callable[[str], None] = _log_default) -> str:
-    """Bring one destination record whose agent is gone to a final state."""
+    """Bring one destination record whose agent is gone to a final state: before
+    COMMIT (RECEIVING, RESTORING, PREPARED: the record is not rewritten between them)
+    the restored copy, if any, never ran: kill it, drop the set; COMMITTED: resume it."""
     path = r.get("_path") or rec.record_path(base, "dest", r["session"])
     sess, st = r["session"], r.get("state")
-    if st in (D.RESTORING, D.PREPARED):
+    if st in (D.RECEIVING, D.RESTORING, D.PREPARED):
         if r.get("final_dir"):
             wait_criu_gone(["restore", "-D", r["final_dir"]], 30.0)
         pid, start = r.get("restored_pid"), r.get("restored_start")
@@ -311,16 +314,15 @@ def settle_dest(r: Dict, base: str, log: Callable[[str], None] = _log_default) -
         n = kill_tree(pid, start)
         drop_images(r)
         rec.transition(path, base, "dest", D.ABORTED)
-        return f"session {sess}: killed the unconfirmed restored copy (pid {pid}, {n} processes)"
+        if pid:
+            return (f"session {sess}: killed the unconfirmed restored copy (pid {pid}, "
+                    f"{n} processes)")
+        return f"session {sess}: removed the partial image set"
     if st == D.COMMITTED:
         n = resume_tree(r.get("restored_pid"), r.get("restored_start"))
         rec.transition(path, base, "dest", D.RESUMED)
         drop_images(r)
         return f"session {sess}: COMMIT was received: resumed pid {r.get('restored_pid')} ({n})"
-    if st == D.RECEIVING:
-        drop_images(r)
-        rec.transition(path, base, "dest", D.ABORTED)
-        return f"session {sess}: removed the partial image set"
     drop_images(r)
     return f"session {sess}: {st}, nothing to do"
 
@@ -419,7 +421,7 @@ def _deadline_watch(base: str, agent_pid: int, log) -> None:
                 continue
             done = rec.transition(r["_path"], base, "source", S.ABORTED,
                                   expect=(S.FROZEN, S.FREEZING),
-                                  peer_told=not r.get("final_sent"))
+                                  peer_told=False)
             if done is not None:
                 n = resume_tree(r.get("pid"), r.get("pid_start"))
                 log(f"session {r['session']}: switch-over budget exceeded by the agent "

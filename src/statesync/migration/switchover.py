@@ -65,6 +65,7 @@ class SwitchOver:
     resolve_window: float
     deadline: float
     frozen: bool
+    final_sent: bool
     decided: bool
     committed: bool
     committing: bool
@@ -166,7 +167,8 @@ class SwitchOver:
                 await asyncio.sleep(random.uniform(0.02, 0.06) * (attempt + 1))
         t_dumped = time.monotonic()
         self.frozen = True
-        self._record(S.FROZEN)
+        # The record stays FREEZING: the supervisor treats both alike (wait for any
+        # dump, then resume), and every fsync here would be downtime.
         fault("source:frozen")
         rep.criu_dump_stats = _read_stats(os.path.join(tmp, "stats-dump"))
         # Freeze starts inside the dump; CRIU's own stats say how long after its start.
@@ -188,8 +190,7 @@ class SwitchOver:
         rep.phases["restore"] = restore
         rep.restored_pid = info.get("pid")
         rep.criu_restore_stats = info.get("stats", {})
-        await self._commit()
-        t5 = time.monotonic()
+        t5 = await self._commit()
         rep.phases["commit"] = t5 - t4
         rep.downtime_s = t5 - t_freeze
         self._emit("done")
@@ -250,8 +251,8 @@ class SwitchOver:
         rep.final_pages = n_final
         rep.final_bytes_wire = self.chan.bytes_sent - b0
         # From FINAL on the destination may hold a restored (stopped) copy: an abort
-        # must be told to it, now or later (the record says whether it was).
-        self._record(S.FROZEN, final_sent=True)
+        # must be told to it, now or later (a supervisor always tells it).
+        self.final_sent = True
         await self.chan.send_json(wire.FINAL, {"pages_file": pages_file, "count": int(addrs.size),
                                                "images_bytes": images_bytes},
                                   np.ascontiguousarray(addrs, dtype="<u8").tobytes())
@@ -266,16 +267,17 @@ class SwitchOver:
                                  "restore")
         return info, t2, t4
 
-    async def _commit(self) -> None:
+    async def _commit(self) -> float:
         """Decide (durably, under the records lock: the supervisor may have aborted at
-        the deadline), send COMMIT, wait for RESUMED, then kill the frozen copy."""
+        the deadline), send COMMIT, wait for RESUMED, then kill the frozen copy.
+        Returns when the service ran again at the destination (RESUMED arrived)."""
         if self._budget_left() <= 0:
             raise MigrationError(f"switch-over budget of {self.budget_s:.1f} s exceeded before "
                                  f"the commit; the source resumes", "commit")
         if self.cancel_requested:       # Migration.cancel() (api.py)
             raise MigrationError("cancelled before the commit", "restore")
         if records.transition(self.record_path, self.state_base, "source", S.COMMITTING,
-                              expect=(S.FROZEN,)) is None:
+                              expect=(S.FREEZING, S.FROZEN)) is None:
             raise MigrationError("the supervisor aborted this switch-over (budget exceeded)",
                                  "commit")
         # No await since the cancel check: from here a cancel is refused (api.py).
@@ -285,16 +287,18 @@ class SwitchOver:
             await self.chan.send_json(wire.COMMIT, {"session": self.session})
             fault("source:after_commit")
             _, payload = await self.chan.expect(wire.RESUMED, timeout=self.io_timeout)
+            t_resumed = time.monotonic()
             resumed, _ = wire.unpack_json(payload)
         except StateSyncError as exc:
             self.report.notes.append(f"no RESUMED after COMMIT ({exc}); asking the destination")
             await self._resolve_in_doubt(str(exc))
-            return
+            return time.monotonic()
         await self._finish_commit(resumed.get("pid"))
         try:
             await self.chan.send_json(wire.DONE, {"session": self.session})
         except StateSyncError:
             pass
+        return t_resumed
 
     async def _finish_commit(self, dest_pid) -> None:
         # The destination runs the service: now the stopped source copy goes, and is
