@@ -238,3 +238,66 @@ def test_read_archive_rejects_escaping_members(tmp_path):
         tf.addfile(ti, io.BytesIO(b"{}"))
     with pytest.raises(CheckpointArchiveError, match="config.dump"):
         podman.read_archive(p, tmp_path / "out2")
+
+
+def test_podman_tcp_client_survives_archive_restore_in_other_host_netns(image, tmp_path):
+    """A podman container in host A's network namespace (``--network ns:PATH``) serving
+    redis on the service IP, a client in the client namespace on ONE connection: runc
+    checkpoint (tcp, left stopped), lock then IP to B (TcpHandoff), an archive retargeted
+    to B's namespace, the source removed, ``podman container restore --import
+    --tcp-established`` through statesync's netns runtime wrapper: no reset, every
+    acknowledged write there, the container now in B."""
+    from statesync.containers import net, probe
+    from statesync.testing.testbed import Testbed
+    require(find_program("iptables-save"), "iptables missing (scripts/setup-system.sh)")
+    with Testbed(rate="1gbit") as tb, net.ServiceLan(tb.ns_a, tb.ns_b) as lan:
+        lan.place_service("a")
+        name = f"ssct{os.getpid()}t{time.monotonic_ns() % 10**6}"
+        conf = tmp_path / "criu.conf"
+        conf.write_text("")
+        runtime = podman.netns_runtime()
+        r = subprocess.run(["podman", "run", "-d", *podman.PODMAN_RUN_ARGS,
+                            "--network", f"ns:/run/netns/{tb.ns_a}",
+                            "--annotation", f"org.criu.config={conf}", "--name", name, image,
+                            "redis-server", "--bind", lan.service_ip, "--save", "",
+                            "--appendonly", "no", "--protected-mode", "no"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        sess = None
+        try:
+            mk = lambda: lan.socket("client")  # noqa: E731
+            _wait(lambda: _exec(name, "redis-cli", "-h", lan.service_ip, "ping") == "PONG")
+            sess = probe.RedisSession(mk, lan.service_ip, 6379, interval=0.005).start()
+            time.sleep(0.3)
+            before = len(sess.acked)
+            c = podman.container(name)
+            meta = podman.metadata(name)
+            t0 = time.monotonic()
+            ck = runc.checkpoint(c, tmp_path / "img", leave_stopped=True, tcp_established=True)
+            h = net.TcpHandoff(f"{lan.service_ip}/32", (tb.ns_a, lan.dev), (tb.ns_b, lan.dev),
+                               dev=lan.svc_dev, mac=lan.svc_mac)
+            lock = h.prepare_destination(dump_log=ck.log)
+            arch = podman.write_archive(tmp_path / "ckpt.tar", ck.images_dir, meta,
+                                        netns=tb.ns_b, runtime=runtime)
+            subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True,
+                           timeout=60, check=True)
+            podman.restore_archive(arch, tcp_established=True, runtime=runtime)
+            total = time.monotonic() - t0
+            pid = runc.pids_of(podman.container(name))[0]
+            assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{tb.ns_b}").st_ino
+            assert not net.network_lock_of(tb.ns_b)
+            assert h.commit() == lock.rules
+            deadline = time.monotonic() + 10
+            while (len(sess.acked) < before + 50 and sess.error is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            sess.stop()
+            assert sess.error is None, f"the client's connection broke: {sess.error!r}"
+            assert len(sess.acked) >= before + 50
+            assert sess.verify(mk()) == []
+        finally:
+            if sess is not None:
+                sess.stop()
+            subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True, timeout=60)
+        print(f"\npodman archive + tcp: client gap {sess.gap_s * 1000:.0f} ms, dump to running "
+              f"at B {total * 1000:.0f} ms (podman rm + restore --import included)")

@@ -58,7 +58,7 @@ from . import runc as _runc
 
 __all__ = ["PodmanMetadata", "ArchiveContents", "find_podman", "inspect", "container",
            "metadata", "write_archive", "read_archive", "restore_archive", "RUNC_ROOT",
-           "PODMAN_RUN_ARGS"]
+           "PODMAN_RUN_ARGS", "netns_runtime", "NETNS_RUNTIME"]
 
 #: runc's default state directory: where podman's runc containers live (root podman).
 RUNC_ROOT = "/run/runc"
@@ -122,6 +122,64 @@ def container(name: str) -> _runc.Container:
         raise ContainerError(name, f"runs under OCI runtime {rt!r}: statesync checkpoints "
                              f"through runc (podman run --runtime runc)")
     return _runc.Container(info["Id"], RUNC_ROOT)
+
+
+# --------------------------------------------------------------------------- runtime wrapper
+
+#: where :func:`netns_runtime` puts its runc wrapper (a runtime file, not part of the tree)
+NETNS_RUNTIME = "/run/statesync/bin/runc"
+
+_WRAPPER = """#!{python}
+# Written by statesync (statesync.containers.podman.netns_runtime): podman runs its OCI
+# runtime in the host's root network namespace; CRIU then re-creates a restored
+# container's inet sockets there, and binding one to the service IP fails ("Can't bind
+# inet socket back"). This runs `runc restore` inside the network namespace named in the
+# bundle's config.json, the way statesync's own runc driver does; anything else is runc.
+import json, os, sys
+real = {runc!r}
+args = sys.argv[1:]
+if "restore" in args:
+    bundle = None
+    for i, a in enumerate(args):
+        if a in ("--bundle", "-b") and i + 1 < len(args):
+            bundle = args[i + 1]
+        elif a.startswith("--bundle="):
+            bundle = a.split("=", 1)[1]
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            cfg = json.load(f)
+        ns = next((n.get("path") for n in cfg["linux"]["namespaces"]
+                   if n.get("type") == "network"), None)
+    except (OSError, TypeError, ValueError, KeyError):
+        ns = None
+    if ns:
+        os.execvp("nsenter", ["nsenter", "--net=" + ns, "--", real] + args)
+os.execv(real, [real] + args)
+"""
+
+
+def netns_runtime(path: str = NETNS_RUNTIME) -> str:
+    """Install (if missing or stale) the runc wrapper that ``podman container restore
+    --import`` must use for a ``--tcp-established`` restore of a container living in a
+    network namespace given by path (``--network ns:PATH``): it runs ``runc restore``
+    inside that namespace. Pass the returned path as ``runtime=`` to
+    :func:`write_archive` and :func:`restore_archive`. Returns the path."""
+    import sys
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    text = _WRAPPER.format(python=python, runc=_runc.find_runc())
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return path
+    except OSError:
+        pass
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
+    return path
 
 
 # --------------------------------------------------------------------------- metadata
@@ -246,9 +304,29 @@ def _flat_images(images_dir: str, tmp: str) -> str:
     return out
 
 
+def _with_netns(spec: dict, path: str) -> dict:
+    """A copy of OCI spec ``spec`` whose network namespace is the one at ``path``."""
+    spec = json.loads(json.dumps(spec))
+    # runc refuses net.* sysctls when it runs in the container's network namespace (it
+    # then looks like the host's): they were applied to that namespace already.
+    sysctl = (spec.get("linux") or {}).get("sysctl") or {}
+    for k in [k for k in sysctl if k.startswith("net.")]:
+        del sysctl[k]
+    nss = (spec.get("linux") or {}).get("namespaces") or []
+    for ns in nss:
+        if ns.get("type") == "network":
+            ns["path"] = path
+            break
+    else:
+        nss.append({"type": "network", "path": path})
+        spec.setdefault("linux", {})["namespaces"] = nss
+    return spec
+
+
 def write_archive(out_path, images_dir, meta: PodmanMetadata, *, stats_dump=None,
                   upper: Optional[str] = "auto", shm_dir: Optional[str] = "auto",
-                  descriptors: Optional[Sequence[str]] = None) -> str:
+                  descriptors: Optional[Sequence[str]] = None,
+                  netns: Optional[str] = None, runtime: Optional[str] = None) -> str:
     """Write a checkpoint archive (uncompressed tar) at ``out_path`` that
     ``podman container restore --import`` accepts.
 
@@ -260,7 +338,13 @@ def write_archive(out_path, images_dir, meta: PodmanMetadata, *, stats_dump=None
     does not exist on the host) and ``deleted.files``. ``shm_dir`` likewise for /dev/shm.
     ``stats_dump``: CRIU's stats-dump (default: the one in images_dir, if any).
     ``descriptors``: runc's stdio descriptors when the image dir lacks
-    descriptors.json. Atomic: written beside out_path, renamed. Returns out_path."""
+    descriptors.json. ``netns``: retarget the container to the network namespace at
+    this path (a container run with ``--network ns:PATH``; the destination host's
+    namespace holding the service IP), in spec.dump and config.dump's spec (net.*
+    sysctls dropped: runc refuses them there, and that namespace has them already).
+    ``runtime``: the OCI runtime recorded in config.dump (podman restores only with
+    the same one): :func:`netns_runtime`'s wrapper for a ``tcp_established`` restore.
+    Atomic: written beside out_path, renamed. Returns out_path."""
     out_path = os.path.abspath(os.fspath(out_path))
     images_dir = os.path.abspath(os.fspath(images_dir))
     if not os.path.exists(os.path.join(images_dir, "inventory.img")):
@@ -275,8 +359,18 @@ def write_archive(out_path, images_dir, meta: PodmanMetadata, *, stats_dump=None
         tmp_tar = os.path.join(tmpdir, "archive.tar")
         with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tf:
             _add_dir(tf, "artifacts")
-            _add_bytes(tf, "config.dump", json.dumps(meta.config, indent=2).encode())
-            _add_bytes(tf, "spec.dump", json.dumps(meta.spec, indent=2).encode())
+            config, spec = meta.config, meta.spec
+            if runtime:
+                config = dict(config)
+                config["runtime"] = runtime
+            if netns:
+                path = netns if "/" in netns else f"/run/netns/{netns}"
+                spec = _with_netns(spec, path)
+                config = dict(config)
+                if isinstance(config.get("spec"), dict):
+                    config["spec"] = _with_netns(config["spec"], path)
+            _add_bytes(tf, "config.dump", json.dumps(config, indent=2).encode())
+            _add_bytes(tf, "spec.dump", json.dumps(spec, indent=2).encode())
             # podman writes it always ("null" for a container without podman networks)
             _add_bytes(tf, "network.status", json.dumps(meta.network_status, indent=2).encode())
             sd = stats_dump or os.path.join(images_dir, "stats-dump")
@@ -408,10 +502,13 @@ def read_archive(path, out_dir) -> ArchiveContents:
 
 
 def restore_archive(archive, name: Optional[str] = None, *, tcp_established: bool = False,
-                    extra_args: Sequence[str] = (), timeout: float = 180.0) -> str:
-    """``podman container restore --import ARCHIVE [--name NAME]``; returns the new
-    container's ID. podman 4.3.1 refuses ``--tcp-established`` together with ``--name``."""
-    args = ["container", "restore", "--import", os.fspath(archive)]
+                    runtime: Optional[str] = None, extra_args: Sequence[str] = (),
+                    timeout: float = 180.0) -> str:
+    """``podman [--runtime RUNTIME] container restore --import ARCHIVE [--name NAME]``;
+    returns the new container's ID. podman 4.3.1 refuses ``--tcp-established``
+    together with ``--name``. ``runtime`` must be the one config.dump records."""
+    args = (["--runtime", runtime] if runtime else []) + [
+        "container", "restore", "--import", os.fspath(archive)]
     if name:
         args += ["--name", name]
     if tcp_established:
