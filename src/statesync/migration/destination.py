@@ -192,24 +192,39 @@ class _DestinationSession:
 
     async def _finish(self, info: dict, tail: bytes) -> None:
         t0 = time.monotonic()
-        pages_file = self._check_name(str(info.get("pages_file", "")))
-        count = int(info.get("count", -1))
-        if count < 0 or count * 8 != len(tail):
-            raise wire.ProtocolError(f"FINAL lists {len(tail)} address bytes for {count} pages")
-        addrs = np.frombuffer(tail, dtype="<u8").astype(np.uint64)
+        # One pages file per pagemap of the dump (the root's first, then "more": its
+        # children's and the shmem objects'), each listed by the keys of its pages in
+        # file order, one after the other in the tail.
+        files = [(info.get("pages_file", ""), info.get("count", -1))]
+        more = info.get("more") or []
+        if not isinstance(more, list):
+            raise wire.ProtocolError("FINAL's 'more' is not a list")
+        files += [(m.get("pages_file", ""), m.get("count", -1)) for m in more
+                  if isinstance(m, dict)]
+        if len(files) != 1 + len(more):
+            raise wire.ProtocolError("FINAL's 'more' holds something else than pages files")
+        names = [self._check_name(str(f)) for f, _ in files]
+        counts = [int(c) for _, c in files]
+        if len(set(names)) != len(names) or min(counts) < 0 or sum(counts) * 8 != len(tail):
+            raise wire.ProtocolError(f"FINAL lists {len(tail)} address bytes for {sum(counts)} "
+                                     f"pages in {len(names)} pages files")
+        every = np.frombuffer(tail, dtype="<u8").astype(np.uint64)
+        bounds = np.cumsum([0] + counts)
 
         def assemble():
-            slots, found = self.store.lookup(addrs)
-            if not found.all():
-                miss = addrs[~found]
-                raise MigrationError(f"cannot assemble {pages_file}: {miss.size} pages never "
-                                     f"arrived, first at {int(miss[0]):#x}", "assemble")
-            fd = self._open_image(pages_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            try:
-                _write_rows(fd, self.store.rows, slots)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            for pages_file, lo, hi in zip(names, bounds[:-1], bounds[1:]):
+                addrs = every[lo:hi]
+                slots, found = self.store.lookup(addrs)
+                if not found.all():
+                    miss = addrs[~found]
+                    raise MigrationError(f"cannot assemble {pages_file}: {miss.size} pages never "
+                                         f"arrived, first at {int(miss[0]):#x}", "assemble")
+                fd = self._open_image(pages_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                try:
+                    _write_rows(fd, self.store.rows, slots)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             for name in self.image_names:
                 fd = self._open_image(name, os.O_RDONLY)
                 try:

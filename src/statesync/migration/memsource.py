@@ -279,6 +279,8 @@ class MemorySource:
 
     def _space_pages(self, sp: Space) -> np.ndarray:
         if sp.kind == "shmem":
+            if sp._fd < 0:
+                return _EMPTY
             st = os.fstat(sp._fd)
             sp.size = int(st.st_size)
             return make_keys(sp.index, _data_offsets(sp._fd, sp.size))
@@ -303,7 +305,7 @@ class MemorySource:
         if not proc.exists(self.pid):
             raise ProcessGone(self.pid, "exited during the migration")
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
-        if not self.spaces or len(self.spaces) == 1:
+        if len(self.spaces) == 1 and not (keys >> np.uint64(SPACE_SHIFT)).any():
             return _read_any(self.pid, keys)
         out = np.zeros((keys.size, PAGE_SIZE), dtype=np.uint8)
         ok = np.zeros(keys.size, dtype=bool)
@@ -315,6 +317,8 @@ class MemorySource:
                 continue
             a = addr_of(keys[sel])
             if sp.kind == "shmem":
+                if sp._fd < 0:
+                    continue
                 p, k = _pread_pages(sp._fd, a)
             else:
                 try:
@@ -505,16 +509,17 @@ class MemorySource:
         return make_keys(sp.index, offs[~same])
 
     def detach(self) -> None:
+        """Stop tracking and close the shmem objects' descriptors (their pages read
+        as not ok from then on). The spaces stay: :meth:`image_keys` needs them."""
         ts, self.trackers, self.tracker = list(self.trackers.values()), {}, None
         for t in ts:
             try:
                 t.detach()  # type: ignore[attr-defined]
             except Exception:
                 pass
-
-    def close(self) -> None:
-        self.detach()
         for sp in self.spaces.values():
             if sp._fd >= 0:
                 os.close(sp._fd)
                 sp._fd = -1
+
+    close = detach

@@ -58,7 +58,9 @@ class _SourceAgent(SwitchOver):
         self.link_rate_Bps = link_rate_Bps
         self.costs = costs
         self.dump_retries = 4
-        self.mem = MemorySource(pid)
+        # The whole tree and its shared memory are pre-copied (every pagemap of the
+        # final dump is diffed and assembled; see SwitchOver._to_prepared).
+        self.mem = MemorySource(pid, tree=True, shmem=True)
         self.shadow = PageTable(2, np.uint64)     # hash of each page the destination holds
         self.mirror = PageTable(PAGE_SIZE)        # contents the destination holds (xor only)
         self.report = Report(pid=pid, dest=dest, strategy=strategy, codec=self.codec.name,

@@ -22,7 +22,6 @@ from statesync.migration import records
 from statesync.migration.common import (
     _TRANSIENT_DUMP_ERRORS,
     _ns_pid,
-    _present_pages_of,
     _read_stats,
     criu_result,
     criu_spawn,
@@ -56,6 +55,7 @@ class SwitchOver:
     report: Report
     chan: Any
     shadow: Any
+    mem: Any
     criu_args: List[str]
     work_dir: Optional[str]
     dump_dir: Optional[str]
@@ -204,32 +204,57 @@ class SwitchOver:
         main_pm = f"pagemap-{vpid}.img"
         if not os.path.exists(os.path.join(tmp, main_pm)):
             raise MigrationError(f"dump of pid {self.pid} has no {main_pm}", "dump")
-        pages_id, addrs = _present_pages_of(os.path.join(tmp, main_pm))
-        pages_file = f"pages-{pages_id}.img"
-        pages_path = os.path.join(tmp, pages_file)
-        if os.path.getsize(pages_path) != addrs.size * PAGE_SIZE:
-            raise MigrationError(f"{pages_path} holds {os.path.getsize(pages_path)} bytes, "
-                                 f"pagemap says {addrs.size} pages", "dump")
+        # Every pagemap of the dump (the root's, its children's, the shmem objects'),
+        # its pages named by the memory source's keys, the root's first: the diff and
+        # the final transfer cover them all, and the destination assembles each
+        # pages file from its store (FINAL's "more").
+        imgs = self.mem.image_keys(tmp)
+        imgs.sort(key=lambda x: x[0] != main_pm)
+        parts, views, pages_files = [], [], []
+        for name, pages_id, keys in imgs:
+            pf = f"pages-{pages_id}.img"
+            path = os.path.join(tmp, pf)
+            size = os.path.getsize(path) if os.path.exists(path) else 0
+            if size != keys.size * PAGE_SIZE:
+                raise MigrationError(f"{path} holds {size} bytes, {name} says {keys.size} "
+                                     "pages", "dump")
+            parts.append(keys)
+            pages_files.append(pf)
+            # Zero-copy views of the dumped pages (the dump directory is on tmpfs).
+            views.append(np.memmap(path, dtype=np.uint8, mode="r", shape=(keys.size, PAGE_SIZE))
+                         if keys.size else np.zeros((0, PAGE_SIZE), np.uint8))
+        addrs = np.concatenate(parts)
         rep.state_pages = int(addrs.size)
-        # Zero-copy view of the dumped pages (the dump directory is on tmpfs by default).
-        dumped = (np.memmap(pages_path, dtype=np.uint8, mode="r", shape=(addrs.size, PAGE_SIZE))
-                  if addrs.size else np.zeros((0, PAGE_SIZE), np.uint8))
+        bounds = np.cumsum([0] + [k.size for k in parts])
+        order = np.argsort(addrs, kind="stable")
+        skeys = addrs[order]
+
+        def rows(idx):
+            """Dumped contents of the pages at positions idx of addrs."""
+            out = np.empty((idx.size, PAGE_SIZE), dtype=np.uint8)
+            img = np.searchsorted(bounds, idx, side="right") - 1
+            for i in np.unique(img).tolist():
+                sel = img == i
+                out[sel] = views[i][idx[sel] - bounds[i]]
+            return out
 
         def diff():
-            h = _core.hash_pages(dumped) if addrs.size else np.zeros((0, 2), np.uint64)
+            h = (np.concatenate([_core.hash_pages(np.ascontiguousarray(v))
+                                 for v in views if v.size])
+                 if addrs.size else np.zeros((0, 2), np.uint64))
             slots, found = self.shadow.lookup(addrs)
             need = ~found
             if found.any():
                 need[found] = (self.shadow.rows[slots[found]] != h[found]).any(axis=1)
-            return np.flatnonzero(need)
+            return np.flatnonzero(need[order])     # positions in skeys (sorted keys)
 
-        need_idx = await asyncio.to_thread(diff)
+        need_s = await asyncio.to_thread(diff)
         rep.phases["final_diff"] = time.monotonic() - t1
         t2 = time.monotonic()
-        # Non-memory images first (pagemap included), then the pages the destination lacks.
+        # Non-memory images first (pagemaps included), then the pages the destination lacks.
         images_bytes = 0
         for name in sorted(os.listdir(tmp)):
-            if name == pages_file or name in ("dump.log", "stats-dump"):
+            if name in pages_files or name in ("dump.log", "stats-dump"):
                 continue
             path = os.path.join(tmp, name)
             if not os.path.isfile(path):
@@ -244,18 +269,21 @@ class SwitchOver:
         rep.images_bytes = images_bytes
         fault("source:final_transfer")
         b0 = self.chan.bytes_sent
-        sel_addrs = addrs[need_idx]
+        sel_keys = skeys[need_s]
         n_final, _ = await self._send_pages(
-            sel_addrs, lambda a, idx=need_idx: (dumped[idx[np.searchsorted(sel_addrs, a)]],
-                                                np.ones(a.size, dtype=bool)))
+            sel_keys, lambda a: (rows(order[need_s[np.searchsorted(sel_keys, a)]]),
+                                 np.ones(a.size, dtype=bool)))
         rep.final_pages = n_final
         rep.final_bytes_wire = self.chan.bytes_sent - b0
         # From FINAL on the destination may hold a restored (stopped) copy: an abort
         # must be told to it, now or later (a supervisor always tells it).
         self.final_sent = True
-        await self.chan.send_json(wire.FINAL, {"pages_file": pages_file, "count": int(addrs.size),
-                                               "images_bytes": images_bytes},
-                                  np.ascontiguousarray(addrs, dtype="<u8").tobytes())
+        await self.chan.send_json(
+            wire.FINAL, {"pages_file": pages_files[0], "count": int(parts[0].size),
+                         "images_bytes": images_bytes,
+                         "more": [{"pages_file": pf, "count": int(k.size)}
+                                  for pf, k in zip(pages_files[1:], parts[1:])]},
+            np.ascontiguousarray(addrs, dtype="<u8").tobytes())
         fault("source:after_final")
         self._emit("phase", phase="restore", final_pages=n_final)
         mtype, payload = await self.chan.expect(wire.RESTORED, wire.FAILED,
