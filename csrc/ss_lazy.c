@@ -1014,8 +1014,14 @@ int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, 
 out:
     for (size_t i = 0; i < d.nt; i++) {
         if (!d.t[i].finished) {
-            st->left += d.t[i].remaining;
-            task_close(&d, &d.t[i]);
+            struct task *t = &d.t[i];
+            st->left += t->remaining;
+            if (rc < 0 && t->remaining && t->fd >= 0 && opts->left_fds &&
+                st->left_nfds < opts->left_cap) {
+                opts->left_fds[st->left_nfds++] = t->fd; /* handed back open */
+                t->fd = -1;
+            }
+            task_close(&d, t);
         }
     }
     if (!st->t_filled_ns && rc == 0)

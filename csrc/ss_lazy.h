@@ -81,6 +81,9 @@ struct ss_lazy_opts {
     int no_prefetch;      /* 1: serve faults only (tests, measurements) */
     uint64_t *lat_ns;     /* per-fault service times (may be NULL) */
     size_t lat_cap;
+    int *left_fds;        /* on failure, the descriptors of tasks with pages still
+                           * missing are handed back here OPEN (may be NULL: closed) */
+    size_t left_cap;
 };
 
 struct ss_lazy_stats {
@@ -108,20 +111,24 @@ struct ss_lazy_stats {
     uint64_t t_finished_ns;    /* CRIU's restore-finished word arrived */
     uint64_t t_filled_ns;      /* every task filled (or exited) */
     size_t lat_n;              /* entries written to opts.lat_ns */
+    size_t left_nfds;          /* descriptors handed back in opts.left_fds */
     int32_t err_pid;           /* pid of the task an error concerns (0: none) */
     uint64_t err_addr;         /* address an error concerns (0: none) */
 };
 
 /* Run the daemon on sock (listening with SS_LAZY_ACCEPT, else connected to CRIU).
  * Returns 0 when every task is filled, or -errno:
- *   -ECANCELED  cancel_fd became readable (every descriptor is closed: unfilled
- *               pages of live tasks will read as zeros, so the caller must kill
- *               the restored tree);
+ *   -ECANCELED  cancel_fd became readable;
  *   -ETIMEDOUT  CRIU did not connect within accept_timeout_ms;
  *   -ECONNRESET CRIU closed the socket before the restore-finished word (the
  *               restore failed; CRIU kills what it restored);
  *   -EPROTO     a malformed message from CRIU;
  *   -ENOMEM, or the errno of a failing ioctl (err_pid/err_addr say where).
+ * On failure the descriptors of tasks that still miss pages go to
+ * opts.left_fds, still open: while they are open those tasks block on a missing
+ * page instead of reading zeros, so the caller can kill the restored tree first
+ * and close them after. Without left_fds (or beyond left_cap) they are closed,
+ * and the missing pages read as zeros from then on.
  * The socket is not closed. */
 int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, size_t nstores,
                   const struct ss_lazy_opts *opts, struct ss_lazy_stats *st);

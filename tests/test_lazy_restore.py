@@ -113,9 +113,10 @@ def test_lazy_restore_brings_back_the_exact_memory(workload_dump, reap):
     assert st.tasks == 1 and st.total_pages == workload_dump["res"].lazy_pages[full.root_pid]
     # every lazy page placed exactly once, on demand or in the background
     assert st.fault_copied + st.prefetch_copied + st.exist == st.total_pages
-    assert st.prefetch_copied > 0 and st.faults > 0
-    assert st.unreachable == 0 and st.lost_exited == 0
-    assert st.fill_s > 0 and st.fault_p99_ns >= st.fault_p50_ns > 0
+    assert st.prefetch_copied > 0 and st.unreachable == 0 and st.lost_exited == 0
+    assert st.fill_s > 0 and st.latencies_ns.size == st.faults
+    if st.faults:  # the resumed workload's threads usually fault before the fill is done
+        assert st.fault_p99_ns >= st.fault_p50_ns > 0
     c = workloads.WorkloadClient(workload_dump["wl"].control)
     c.wait_ready(20)
     assert c.checksum() == workload_dump["checksum"]
@@ -305,11 +306,15 @@ def test_fork_mremap_munmap_dontneed_during_fill(lazy_ok, tmp_path, reap, prefet
         st = d.wait(60)
     else:
         # faults only (a measurement mode): pages nobody touches stay missing, so
-        # the daemon only ends when cancelled, and says that pages were left
+        # the daemon only ends when cancelled, says that pages were left, and kills
+        # the restored tree before it releases the userfaultfds (fail-stop: the
+        # tree never runs on with zeros for its missing pages)
         d.cancel()
         with pytest.raises(LazyPagesError) as ei:
             d.wait(60)
         assert ei.value.unfilled and ei.value.errno == errno.ECANCELED
+        assert ei.value.killed and ei.value.restored_pid == rr.pid
+        assert _gone(rr.pid)
         st = ei.value.stats
     assert st.forks >= 1 and st.removes >= 1 and st.unmaps >= 1 and st.remaps >= 1, st
     assert st.unreachable == 0

@@ -188,7 +188,15 @@ static void test_basic(int pieces)
      * pages by either (fault_zero also counts holes touched before the close) */
     CHECK(st.fault_copied + st.prefetch_copied == s.nrows && st.exist == 0);
     CHECK(st.prefetch_zero + st.fault_zero >= s.n - s.nrows);
-    CHECK(st.fault_copied >= 4);       /* 5, 6, 100, span-1 */
+    /* before the finish: 5, 6, 100 copied; 3 (a store zero page), 49 and span-1
+     * (holes) zero-filled; after it, more faults race with the fill */
+    CHECK(st.fault_copied >= 3 && st.fault_zero >= 3);
+    if (st.fault_copied < 3 || st.fault_zero < 3)
+        fprintf(stderr, "pieces %d: faults %llu copied %llu zero %llu woken %llu exist %llu "
+                "eagain %llu prefetch %llu\n", pieces, (unsigned long long)st.faults,
+                (unsigned long long)st.fault_copied, (unsigned long long)st.fault_zero,
+                (unsigned long long)st.fault_woken, (unsigned long long)st.exist,
+                (unsigned long long)st.eagain, (unsigned long long)st.prefetch_copied);
     CHECK(st.prefetch_copied > 0);
     CHECK(st.prefetch_ioctls < s.n / 2); /* runs (broken at every store zero page) */
     CHECK(st.faults >= 6 && st.lat_n == (st.faults < 64 ? st.faults : 64));
@@ -272,7 +280,9 @@ static int child_events(int sock, uint8_t *map, size_t span)
     return bad > 99 ? 99 : bad;
 }
 
-static void test_events(void)
+/* no_prefetch: faults only, so every event meets pages still missing and the
+ * counts are exact; with the fill, the events after the finish race with it */
+static void test_events(int no_prefetch)
 {
     size_t span = 6000;
     uint8_t *map = mmap(NULL, span * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
@@ -291,7 +301,8 @@ static void test_events(void)
     close(sv[1]);
     struct ss_lazy_store ls = {.pid = pid, .n = s.n, .addrs = s.addrs, .rows = s.rows,
                                .pages = s.pages, .nrows = s.nrows};
-    struct ss_lazy_opts o = {.page_size = ps, .chunk = 16, .cancel_fd = -1};
+    struct ss_lazy_opts o = {.page_size = ps, .chunk = 16, .cancel_fd = -1,
+                             .no_prefetch = no_prefetch};
     struct ss_lazy_stats st;
     int rc = ss_lazy_serve(sv[0], 0, &ls, 1, &o, &st);
     if (rc)
@@ -303,7 +314,10 @@ static void test_events(void)
     if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0))
         fprintf(stderr, "events child status %#x\n", status);
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    CHECK(st.removes >= 2 && st.unmaps >= 1 && st.remaps == 1 && st.forks == 1);
+    /* before the finish (always seen): a REMOVE, the munmap, the mremap */
+    CHECK(st.removes >= 1 && st.unmaps >= 1 && st.remaps == 1 && st.forks <= 1);
+    if (no_prefetch)
+        CHECK(st.removes == 2 && st.forks == 1 && st.prefetch_copied == 0);
     /* the first DONTNEED and the munmap dropped 2 x 98 lazy pages */
     CHECK(st.dropped >= 196);
     CHECK(st.faults >= 100 && st.fault_copied > 0);
@@ -385,9 +399,7 @@ static void test_close_means_zeros(void)
     CHECK(m != MAP_FAILED);
     CHECK(register_missing(uffd, m, 4 * ps) == 0);
     close(uffd);
-    alarm(10);
-    CHECK(is_zero(m, 4 * ps));
-    alarm(0);
+    CHECK(is_zero(m, 4 * ps)); /* a hang here would be the other answer (alarm) */
     munmap(m, 4 * ps);
 }
 
@@ -395,6 +407,7 @@ int main(void)
 {
     ps = (size_t)sysconf(_SC_PAGESIZE);
     signal(SIGPIPE, SIG_IGN);
+    alarm(240); /* a hang is a failure, not a stuck suite */
     test_protocol_failures();
     int probe = ss_lazy_uffd_open(O_CLOEXEC, NULL);
     if (probe < 0) {
@@ -412,6 +425,7 @@ int main(void)
     test_close_means_zeros();
     test_basic(1);
     test_basic(3);
-    test_events();
+    test_events(1);
+    test_events(0);
     TEST_DONE();
 }

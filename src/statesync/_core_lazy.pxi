@@ -27,6 +27,8 @@ cdef extern from "ss_lazy.h" nogil:
         int no_prefetch
         uint64_t *lat_ns
         size_t lat_cap
+        int *left_fds
+        size_t left_cap
     struct ss_lazy_stats:
         uint64_t tasks
         uint64_t zombies
@@ -53,6 +55,7 @@ cdef extern from "ss_lazy.h" nogil:
         uint64_t t_finished_ns
         uint64_t t_filled_ns
         size_t lat_n
+        size_t left_nfds
         int32_t err_pid
         uint64_t err_addr
     unsigned SS_LAZY_ACCEPT
@@ -103,7 +106,9 @@ def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
     breaks a sorted uint64 array of addresses a copy run must not cross (VMA
     boundaries) or None. accept: sock is listening (accept CRIU's connection).
     Returns (stats dict, fault service times in ns as a uint64 array). Releases
-    the GIL for the whole run. Raises OSError(errno) with .stats on failure."""
+    the GIL for the whole run. Raises OSError(errno) with .stats, .latencies and
+    .left_fds (open descriptors of tasks still missing pages: close them after
+    killing the restored tree) on failure."""
     cdef size_t ns = len(stores), i, k, npc = 0
     for st_ in stores:
         if isinstance(st_[3], list):
@@ -196,6 +201,9 @@ cdef object _lazy_run(int sock, ss_lazy_store *cs, size_t ns, bint accept, size_
     o.no_prefetch = 0 if prefetch else 1
     o.lat_ns = <uint64_t *>cnp.PyArray_DATA(lat)
     o.lat_cap = max_latencies
+    left = np.full(4096, -1, dtype=np.int32)
+    o.left_fds = <int *>cnp.PyArray_DATA(left)
+    o.left_cap = 4096
     with nogil:
         rc = ss_lazy_serve(sock, flags, cs, ns, &o, &st)
     stats = _lazy_stats_dict(&st)
@@ -208,5 +216,8 @@ cdef object _lazy_run(int sock, ss_lazy_store *cs, size_t ns, bint accept, size_
         exc = OSError(-rc, f"lazy-pages daemon: {os.strerror(-rc)}{where}")
         exc.stats = stats
         exc.latencies = lats
+        # descriptors of tasks still missing pages, OPEN: the caller kills the
+        # restored tree, then closes them (closing first would let it read zeros)
+        exc.left_fds = [int(x) for x in left[:st.left_nfds]]
         raise exc
     return stats, lats

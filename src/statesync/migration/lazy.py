@@ -53,17 +53,22 @@ _VMA_AREA_VVAR = 1 << 12
 
 class LazyPagesError(StateSyncError):
     """The lazy-pages daemon failed. ``pid`` is the task it concerns (0 when none),
-    ``errno`` the cause, ``stats`` what it had done. When ``unfilled`` is True some
-    restored task had pages still missing: its descriptor is closed, so those pages
-    now read as ZEROS. The restored tree must be killed and restored again from a
-    full image set (the source keeps its copy until the fill is confirmed)."""
+    ``errno`` the cause, ``stats`` what it had done. ``unfilled``: some restored task
+    still had pages missing. ``killed``: the daemon then killed the restored tree
+    (root pid ``restored_pid``) BEFORE releasing those tasks' userfaultfds, so nothing
+    ran on with zeros in place of its pages; otherwise (``unfilled`` and not
+    ``killed``: the tree's pid was not known yet, or ``on_failure="keep"``) the
+    caller must kill it. Either way restore again from a full image set (the source
+    keeps its copy until the fill is confirmed)."""
 
     def __init__(self, msg: str, pid: int = 0, errno: int = 0, stats=None,
-                 unfilled: bool = False):
+                 unfilled: bool = False, killed: bool = False, restored_pid: int = 0):
         self.pid = pid
         self.errno = errno
         self.stats = stats
         self.unfilled = unfilled
+        self.killed = killed
+        self.restored_pid = restored_pid
         super().__init__(msg)
 
 
@@ -316,13 +321,19 @@ class LazyPagesDaemon:
     fill does not take a page fault per source page of a pages-N.img mmap (about
     0.2 s per GiB here, off the critical path).
 
+    ``on_failure="kill"``: when the daemon fails (or is cancelled) while restored
+    tasks still miss pages, it SIGKILLs the restored tree (:meth:`set_restored`
+    names it; :func:`lazy_restore` does that) before it releases their
+    userfaultfds; ``"keep"`` leaves that to the caller.
+
     One thread runs the C loop with the GIL released; :meth:`wait` joins it.
     """
 
     def __init__(self, images_dir, pages, work_dir=None, chunk: int = 256,
                  prefetch: bool = True, missing: str = "error",
                  accept_timeout: Optional[float] = 120.0, page_size: int = PAGE_SIZE,
-                 max_latencies: int = 1 << 20, populate: bool = True):
+                 max_latencies: int = 1 << 20, populate: bool = True,
+                 on_failure: str = "kill"):
         if missing not in ("error", "zero"):
             raise ValueError("missing must be 'error' or 'zero'")
         self.images_dir = os.path.abspath(os.fspath(images_dir))
@@ -339,6 +350,13 @@ class LazyPagesDaemon:
         self._cancel_r = self._cancel_w = -1
         self._result: Optional[LazyStats] = None
         self._error: Optional[BaseException] = None
+        if on_failure not in ("kill", "keep"):
+            raise ValueError("on_failure must be 'kill' or 'keep'")
+        self.on_failure = on_failure
+        self.restored_pid = 0
+        self._fail_lock = threading.Lock()
+        self._left_fds: list = []
+        self._killed = False
 
     # -- stores
 
@@ -466,10 +484,44 @@ class LazyPagesDaemon:
             self._result = LazyStats.from_raw(raw, lat)
         except OSError as exc:
             self._error = exc
+            with self._fail_lock:
+                self._left_fds = list(getattr(exc, "left_fds", []))
+            self._fail_stop()
         except BaseException as exc:  # a bug: keep it for wait()
             self._error = exc
         finally:
             self._close_sock()
+
+    def set_restored(self, pid: int) -> None:
+        """The restored tree's root pid (in our pid namespace), once ``criu restore``
+        returned: from then on a failing daemon kills that tree before it releases
+        the userfaultfds of tasks that still miss pages (``on_failure="kill"``)."""
+        self.restored_pid = int(pid)
+        self._fail_stop()
+
+    def _fail_stop(self) -> None:
+        """After a failure: kill the restored tree if its pid is known, then close
+        the userfaultfds the C loop handed back open. Until the pid is known they
+        stay open, and a task touching a missing page blocks instead of reading a
+        zero page."""
+        with self._fail_lock:
+            if not self._left_fds:
+                return
+            if self.restored_pid <= 0 and self.on_failure == "kill":
+                return  # wait for set_restored() (or close())
+            if self.on_failure == "kill" and self.restored_pid > 0:
+                from statesync import proc
+                try:
+                    proc.kill_tree([self.restored_pid], None)
+                except Exception:  # noqa: BLE001 - gone already, or not ours to see
+                    pass
+                self._killed = True
+            for fd in self._left_fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._left_fds = []
 
     def _close_sock(self):
         if self._sock is not None:
@@ -520,15 +572,20 @@ class LazyPagesDaemon:
             _e.ECANCELED: "cancelled",
         }.get(exc.errno, str(exc))
         msg = f"lazy-pages daemon for {self.images_dir}: {why}"
-        if unfilled:
-            msg += ("; restored tasks still had missing pages, which now read as zeros: "
-                    "kill the restored tree and restore from a full image set")
+        if unfilled and self._killed:
+            msg += (f"; restored tasks still missed {st.left} pages: the restored tree "
+                    f"(pid {self.restored_pid}) was killed; restore from a full image set")
+        elif unfilled:
+            msg += (f"; restored tasks still missed {st.left} pages, which now read as "
+                    "zeros: kill the restored tree and restore from a full image set")
         return LazyPagesError(msg, pid=int(raw.get("err_pid", 0) or 0), errno=exc.errno or 0,
-                              stats=st, unfilled=unfilled)
+                              stats=st, unfilled=unfilled, killed=self._killed,
+                              restored_pid=self.restored_pid)
 
     def cancel(self) -> None:
         """Stop the daemon now (its wait() then raises LazyPagesError, errno
-        ECANCELED). Tasks with pages still missing see zeros from then on."""
+        ECANCELED). With pages still missing, the restored tree is killed
+        (``on_failure="kill"``) or, with ``"keep"``, reads zeros for them."""
         if self._cancel_w >= 0:
             try:
                 os.write(self._cancel_w, b"x")
@@ -542,12 +599,20 @@ class LazyPagesDaemon:
         self._cancel_r = self._cancel_w = -1
 
     def close(self) -> None:
-        """Cancel if still running, join, release everything."""
+        """Cancel if still running, join, release everything (descriptors still held
+        for a tree whose pid never came are closed: its tasks then read zeros)."""
         if self._thread is not None and self._thread.is_alive():
             self.cancel()
             self._thread.join(10)
         if self._thread is None or not self._thread.is_alive():
             self._close_cancel()
+        with self._fail_lock:
+            fds, self._left_fds = self._left_fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self._close_sock()
 
     def __enter__(self):
@@ -563,7 +628,8 @@ def lazy_restore(images_dir, pages, work_dir=None, extra_args: Sequence[str] = (
     """Start a :class:`LazyPagesDaemon` on images_dir, run ``criu restore -d
     --lazy-pages`` and return ``(RestoreResult, daemon)`` as soon as CRIU has
     returned (the tree runs; the daemon goes on filling: ``daemon.wait()``). When the
-    restore fails the daemon is stopped and CriuError raised."""
+    restore fails the daemon is stopped and CriuError raised. The daemon knows the
+    restored tree (``set_restored``): if it fails later, it kills the tree first."""
     from statesync.criu import driver
     d = LazyPagesDaemon(images_dir, pages, work_dir=work_dir, **daemon_kw)
     d.start()
@@ -575,4 +641,5 @@ def lazy_restore(images_dir, pages, work_dir=None, extra_args: Sequence[str] = (
     except BaseException:
         d.close()
         raise
+    d.set_restored(r.pid)
     return r, d
