@@ -162,7 +162,8 @@ class Migration:
             raise ValueError(f"link_rate must be a positive number of bits/s, got {link_rate!r}")
         if not os.path.exists(f"/proc/{int(pid)}"):
             raise NoSuchProcess(int(pid), "no such process: nothing to migrate")
-        key = wire.load_secret(secret)
+        from statesync.migration.common import load_secret_checked
+        key = load_secret_checked(secret)      # refuses a secret file others can read
         if calibration:
             costs = CriuCosts.load(calibration)
         self.encryption = encryption
