@@ -381,7 +381,7 @@ def test_served_from_the_destinations_page_table(workload_dump, reap):
     half = addrs.size // 2
     for part in (order[:half], order[half:]):
         t.put(addrs[part], pages[part])
-    assert len(t._chunks) > 1  # grown in chunks: served as pieces, never gathered
+    assert len(t.pieces()) > 1  # grown in chunks: served as pieces, never gathered
     rr, d = lazy_restore(workload_dump["lazy"], t)
     reap.append(rr.pid)
     st = d.wait(60)
