@@ -570,3 +570,36 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_destination_sweep_settles_dead_agents_records_and_expires_old_outcomes(tmp_path):
+    """At start, a destination agent settles records whose agent and supervisor are
+    dead (an unconfirmed restore is dropped with its image set) and forgets final
+    outcomes older than a week; a recent outcome stays to answer the source."""
+    from statesync.migration import records
+    from statesync.migration.destination import DestinationServer
+    base = str(tmp_path / "state")
+    images = tmp_path / "images"
+    images.mkdir(mode=0o700)
+    stale_set = images / "migrated-999999-1-abc"
+    stale_set.mkdir()
+    dead = {"agent_pid": 999999, "supervisor_pid": 999998}
+    records.write(records.record_path(base, "dest", "s1"),
+                  dict(dead, session="s1", state="receiving", final_dir=str(stale_set)))
+    records.write(records.record_path(base, "dest", "s2"), dict(dead, session="s2",
+                                                                 state="aborted"))
+    old = records.record_path(base, "dest", "s3")
+    records.write(old, dict(dead, session="s3", state="resumed"))
+    data = records.read(old)
+    data["updated"] = time.time() - 8 * 86400
+    with open(old, "w") as f:
+        json.dump(data, f)
+    sec = tmp_path / "secret"
+    sec.write_bytes(SECRET)
+    sec.chmod(0o600)
+    srv = DestinationServer("127.0.0.1:0", str(images), f"@{sec}", state_dir=base,
+                            log=lambda m: None)
+    srv.sweep_stale()
+    states = {r["session"]: r["state"] for r in records.all_records(base, "dest")}
+    assert states == {"s1": "aborted", "s2": "aborted"}
+    assert not stale_set.exists()

@@ -46,6 +46,8 @@ from statesync.migration.pagetable import PageTable
 
 # --------------------------------------------------------------------------- destination
 
+RECORD_TTL_S = 7 * 86400.0     # final destination records older than this are removed
+
 
 class _DestinationSession:
     """One migration at the destination. States (records.DestState, docs/migrate.md):
@@ -426,6 +428,11 @@ class DestinationServer:
         dead agents that no live record needs."""
         for line in settle_orphans(self.state_base, "dest", None, log=self.log):
             self.log(line)
+        # Outcomes kept to answer a source's RESOLVE: a week is far past any window.
+        for r in records.all_records(self.state_base, "dest"):
+            if r.get("state") in (D.RESUMED.value, D.ABORTED.value) and \
+                    time.time() - float(r.get("updated") or 0) > RECORD_TTL_S:
+                records.remove(r["_path"])
         needed = set()
         for r in records.all_records(self.state_base, "dest"):
             if r.get("state") not in (D.ABORTED.value,) and not (
