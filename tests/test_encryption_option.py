@@ -219,3 +219,41 @@ def test_encryption_mismatch_is_refused_at_the_handshake(bed, source_enc, dest_a
     assert os.listdir(bed.tb.dir_b) == []
     _, log = bed.dest_output(terminate=True)
     assert "refused" in log and "encryption off" in log, log[-2000:]
+
+
+@pytest.mark.parametrize("dest_enc", [False, None], ids=["dest-off", "dest-on"])
+def test_resolve_uses_the_migrations_setting(tmp_path, monkeypatch, dest_enc):
+    """The handoff's RESOLVE (supervisor, `statesync recover`, a source reconnecting
+    after COMMIT) speaks with the migration's encryption setting: a destination with
+    encryption off answers a RESOLVE made with it off, and refuses one made with it on
+    (and vice versa)."""
+    import asyncio
+
+    from statesync.migration.destination import DestinationServer
+    from statesync.migration.supervisor import resolve_with_peer
+
+    monkeypatch.setenv("STATESYNC_STATE_DIR", str(tmp_path / "state"))
+    images = tmp_path / "images"
+    images.mkdir(mode=0o700)
+    logs = []
+
+    async def go():
+        srv = await DestinationServer("127.0.0.1:0", str(images), SECRET, once=False,
+                                      encryption=dest_enc, log=logs.append).start()
+        try:
+            out = {}
+            for enc in (False, True):
+                out[enc] = await asyncio.to_thread(
+                    resolve_with_peer, f"127.0.0.1:{srv.port}", None, SECRET,
+                    "0123456789abcdef", "abort", 1.0, 2.0, logs.append, enc)
+            return out
+        finally:
+            srv.server.cancel()
+            srv._lsock.close()
+            srv.close()
+
+    out = asyncio.run(asyncio.wait_for(go(), 30))
+    match = dest_enc is not False
+    assert out[match] is not None and out[match]["state"] == "unknown", out
+    assert out[not match] is None, out
+    assert any("configure both sides the same" in m for m in logs), logs
