@@ -7,10 +7,58 @@ Environment switches:
 """
 import glob
 import os
+import shutil
+import sys
+import tempfile
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+# What to install for the C build, per distribution family (one line each).
+_LZ4_HINT = ("statesync: cannot build: the liblz4 development files (lz4frame.h, liblz4.so) "
+             "are missing: install liblz4-dev (Debian/Ubuntu), lz4-devel (Fedora/RHEL) or "
+             "lz4-dev (Alpine), then retry")
+
+
+def _probe_lz4(cc, include_dirs) -> bool:
+    """Compile and link a one-line program against liblz4 with the build's compiler."""
+    d = tempfile.mkdtemp(prefix="statesync-probe-")
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(devnull, 1)     # the compiler's complaints about the probe are not news
+    os.dup2(devnull, 2)
+    try:
+        src = os.path.join(d, "probe.c")
+        with open(src, "w") as f:
+            f.write("#include <lz4frame.h>\nint main(void){return (int)LZ4F_getVersion()==0;}\n")
+        objs = cc.compile([src], output_dir=d, include_dirs=include_dirs,
+                          extra_postargs=["-Werror=implicit-function-declaration"])
+        cc.link_executable(objs, os.path.join(d, "probe"), libraries=["lz4"])
+        return True
+    except Exception:
+        return False
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class _BuildExt(build_ext):
+    """build_ext that checks for liblz4 before compiling anything, so a missing
+    header is one line naming the package, not pages of gcc output."""
+
+    def build_extensions(self):
+        if not os.environ.get("STATESYNC_SKIP_LZ4_CHECK") and not _probe_lz4(
+                self.compiler, self.include_dirs or []):
+            raise SystemExit(_LZ4_HINT)
+        super().build_extensions()
+
 
 csources = sorted(glob.glob(os.path.join("csrc", "ss_*.c")))
 cflags = ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unused-function"]
@@ -38,6 +86,7 @@ ext = Extension(
 )
 
 setup(
+    cmdclass={"build_ext": _BuildExt},
     ext_modules=cythonize(
         [ext],
         language_level=3,

@@ -454,7 +454,7 @@ def test_cli_info_diff_incremental(two_sets, tmp_path):
     r = _cli("info", str(tmp_path / "inc"))
     assert r.returncode == 0 and "21 pages" in r.stdout and str(tmp_path / "a") in r.stdout
     r = _cli("info", str(tmp_path / "nothing"))
-    assert r.returncode == 1 and "not a directory" in r.stderr
+    assert r.returncode == 2 and "no such directory" in r.stderr   # a usage error (cli exit table)
 
 
 def test_over_long_varints_stay_64_bit(tmp_path):

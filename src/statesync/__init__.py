@@ -26,7 +26,18 @@ import importlib
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml's [project] version is the
+    one source (a source tree used without installing says 0+unknown)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return "0+unknown"
+    try:
+        return version("statesync")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 # Public names that live in submodules, loaded lazily on first access.
 _LAZY = {
@@ -54,6 +65,9 @@ _SUBMODULES = {
 
 
 def __getattr__(name):
+    if name == "__version__":
+        v = globals()["__version__"] = _version()
+        return v
     if name in _LAZY:
         mod = importlib.import_module(_LAZY[name])
         value = getattr(mod, name)

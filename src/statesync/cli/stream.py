@@ -1,7 +1,8 @@
 """``statesync stream stats``."""
 from __future__ import annotations
 
-from statesync.errors import StreamError
+from statesync.cli._common import add_json, check_output_file, input_file, positive_int, write_json
+from statesync.errors import StateSyncError, StreamError
 from statesync.stream.decoder import StreamReader
 from statesync.stream.format import (
     DEFAULT_MAX_BLOCK_BYTES,
@@ -16,19 +17,40 @@ from statesync.stream.format import (
 # ---------------------------------------------------------------------------- CLI
 
 
+def _stats_dict(st: StreamStats, n: int, offset: int) -> dict:
+    return {"stream": n, "offset": offset, "stream_id": st.stream_id, "round": st.round,
+            "page_size": st.page_size,
+            "options": [name for bit, name in ((FLAG_LZ4, "lz4"), (FLAG_XOR, "xor"),
+                                               (FLAG_DEDUP, "dedup")) if st.flags & bit],
+            "blocks": st.blocks, "records": st.records, "pages_total": st.total_pages,
+            "records_by_kind": dict(st.records_by_kind), "pages_by_kind": dict(st.pages),
+            "page_bytes": st.bytes_out, "payload_bytes": st.payload_bytes,
+            "stream_bytes": st.bytes_in}
+
+
 def _cmd_stats(args) -> int:
+    check_output_file(args.json, "--json")
+    out = []
     with open(args.file, "rb") as f:
         reader = StreamReader(f, max_block_pages=MAX_BLOCK_PAGES, max_pages=1 << 40,
                               max_block_bytes=args.max_block_mib << 20)
         n = 0
         while True:
-            st = reader.apply(None)
+            try:
+                st = reader.apply(None)
+            except StreamError as exc:
+                raise StateSyncError(f"{args.file}: {exc}") from None
             if st is None:
                 break
             n += 1
-            _print_stats(st, n, reader.offset - st.bytes_in)
+            if args.json is not None:
+                out.append(_stats_dict(st, n, reader.offset - st.bytes_in))
+            else:
+                _print_stats(st, n, reader.offset - st.bytes_in)
         if n == 0:
             raise StreamError(f"{args.file}: empty file, no stream in it", offset=0)
+    if args.json is not None:
+        write_json({"file": args.file, "streams": out}, args.json)
     return 0
 
 
@@ -51,10 +73,11 @@ def _print_stats(st: StreamStats, n: int, offset: int):
 
 def cli_register(subparsers):
     p = subparsers.add_parser("stream", help="page-delta streams (wire format)")
-    sub = p.add_subparsers(dest="stream_command", metavar="SUBCOMMAND")
+    sub = p.add_subparsers(dest="stream_command", metavar="SUBCOMMAND", parser_class=type(p))
     s = sub.add_parser("stats", help="check a stream file and print records per kind and ratios")
-    s.add_argument("file", help="file holding one or more concatenated streams")
-    s.add_argument("--max-block-mib", type=int, default=DEFAULT_MAX_BLOCK_BYTES >> 20,
+    s.add_argument("file", type=input_file, help="file holding one or more concatenated streams")
+    add_json(s)
+    s.add_argument("--max-block-mib", type=positive_int, default=DEFAULT_MAX_BLOCK_BYTES >> 20,
                    metavar="MIB", help="refuse blocks larger than this (block pages x page "
                    "size, MiB; default %(default)s): bounds the memory the check uses")
     s.set_defaults(func=_cmd_stats)

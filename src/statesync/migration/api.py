@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
+import socket
+import time
+import uuid
 from typing import Any, AsyncIterator, Callable, List, Optional, Union
 
-from statesync.errors import MigrationCancelled, MigrationError, NoSuchProcess
+from statesync.errors import (
+    AuthenticationError,
+    MigrationCancelled,
+    MigrationError,
+)
 from statesync.migration import protocol as wire
 from statesync.migration.common import DEFAULT_PORT, STRATEGIES
 from statesync.migration.destination import DestinationServer
@@ -160,8 +166,8 @@ class Migration:
             raise ValueError(f"unknown abort_if {abort_if!r} (None or 'predicted_downtime')")
         if link_rate is not None and not (link_rate > 0 and math.isfinite(link_rate)):
             raise ValueError(f"link_rate must be a positive number of bits/s, got {link_rate!r}")
-        if not os.path.exists(f"/proc/{int(pid)}"):
-            raise NoSuchProcess(int(pid), "no such process: nothing to migrate")
+        from statesync.cli._common import check_pid
+        check_pid(int(pid))     # NoSuchProcess (also a zombie) / ProcessError, with what to do
         from statesync.migration.common import load_secret_checked
         key = load_secret_checked(secret)      # refuses a secret file others can read
         if calibration:
@@ -238,6 +244,11 @@ class Migration:
 
     async def _run(self) -> Report:
         self._running = True
+        rep = self._agent.report
+        rep.migration_id = uuid.uuid4().hex[:16]
+        rep.source = socket.gethostname()
+        rep.started_at = time.time()
+        rep.netns = self._agent.netns
         try:
             if self._cancel_requested:      # cancelled before it began: nothing touched
                 self._agent.report.failed_phase = "start"
@@ -251,8 +262,16 @@ class Migration:
         except MigrationError as exc:
             if self._cancel_requested:      # the agent's own check before its commit
                 raise self._cancelled() from exc
+            if isinstance(exc.__cause__, AuthenticationError):
+                raise MigrationError(
+                    f"destination {self.dest} did not accept this host's shared secret, or "
+                    f"failed to prove it holds it ({exc.__cause__}): both hosts must use the "
+                    f"same secret (compare `sha256sum SECRET_FILE` on both); nothing of pid "
+                    f"{self.pid} was sent", exc.phase, exc.report) from exc
             raise
         finally:
+            from statesync.planning.kpi import Targets
+            rep.set_targets(self.targets or Targets(max_downtime_s=1.0))
             self._finished = True
             if self._changed is not None:
                 self._changed.set()

@@ -68,6 +68,40 @@ class Report:
     criu_dump_stats: Dict[str, int] = field(default_factory=dict)
     criu_restore_stats: Dict[str, int] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    # KPI: {"max_downtime_s": {"target": 1.0, "measured": 0.2, "met": True}, ...};
+    # "met" is None when the migration did not get far enough to measure it.
+    kpi: Dict[str, dict] = field(default_factory=dict)
+    migration_id: str = ""          # unique per migration (metrics label, logs)
+    source: str = ""                # this host's name
+    started_at: float = float("nan")  # Unix time the migration started
+    netns: Optional[str] = None
+
+    def set_targets(self, targets) -> None:
+        """Record ``targets`` (a :class:`~statesync.planning.kpi.Targets`) and whether
+        the measured downtime / total time / bandwidth met each."""
+        def entry(target, measured):
+            if target is None or (isinstance(target, float) and math.isinf(target)):
+                return None
+            ok = None if measured is None or math.isnan(measured) else bool(measured <= target)
+            return {"target": target, "measured": None if ok is None else measured, "met": ok}
+        kpi = {"max_downtime_s": entry(targets.max_downtime_s,
+                                       self.downtime_s if self.ok else float("nan")),
+               "max_total_time_s": entry(targets.max_total_time_s,
+                                         self.total_s if self.ok else float("nan"))}
+        bw = getattr(targets, "max_bandwidth_bytes_per_s", None)
+        if bw:
+            busy = sum(r.duration_s for r in self.rounds) + self.phases.get("final_transfer", 0.0)
+            rate = self.bytes_wire_total / busy if busy > 0 else float("nan")
+            kpi["max_bandwidth_bytes_per_s"] = entry(bw, rate)
+        self.kpi = {k: v for k, v in kpi.items() if v is not None}
+
+    @property
+    def kpi_met(self) -> Optional[bool]:
+        """True when every target was met, False when one was missed, None unknown."""
+        vals = [v["met"] for v in self.kpi.values()]
+        if any(v is False for v in vals):
+            return False
+        return True if vals and all(v is True for v in vals) else None
 
     @property
     def precopy_pages(self) -> int:
@@ -93,7 +127,7 @@ class Report:
         rounds = [RoundReport(**{k: (float("nan") if v is None and k == "predicted_downtime_s"
                                      else v) for k, v in r.items()})
                   for r in d.pop("rounds", [])]
-        for k in ("downtime_s", "predicted_downtime_s", "total_s"):
+        for k in ("downtime_s", "predicted_downtime_s", "total_s", "started_at"):
             if d.get(k) is None:
                 d[k] = float("nan")
         return cls(rounds=rounds, **d)
@@ -124,6 +158,11 @@ class Report:
         lines.append(f"  downtime {ms(self.downtime_s).strip()} (predicted "
                      f"{ms(self.predicted_downtime_s).strip()}), total {ms(self.total_s).strip()}, "
                      f"{self.bytes_wire_total / 1e6:.2f} MB on the wire")
+        for k, v in self.kpi.items():
+            met = {True: "met", False: "MISSED", None: "not measured"}[v["met"]]
+            unit = " s" if k.endswith("_s") else " B/s"
+            meas = "-" if v["measured"] is None else f"{v['measured']:.3f}{unit}"
+            lines.append(f"  target {k} <= {v['target']:g}{unit}: {met} (measured {meas})")
         if self.restored_pid:
             lines.append(f"  restored pid {self.restored_pid} on the destination")
         if self.source_resumed is not None and not self.ok:
@@ -133,34 +172,61 @@ class Report:
         return "\n".join(lines)
 
     def to_prometheus(self, registry=None, prefix: str = "statesync_migration"):
-        """Fill (and return) a ``prometheus_client.CollectorRegistry`` with gauges:
-        ``<prefix>_downtime_seconds``, ``_total_seconds``, ``_bytes_total``,
-        ``_rounds``, ``_phase_seconds{phase=...}``, ``_round_bytes{round=...}``,
-        ``_success``, ``_info{codec=...,encryption=...}`` (always 1; ``encryption`` is
-        the cipher suite, ``hmac-sha256`` when off). Raises ImportError if
-        prometheus-client is not installed."""
+        """Fill (and return) a ``prometheus_client.CollectorRegistry`` with gauges named
+        per Prometheus' conventions (base units in the name, no ``_total`` on gauges),
+        each labelled ``migration_id``, ``pid``, ``source``, ``destination``,
+        ``strategy``:
+
+        ``<prefix>_downtime_seconds``, ``_predicted_downtime_seconds``,
+        ``_duration_seconds``, ``_wire_bytes``, ``_state_bytes``, ``_final_bytes``,
+        ``_rounds``, ``_success`` (1/0), ``_source_resumed`` (1/0, failed ones),
+        ``_kpi_met{target=...}`` (1/0), ``_phase_seconds{phase=...}``,
+        ``_round_wire_bytes{round=...}``, ``_start_timestamp_seconds`` (Unix time;
+        with node-exporter's textfile collector, say which run the file describes) and
+        ``_info{codec=...,encryption=...}`` (always 1; ``encryption`` is the cipher
+        suite, ``hmac-sha256`` when off).
+        Raises ImportError if prometheus-client is not installed."""
         from prometheus_client import CollectorRegistry, Gauge
 
         reg = registry if registry is not None else CollectorRegistry()
-        s = self.strategy
+        names = ["migration_id", "pid", "source", "destination", "strategy"]
+        base = dict(migration_id=self.migration_id or "", pid=str(self.pid),
+                    source=self.source or "", destination=self.dest, strategy=self.strategy)
+        nan = float("nan")
         for name, doc, value in (
                 ("downtime_seconds", "Service downtime (freeze to restored)", self.downtime_s),
-                ("total_seconds", "Total migration time", self.total_s),
-                ("bytes_total", "Bytes sent on the wire", self.bytes_wire_total),
+                ("predicted_downtime_seconds", "Downtime the engine predicted before the freeze",
+                 self.predicted_downtime_s),
+                ("duration_seconds", "Total migration time", self.total_s),
+                ("wire_bytes", "Bytes sent on the wire", self.bytes_wire_total),
+                ("state_bytes", "Bytes of state in the final dump",
+                 self.state_pages * self.page_size),
+                ("final_bytes", "Bytes on the wire while the process was frozen",
+                 self.final_bytes_wire + self.images_bytes),
                 ("rounds", "Pre-copy rounds", len(self.rounds)),
-                ("success", "1 if the migration succeeded", 1 if self.ok else 0)):
-            Gauge(f"{prefix}_{name}", doc, ["strategy"], registry=reg).labels(strategy=s).set(value)
+                ("success", "1 if the migration succeeded", 1 if self.ok else 0),
+                ("source_resumed", "1 if a failed migration left the source running",
+                 1 if self.source_resumed else 0),
+                ("start_timestamp_seconds", "Unix time the migration started",
+                 self.started_at)):
+            g = Gauge(f"{prefix}_{name}", doc, names, registry=reg)
+            g.labels(**base).set(nan if value is None else value)
+        km = Gauge(f"{prefix}_kpi_met", "1 if the KPI target was met, 0 if missed",
+                   ["target"] + names, registry=reg)
+        for k, v in self.kpi.items():
+            if v["met"] is not None:
+                km.labels(target=k, **base).set(1 if v["met"] else 0)
         ph = Gauge(f"{prefix}_phase_seconds", "Switch-over phase durations",
-                   ["strategy", "phase"], registry=reg)
+                   ["phase"] + names, registry=reg)
         for k, v in self.phases.items():
-            ph.labels(strategy=s, phase=k).set(v)
-        rb = Gauge(f"{prefix}_round_bytes", "Bytes on the wire per round",
-                   ["strategy", "round"], registry=reg)
+            ph.labels(phase=k, **base).set(v)
+        rb = Gauge(f"{prefix}_round_wire_bytes", "Bytes on the wire per pre-copy round",
+                   ["round"] + names, registry=reg)
         for r in self.rounds:
-            rb.labels(strategy=s, round=str(r.index)).set(r.bytes_wire)
+            rb.labels(round=str(r.index), **base).set(r.bytes_wire)
         Gauge(f"{prefix}_info", "Always 1; labels: codec and wire encryption used",
-              ["strategy", "codec", "encryption"], registry=reg).labels(
-            strategy=s, codec=self.codec, encryption=self.encryption or "unknown").set(1)
+              ["codec", "encryption"] + names, registry=reg).labels(
+            codec=self.codec, encryption=self.encryption or "unknown", **base).set(1)
         return reg
 
     def write_prometheus(self, path: str) -> None:
