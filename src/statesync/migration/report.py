@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -124,9 +124,11 @@ class Report:
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
         d = dict(d)
-        rounds = [RoundReport(**{k: (float("nan") if v is None and k == "predicted_downtime_s"
-                                     else v) for k, v in r.items()})
-                  for r in d.pop("rounds", [])]
+        def one(r: dict) -> RoundReport:
+            fields: Dict[str, Any] = {k: (float("nan") if v is None and k == "predicted_downtime_s"
+                                          else v) for k, v in r.items()}
+            return RoundReport(**fields)
+        rounds = [one(r) for r in d.pop("rounds", [])]
         for k in ("downtime_s", "predicted_downtime_s", "total_s", "started_at"):
             if d.get(k) is None:
                 d[k] = float("nan")
@@ -158,11 +160,11 @@ class Report:
         lines.append(f"  downtime {ms(self.downtime_s).strip()} (predicted "
                      f"{ms(self.predicted_downtime_s).strip()}), total {ms(self.total_s).strip()}, "
                      f"{self.bytes_wire_total / 1e6:.2f} MB on the wire")
-        for k, v in self.kpi.items():
-            met = {True: "met", False: "MISSED", None: "not measured"}[v["met"]]
-            unit = " s" if k.endswith("_s") else " B/s"
-            meas = "-" if v["measured"] is None else f"{v['measured']:.3f}{unit}"
-            lines.append(f"  target {k} <= {v['target']:g}{unit}: {met} (measured {meas})")
+        for target, t in self.kpi.items():
+            met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+            unit = " s" if target.endswith("_s") else " B/s"
+            meas = "-" if t["measured"] is None else f"{t['measured']:.3f}{unit}"
+            lines.append(f"  target {target} <= {t['target']:g}{unit}: {met} (measured {meas})")
         if self.restored_pid:
             lines.append(f"  restored pid {self.restored_pid} on the destination")
         if self.source_resumed is not None and not self.ok:
@@ -213,9 +215,9 @@ class Report:
             g.labels(**base).set(nan if value is None else value)
         km = Gauge(f"{prefix}_kpi_met", "1 if the KPI target was met, 0 if missed",
                    ["target"] + names, registry=reg)
-        for k, v in self.kpi.items():
-            if v["met"] is not None:
-                km.labels(target=k, **base).set(1 if v["met"] else 0)
+        for target, t in self.kpi.items():
+            if t["met"] is not None:
+                km.labels(target=target, **base).set(1 if t["met"] else 0)
         ph = Gauge(f"{prefix}_phase_seconds", "Switch-over phase durations",
                    ["phase"] + names, registry=reg)
         for k, v in self.phases.items():

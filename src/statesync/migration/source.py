@@ -283,7 +283,10 @@ class _SourceAgent(SwitchOver):
                 obs.bandwidth_bytes_per_s)
         self._emit("plan", strategy=self.mode, codec=self.codec.name,
                    state_pages=int(self.state_addrs.size), dirty_rate_pages_per_s=rate,
-                   dirty_rate_window_s=window, predicted_downtime_s=plan.predicted_downtime_s,
+                   dirty_rate_window_s=window,
+                   # a cold run's own prediction (the plan may be a pre-copy one)
+                   predicted_downtime_s=(rep.predicted_downtime_s if self.mode == "cold"
+                                         else plan.predicted_downtime_s),
                    reason=plan.reason)
 
     async def _precopy(self) -> None:
