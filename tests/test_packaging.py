@@ -87,7 +87,8 @@ def test_without_liblz4_dev_the_install_fails_with_one_line(sdist, tmp_path):
     namespace): the build stops before compiling with one line naming the package."""
     require(have_root(), "needs root (a mount namespace hides the liblz4 files)")
     hide = [p for p in ("/usr/include/lz4frame.h", "/usr/include/lz4.h",
-                        "/usr/lib/x86_64-linux-gnu/liblz4.so", "/usr/lib/aarch64-linux-gnu/liblz4.so",
+                        "/usr/lib/x86_64-linux-gnu/liblz4.so",
+                        "/usr/lib/aarch64-linux-gnu/liblz4.so",
                         "/usr/lib/liblz4.so", "/usr/lib64/liblz4.so") if os.path.exists(p)]
     require(hide, "liblz4-dev is not installed here, nothing to hide")
     require(shutil.which("unshare"), "needs unshare (util-linux)")

@@ -80,4 +80,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'statesync' has no attribute {name!r}")
 
 
-__all__ = list(_errors_all) + list(_LAZY) + ["__version__"]
+__all__ = list(_errors_all) + list(_LAZY) + ["__version__"]  # noqa: F405 (lazy)

@@ -46,8 +46,10 @@ def _fs_type(path: str) -> str:
         with open("/proc/self/mounts") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")) \
-                        and len(parts[1]) >= len(best):
+                if len(parts) < 3:
+                    continue
+                under = real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")
+                if under and len(parts[1]) >= len(best):
                     best, fstype = parts[1], parts[2]
     except OSError:
         pass

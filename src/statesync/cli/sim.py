@@ -56,7 +56,8 @@ def _load_suite(name: str, count):
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
         raise UsageError(f"{name}: not a JSON list of scenarios: {what}; each item is what "
-                         f"statesync.planning.sim.Scenario.to_dict() gives", "--scenarios") from None
+                         f"statesync.planning.sim.Scenario.to_dict() gives",
+                         "--scenarios") from None
     if not scenarios:
         raise UsageError(f"{name}: holds no scenario", "--scenarios")
     return scenarios

@@ -310,7 +310,8 @@ def format_table(res: dict) -> str:
     for r in res.get("codecs", []):
         lines.append(f"  {r['codec']:12s} {r['pages']:8d} {_f(r['raw_bytes'], 1e-6):>8s} "
                      f"{_f(r['wire_bytes'], 1e-6, '{:.2f}'):>8s} "
-                     f"{_f(r['ratio'], 1, '{:.3f}'):>9s} {_f(r['encode_mb_per_s'], 1, '{:.0f}'):>8s}"
+                     f"{_f(r['ratio'], 1, '{:.3f}'):>9s} "
+                     f"{_f(r['encode_mb_per_s'], 1, '{:.0f}'):>8s}"
                      f"  {r.get('note', '')}")
     lines += [f"strategies (link {res['link_bps'] / 1e6:g} Mbit/s)",
               f"  {'strategy':10s} {'how':9s} {'rounds':>6s} {'downtime ms':>12s} "
