@@ -179,7 +179,7 @@ def test_cli_sim_table_and_plot(tmp_path):
         text=True,
         timeout=120,
     )
-    assert bad.returncode == 1 and "unknown scheduler 'nope'" in bad.stderr
+    assert bad.returncode == 2 and "unknown scheduler 'nope'" in bad.stderr  # usage error
 
 
 def test_min_resources_objective_sends_least_and_still_attains():
