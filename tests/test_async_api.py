@@ -32,7 +32,7 @@ class _Bed:
     def __init__(self, tb):
         self.tb = tb
         self.secret_file = os.path.join(tb.root, "secret")
-        with open(self.secret_file, "wb") as f:
+        with open(os.open(self.secret_file, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
             f.write(SECRET)
         os.chmod(self.secret_file, 0o600)     # agents refuse a secret others can read
         self.port = tb.free_port("b")

@@ -182,6 +182,7 @@ def test_migrate_metrics_file_without_prometheus_fails_before_migrating(spawn_wo
     wl = spawn_workload(size="2M", rate=100)
     secret = tmp_path / "s"
     secret.write_bytes(SECRET)
+    secret.chmod(0o600)
     code = ("import sys; sys.modules['prometheus_client'] = None\n"
             "from statesync.cli import main; sys.exit(main(sys.argv[1:]))")
     r = ss("migrate", "--pid", wl.pid, "--to", f"127.0.0.1:{free_port()}", "--secret-file",
@@ -200,6 +201,7 @@ def test_migrate_to_nobody_is_an_abort_with_the_source_running(spawn_workload, t
     wl = spawn_workload(size="2M", rate=100)
     secret = tmp_path / "s"
     secret.write_bytes(SECRET)
+    secret.chmod(0o600)
     r = ss("migrate", "--pid", wl.pid, "--to", f"127.0.0.1:{free_port()}", "--secret-file",
            secret, "--io-timeout", "2", "--quiet", "--calibration", "")
     one_line_error(r, 4, "cannot connect", f"pid {wl.pid}")
@@ -224,7 +226,9 @@ def test_wrong_secret_is_clear_at_the_source_and_counted_by_the_receiver(spawn_w
     import urllib.request
     good, bad = tmp_path / "good", tmp_path / "bad"
     good.write_bytes(SECRET)
+    good.chmod(0o600)
     bad.write_bytes(b"x" * 32)
+    bad.chmod(0o600)
     port, mport = free_port(), free_port()
     rx = _receiver(port, good, tmp_path, "--metrics-listen", f"127.0.0.1:{mport}")
     try:
@@ -246,6 +250,7 @@ def test_receiver_preflight_fails_with_status_3(tmp_path):
     require(have_root(), "needs root")
     secret = tmp_path / "s"
     secret.write_bytes(SECRET)
+    secret.chmod(0o600)
     env = dict(ENV, STATESYNC_CRIU="/bin/false")
     r = ss("receive", "--listen", f"127.0.0.1:{free_port()}", "--images-dir", tmp_path / "i",
            "--secret-file", secret, env=env, timeout=60)
@@ -261,7 +266,7 @@ def slow_bed(criu_ok):
     from statesync.testing.testbed import Testbed
     with Testbed("20mbit") as tb:
         secret = os.path.join(tb.root, "secret")
-        with open(secret, "wb") as f:
+        with open(os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
             f.write(SECRET)
         port = tb.free_port("b")
         rx = tb.python("b", ["receive", "--listen", f"{tb.addr_b}:{port}", "--images-dir",

@@ -36,7 +36,7 @@ def test_two_host_guide_moves_redis(criu_ok, tmp_path):
         assert r.returncode == 0 and "versions and CPU match" in r.stdout, r.stdout + r.stderr
         # 2. the secret on both hosts, the receiver as the unit runs it
         secret = os.path.join(tb.root, "secret")
-        with open(secret, "wb") as f:
+        with open(os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
             f.write(SECRET)
         port = tb.free_port("b")
         images = os.path.join(tb.dir_b, "images")            # created by the receiver

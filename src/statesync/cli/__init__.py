@@ -67,7 +67,7 @@ def exit_status(exc: BaseException) -> int:
         rep = getattr(exc, "report", None)
         resumed = getattr(rep, "source_resumed", None)
         return EXIT_ABORTED if resumed or rep is None else EXIT_SOURCE_UNKNOWN
-    if isinstance(exc, errors.UsageError):
+    if isinstance(exc, (errors.UsageError, errors.SecretError)):
         return EXIT_USAGE
     if isinstance(exc, (errors.PrerequisiteMissing, errors.TrackerUnavailable)):
         return EXIT_PREREQ

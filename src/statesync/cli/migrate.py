@@ -282,7 +282,9 @@ def _cmd_receive(a) -> int:
 
 class _ReceiverMetrics:
     """``--metrics-listen``: a Prometheus /metrics endpoint with counters of
-    migrations received (authenticated), succeeded, failed and refused."""
+    migrations received (authenticated), succeeded and failed, connections refused,
+    and the time of the last finished migration, read from the server at each scrape
+    (its ``results`` and refusal count)."""
 
     def __init__(self, listen: str):
         import prometheus_client as pc
@@ -290,17 +292,10 @@ class _ReceiverMetrics:
         from statesync.migration.common import _parse_hostport
         host, port = _parse_hostport(listen)
         self.registry = pc.CollectorRegistry()
-        ns = "statesync_receiver"
-        self.received = pc.Counter(f"{ns}_migrations_received", "Migrations from "
-                                   "authenticated sources", registry=self.registry)
-        self.succeeded = pc.Counter(f"{ns}_migrations_succeeded", "Migrations restored and "
-                                    "committed", registry=self.registry)
-        self.failed = pc.Counter(f"{ns}_migrations_failed", "Migrations that failed or were "
-                                 "aborted", registry=self.registry)
-        self.refused = pc.Counter(f"{ns}_connections_refused", "Connections refused "
-                                  "(authentication failed, or busy)", registry=self.registry)
-        self.last = pc.Gauge(f"{ns}_last_migration_timestamp_seconds", "Unix time of the "
-                             "last finished migration", registry=self.registry)
+        self.srv = None
+        self.last = 0.0
+        self.seen = 0
+        self.registry.register(self)
         try:
             pc.start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
@@ -308,20 +303,28 @@ class _ReceiverMetrics:
                              "--metrics-listen") from None
 
     def wrap(self, srv) -> None:
-        """Count around the server's connection handler (no change to the server)."""
-        import time
-        inner = srv._handle
+        self.srv = srv
 
-        async def handle(reader, writer):
-            n = len(srv.results)
-            await inner(reader, writer)
-            if len(srv.results) == n:
-                self.refused.inc()
-                return
-            self.received.inc()
-            (self.succeeded if srv.results[-1].get("ok") else self.failed).inc()
-            self.last.set(time.time())
-        srv._handle = handle
+    def collect(self):
+        import time
+
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        results = list(getattr(self.srv, "results", []) or [])
+        if len(results) != self.seen:
+            self.seen, self.last = len(results), time.time()
+        ok = sum(1 for r in results if r.get("ok"))
+        ns = "statesync_receiver"
+        for name, doc, value in (
+                ("migrations_received", "Migrations from authenticated sources", len(results)),
+                ("migrations_succeeded", "Migrations restored and committed", ok),
+                ("migrations_failed", "Migrations that failed or were aborted",
+                 len(results) - ok),
+                ("connections_refused", "Connections refused (authentication failed, too "
+                 "many unauthenticated)", int(getattr(self.srv, "_refused", 0) or 0))):
+            yield CounterMetricFamily(f"{ns}_{name}", doc, value=value)
+        yield GaugeMetricFamily(f"{ns}_last_migration_timestamp_seconds",
+                                "Unix time the receiver last saw a migration finish "
+                                "(0: none yet)", value=self.last)
 
 
 # --------------------------------------------------------------------------- parsers

@@ -200,7 +200,7 @@ def bench_strategies_testbed(strategies: Sequence[str], link: str, size: str, ra
     rows = []
     with Testbed(link) as tb:
         sf = os.path.join(str(tb.root), "secret")
-        with open(sf, "wb") as f:
+        with open(os.open(sf, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
             f.write(_SECRET)
         port = tb.free_port("b")
         dest = tb.python("b", ["receive", "--listen", f"{tb.addr_b}:{port}", "--images-dir",
