@@ -207,8 +207,7 @@ def _cmd_migrate(a) -> int:
             write_json(report.to_dict(), a.json)
         if a.metrics_file:
             report.write_prometheus(a.metrics_file)
-        if not a.quiet or error is not None:
-            print(report.table(), file=out)
+        print(report.table(), file=out)
     if error is None:
         return 0
     if isinstance(error, MigrationCancelled) and interrupted:
@@ -379,7 +378,8 @@ def cli_register(sub) -> None:
                 "output then goes to stderr)")
     p.add_argument("--metrics-file", help="write Prometheus metrics (text format, for "
                    "node-exporter's textfile collector) here; needs the 'metrics' extra")
-    p.add_argument("--quiet", action="store_true", help="no per-round progress nor table")
+    p.add_argument("--quiet", action="store_true",
+                   help="no per-round progress (the report table is still printed)")
     p.set_defaults(func=_cmd_migrate)
 
     r = sub.add_parser("receive", help="run a destination agent that restores migrated processes",
