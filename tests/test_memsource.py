@@ -273,6 +273,13 @@ while True:
                 buf[i * 4096 + 1] = 0xEE
             time.sleep(3600)
         kids.append(pid); out = str(pid)
+    elif cmd[0] == "forkexec":             # a child that later becomes another program
+        pid = os.fork()
+        if pid == 0:
+            s.close()
+            time.sleep(0.5)
+            os.execv("/bin/sleep", ["sleep", "3600"])
+        kids.append(pid); out = str(pid)
     elif cmd[0] == "w":
         buf[int(cmd[1]) * 4096 + 2] = 0xAB
     c.sendall(out.encode()); c.close()
@@ -343,6 +350,18 @@ def test_process_tree_children_forked_during_tracking_are_precopied(tmp_path):
         assert hits >= 16, (hits, written.size, len(maps))
         dst2, _ = ms.aliases(ms.present_pages())
         assert dst2.size <= dst.size - 16      # written pages are no longer shared
+        # a child that execs another program: tracked again, all its new pages reported
+        ex = int(req("forkexec"))
+        ms.collect()
+        time.sleep(1.0)                         # it has exec'd /bin/sleep
+        got = ms.collect()
+        sp = [x for x in ms.spaces.values() if x.kind == "task" and x.pid == ex]
+        assert len(sp) == 1
+        mine = got[space_of(got) == sp[0].index]
+        now = ms.present_pages()
+        now_mine = now[space_of(now) == sp[0].index]
+        assert now_mine.size > 0 and np.setdiff1d(now_mine, mine).size == 0
+        assert ex in ms.trackers
     finally:
         if ms is not None:
             ms.close()
