@@ -485,3 +485,81 @@ def test_migrate_shared_buffer_and_children_precopied(request, tmp_path, criu_ok
                 p.kill()
                 p.wait()
             bed.close()
+
+
+_MEMFD = r'''
+import mmap, os, socket, sys
+fd = os.memfd_create("statesync-test")
+os.ftruncate(fd, 64 * 4096)
+m = mmap.mmap(fd, 64 * 4096)                 # MAP_SHARED of the memfd
+for i in range(64):
+    m[i * 4096] = i + 1
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1]); s.listen()
+while True:
+    c, _ = s.accept()
+    cmd = c.recv(100).decode().split()
+    if cmd[0] == "p":                          # through the descriptor: no page table
+        os.pwrite(fd, b"Z" * 8, int(cmd[1]) * 4096 + 16)
+    elif cmd[0] == "w":                        # through the mapping
+        m[int(cmd[1]) * 4096 + 32] = 0x77
+    c.sendall(b"ok"); c.close()
+'''
+
+
+def test_memfd_written_through_its_descriptor_is_reported(tmp_path):
+    """A memfd's pages change through write(2) without any page table seeing it: the
+    memory source notices its mtime moved, hashes it and reports exactly the changed
+    page; mapped writes are reported as the object's offsets too."""
+    import subprocess
+    import time
+    import socket
+    from conftest import have_root, require
+    from statesync.migration.memsource import MemorySource, addr_of, space_of
+    require(have_root(), "reading shmem through /proc/PID/map_files needs CAP_SYS_ADMIN")
+    script = tmp_path / "memfd.py"
+    script.write_text(_MEMFD)
+    name = f"statesync-memsource-memfd-{os.getpid()}"
+    p = subprocess.Popen(["/usr/bin/python3", str(script), name], stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+
+    def req(x):
+        deadline = time.monotonic() + 30
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect("\0" + name)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        s.sendall(x.encode())
+        r = s.recv(100).decode()
+        s.close()
+        return r
+
+    ms = MemorySource(p.pid, shmem=True)
+    try:
+        req("w 0")
+        keys = ms.present_pages()
+        sp = [x for x in ms.spaces.values() if x.kind == "shmem"]
+        assert len(sp) == 1 and sp[0].path.startswith("/memfd:statesync-test")
+        idx = sp[0].index
+        assert addr_of(keys[space_of(keys) == idx]).size == 64
+        ms.attach_tracker("auto")
+        ms.collect()
+        time.sleep(0.02)                       # mtime granularity
+        req("p 9")
+        got = ms.collect()
+        assert addr_of(got[space_of(got) == idx]).tolist() == [9 * PS]
+        req("w 33")
+        got = ms.collect()
+        assert 33 * PS in addr_of(got[space_of(got) == idx]).tolist()
+        pages, ok = ms.read(np.array([(idx << 48) | 9 * PS], dtype=np.uint64))
+        assert ok.all() and pages[0, 16:24].tobytes() == b"Z" * 8
+    finally:
+        ms.close()
+        p.kill()
+        p.wait()

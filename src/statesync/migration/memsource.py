@@ -276,6 +276,8 @@ class MemorySource:
         self.spaces[idx] = sp
         self._shm_space[v.inode] = idx
         self._new.append(idx)
+        if sp.path.startswith("/memfd:"):
+            self._memfd_changes(sp)     # the baseline its descriptor writes compare with
 
     def _space_pages(self, sp: Space) -> np.ndarray:
         if sp.kind == "shmem":
