@@ -203,7 +203,7 @@ def run_statesync(tb, pid, port, lazy: bool, link_bps) -> dict:
         kw["switchover"] = "lazy"
     t0 = time.monotonic()
     rep = migrate(pid, f"{tb.addr_b}:{port}", **kw)
-    post = float(rep.phases.get("post_switch", 0.0) or 0.0)
+    post = float((getattr(rep, "post_switch", None) or {}).get("fill_s", 0.0))
     return {"engine_downtime_s": rep.downtime_s, "t0": t0, "restored_pid": rep.restored_pid,
             "phases": rep.phases, "state_mb": rep.state_pages * 4096 / 1e6,
             "final_pages": rep.final_pages, "post_switch_s": post}

@@ -182,7 +182,7 @@ def _cmd_migrate(a) -> int:
                   progress=printer, link_rate=a.link_rate, work_dir=a.work_dir,
                   calibration=a.calibration or None,
                   abort_if="predicted_downtime" if a.abort_if else None,
-                  encryption=_encryption_arg(a))
+                  encryption=_encryption_arg(a), switchover=a.switchover)
     interrupted = []
 
     async def run():
@@ -344,6 +344,11 @@ def cli_register(sub) -> None:
                    "rounds until the scheduler stops; auto: the scheduler decides")
     p.add_argument("--tracker", default="auto", choices=["auto", "uffd", "softdirty", "hash"],
                    help="dirty-page tracker")
+    p.add_argument("--switchover", choices=["auto", "lazy", "full"], default="auto",
+                   help="lazy: only the final dirty set travels in the freeze and the "
+                   "destination restores lazily from the pages it holds; full: a complete "
+                   "image set and a full criu restore; auto (default): lazy where this host "
+                   "can")
     p.add_argument("--compression", choices=["auto", "none", "lz4"], default="auto",
                    help="page compression (auto: the scheduler decides)")
     p.add_argument("--xor", action="store_true", help="with lz4: XOR deltas of re-sent pages")

@@ -9,7 +9,7 @@ import struct
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from statesync.criu import images as _img
 from statesync.criu.images import PE_LAZY, PE_PARENT, PE_PRESENT, VMA_DTYPE  # noqa: F401  (re-exported)
@@ -252,6 +252,30 @@ _PS_IOV = struct.Struct("<I4xQQQ")
 _PS_IOV_CLOSE = 0x1023
 
 
+def lazy_session() -> Tuple[socket.socket, socket.socket]:
+    """A page-server session for ``criu dump --lazy-pages --ps-socket FD`` that ends
+    as soon as CRIU serves it: ``(ours, theirs)``; pass ``theirs.fileno()`` to CRIU
+    (and close it here once CRIU runs); PS_IOV_CLOSE is already queued on ``ours``, so
+    CRIU's page server, which starts once every image is written, answers it and the
+    dump finishes. :func:`lazy_session_ended` reads that answer."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.sendall(_PS_IOV.pack(_PS_IOV_CLOSE, 0, 0, 0))
+    return ours, theirs
+
+
+def lazy_session_ended(ours: socket.socket, timeout: float = 1.0) -> bool:
+    """True when CRIU answered the session's end with status 0 (call after the dump
+    exited). Closes ``ours``."""
+    try:
+        ours.settimeout(timeout)
+        status = ours.recv(4)
+    except OSError:
+        status = b""
+    finally:
+        ours.close()
+    return len(status) == 4 and struct.unpack("<i", status)[0] == 0
+
+
 def dump(pid: int, images_dir, leave_running: bool = False, parent=None,
          track_mem: Optional[bool] = None, extra_args: Sequence[str] = (),
          timeout: float = 300.0, netns: Optional[str] = None,
@@ -296,27 +320,19 @@ def dump(pid: int, images_dir, leave_running: bool = False, parent=None,
     cmd += list(extra_args)
     log = os.path.join(images_dir, "dump.log")
     if lazy_pages:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = lazy_session()
         try:
-            # Queued before CRIU starts: its page server reads it once every image is
-            # written, answers, and the dump finishes (the tree's final state applies).
-            ours.sendall(_PS_IOV.pack(_PS_IOV_CLOSE, 0, 0, 0))
             cmd += ["--lazy-pages", "--ps-socket", str(theirs.fileno())]
             wall = _run_criu(cmd, log, f"lazy dump of pid {int(pid)}", timeout, netns,
                              pass_fds=(theirs.fileno(),))
-            theirs.close()
-            ours.settimeout(1.0)
-            status = ours.recv(4)
-        except OSError as exc:
-            raise CriuError(f"criu lazy dump of pid {int(pid)}: page-server session "
-                            f"failed ({exc})", cmd, None, _log_tail(log)) from exc
-        finally:
+        except BaseException:
             ours.close()
+            raise
+        finally:
             theirs.close()
-        if len(status) != 4 or struct.unpack("<i", status)[0] != 0:
-            raise CriuError(f"criu lazy dump of pid {int(pid)}: page server did not confirm "
-                            f"the end of the session (got {status!r})", cmd, None,
-                            _log_tail(log))
+        if not lazy_session_ended(ours):
+            raise CriuError(f"criu lazy dump of pid {int(pid)}: the page server did not "
+                            f"confirm the end of its session", cmd, None, _log_tail(log))
     else:
         wall = _run_criu(cmd, log, f"dump of pid {int(pid)}", timeout, netns)
     stats = {}

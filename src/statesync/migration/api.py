@@ -38,6 +38,7 @@ ABORT_IF = (None, "predicted_downtime")
 # The wire encryption setting: None/True/"on", False/"off"/"none", or a cipher name
 # (statesync.migration.protocol.encryption_options).
 Encryption = Union[bool, str, None]
+SWITCHOVERS = ("auto", "lazy", "full")
 
 
 def _no_running_loop(what: str, instead: str) -> None:
@@ -153,7 +154,7 @@ class Migration:
                  link_rate: Optional[float] = None, costs: Optional[CriuCosts] = None,
                  netns: Optional[str] = None, dump_retries: int = 4,
                  calibration: Optional[str] = None, abort_if: Optional[str] = None,
-                 encryption: Encryption = None):
+                 encryption: Encryption = None, switchover: str = "auto"):
         wire.encryption_options(encryption)     # ValueError before the process is touched
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of "
@@ -162,6 +163,9 @@ class Migration:
             raise ValueError(f"unknown compression {compression!r} (auto, none, lz4)")
         if max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+        if switchover not in SWITCHOVERS:
+            raise ValueError(f"unknown switchover {switchover!r}; choose one of "
+                             f"{', '.join(SWITCHOVERS)}")
         if abort_if not in ABORT_IF:
             raise ValueError(f"unknown abort_if {abort_if!r} (None or 'predicted_downtime')")
         if link_rate is not None and not (link_rate > 0 and math.isfinite(link_rate)):
@@ -185,6 +189,7 @@ class Migration:
                                    link_rate / 8 if link_rate else None,
                                    costs or CriuCosts(), netns, xor, encryption=encryption)
         self._agent.dump_retries = max(0, int(dump_retries))
+        self._agent.switchover = switchover
         self._events: List[dict] = []
         self._changed: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
@@ -407,7 +412,8 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
             criu_args=(), link_rate: Optional[float] = None,
             costs: Optional[CriuCosts] = None, netns: Optional[str] = None,
             dump_retries: int = 4, calibration: Optional[str] = None,
-            abort_if: Optional[str] = None, encryption: Encryption = None) -> Report:
+            abort_if: Optional[str] = None, encryption: Encryption = None,
+            switchover: str = "auto") -> Report:
     """Live-migrate process ``pid`` (and its children) to the destination agent at
     ``dest`` (``HOST:PORT``; :func:`serve_destination` or ``statesync receive`` must be
     listening there). Returns a :class:`~statesync.migration.report.Report` (times in seconds,
@@ -454,6 +460,16 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     used (``"hmac-sha256"`` when off). An invalid value raises ``ValueError`` before
     the process is touched.
 
+    ``switchover``: ``"auto"`` (default: lazy where this host can, else full),
+    ``"lazy"`` (raise before the freeze when it cannot) or ``"full"``. Lazy: the tracker
+    stays attached through the freeze, ``criu dump --lazy-pages`` writes no lazy
+    page, only the final dirty set (read from the frozen process) travels, and the
+    destination restores with ``criu restore --lazy-pages`` from the pages it already
+    holds (statesync's own lazy-pages daemon fills them in the background after the
+    resume: ``Report.post_switch``). Needs CRIU's lazy pages, a userfaultfd with
+    non-cooperative events, a tracker (not ``cold``) and a one-process tree. Full:
+    a complete image set and a full ``criu restore``.
+
     ``work_dir``: the directory of the local CRIU dump at switch-over (a temporary
     directory is made in it and removed afterwards; default ``/dev/shm``, so the dump
     stays in memory: a disk there adds its write time to the downtime).
@@ -499,9 +515,9 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
                   work_dir=work_dir, io_timeout=io_timeout, progress=progress,
                   criu_args=criu_args, link_rate=link_rate, costs=costs, netns=netns,
                   dump_retries=dump_retries, calibration=calibration, abort_if=abort_if,
-                  encryption=encryption)
+                  encryption=encryption, switchover=switchover)
     return asyncio.run(m.wait())
 
 
-__all__ = ["migrate", "migrate_async", "Migration", "serve_destination",
+__all__ = ["migrate", "migrate_async", "Migration", "serve_destination", "SWITCHOVERS",
            "serve_destination_async", "ABORT_IF"]

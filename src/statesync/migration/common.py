@@ -9,7 +9,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -87,7 +87,8 @@ def _parse_hostport(text: str, default_host: str = "127.0.0.1") -> Tuple[str, in
 # --------------------------------------------------------------------------- CRIU processes
 
 
-def criu_spawn(args: List[str], netns: Optional[str], pdeathsig: bool) -> subprocess.Popen:
+def criu_spawn(args: List[str], netns: Optional[str], pdeathsig: bool,
+               pass_fds: Sequence[int] = ()) -> subprocess.Popen:
     """Start ``criu ARGS`` (in network namespace ``netns``) without waiting. It runs in
     its own session, so a terminal's SIGINT/SIGHUP reaches only the agent, which then
     aborts in order. ``pdeathsig``: CRIU gets SIGKILL when the calling thread's process
@@ -103,7 +104,8 @@ def criu_spawn(args: List[str], netns: Optional[str], pdeathsig: bool) -> subpro
         pre = [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL", "--"]
     cmd = pre + driver._in_netns(netns) + [criu] + list(args)
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                            pass_fds=tuple(pass_fds))
 
 
 def criu_result(p: subprocess.Popen, log: str, what: str) -> None:

@@ -49,6 +49,11 @@ from statesync.migration.pagetable import PageTable
 RECORD_TTL_S = 7 * 86400.0     # final destination records older than this are removed
 
 
+class _FillFailed(Exception):
+    """A lazy restore's fill failed after the resume (not a StateSyncError: it must
+    not be taken for a lost link by the RESUMED/DONE handling)."""
+
+
 class _DestinationSession:
     """One migration at the destination. States (records.DestState, docs/migrate.md):
     RECEIVING -> RESTORING (criu restore --leave-stopped) -> PREPARED (RESTORED sent;
@@ -77,6 +82,7 @@ class _DestinationSession:
         self.restored_sent = False     # RESTORED may have reached the source
         self.source_aborted = False    # the source told us ABORT itself
         self.result: dict = {"ok": False, "session": self.session, "encryption": chan.cipher}
+        self.daemon = None             # the lazy-pages daemon of a lazy switch-over
         self.record_path = records.record_path(server.state_base, "dest", self.session)
 
     def _record(self, state, **fields) -> None:
@@ -84,7 +90,11 @@ class _DestinationSession:
 
     async def run(self) -> dict:
         try:
-            await self._run()
+            try:
+                await self._run()
+            except _FillFailed as exc:
+                raise MigrationError(f"lazy fill failed after the resume: {exc}",
+                                     "post_switch") from exc
         except BaseException as exc:
             self.result["error"] = str(exc)
             self._cleanup_failed()
@@ -100,6 +110,10 @@ class _DestinationSession:
         r = records.read(self.record_path) or {}
         if r.get("state") in (D.COMMITTED.value, D.RESUMED.value):
             return      # committed: the copy is the service now, never ours to kill
+        d = getattr(self, "daemon", None)
+        if d is not None:
+            d.close()
+            self.daemon = None
         if self.restored_pid:
             kill_tree(self.restored_pid, self.restored_start)
             self.log(f"killed unconfirmed restored pid {self.restored_pid}")
@@ -193,6 +207,9 @@ class _DestinationSession:
         self.image_names[name] = off + len(data)
 
     async def _finish(self, info: dict, tail: bytes) -> None:
+        if info.get("lazy"):
+            await self._finish_lazy(info, tail)
+            return
         t0 = time.monotonic()
         # One pages file per pagemap of the dump (the root's first, then "more": its
         # children's and the shmem objects'), each listed by the keys of its pages in
@@ -289,6 +306,128 @@ class _DestinationSession:
         fault("dest:after_restored")
         await self._wait_commit()
 
+    def _seal_set(self) -> str:
+        """fsync every received image, then rename the set into place: after a crash
+        it is either complete under its final name or still ".incoming-"."""
+        for name in self.image_names:
+            fd = self._open_image(name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.fsync(self.tmp_fd)
+        base = os.path.basename(self.tmp)
+        final_name = base.replace(".incoming-", "migrated-", 1)
+        os.rename(base, final_name, src_dir_fd=self.server.dir_fd,
+                  dst_dir_fd=self.server.dir_fd)
+        os.fsync(self.server.dir_fd)
+        return os.path.join(self.images_dir, final_name)
+
+    async def _finish_lazy(self, info: dict, tail: bytes) -> None:
+        """The lazy switch-over (docs/migrate.md): the image set came as it is (its
+        pagemap marks the lazy pages PE_LAZY, its pages file holds only the others);
+        the lazy pages are in our page store. ``criu restore --lazy-pages
+        --leave-stopped`` restores the tree without them and hands its userfaultfd
+        to our lazy-pages daemon, which serves faults and fills every page from the
+        store in place (no image file of the pages is written)."""
+        from statesync.migration.lazy import LazyPagesDaemon
+        t0 = time.monotonic()
+        count = int(info.get("count", -1))
+        if count < 0 or count * 8 != len(tail):
+            raise wire.ProtocolError(f"FINAL lists {len(tail)} address bytes for {count} pages")
+        addrs = np.frombuffer(tail, dtype="<u8").astype(np.uint64)
+        _, found = self.store.lookup(addrs)
+        if not found.all():
+            miss = addrs[~found]
+            raise MigrationError(f"lazy restore impossible: {miss.size} lazy pages never "
+                                 f"arrived, first at {int(miss[0]):#x}", "assemble")
+        self.final_dir = await asyncio.to_thread(self._seal_set)
+        self.tmp = None
+        t1 = time.monotonic()
+        self.result["assemble_s"] = t1 - t0
+        pidfile = os.path.join(self.final_dir, ".restored.pid")
+        self._record(D.RESTORING, tmp_dir=None, final_dir=self.final_dir, pidfile=pidfile,
+                     lazy=True, filled=False)
+        try:
+            # Built (every lazy page checked against the store) and listening before
+            # CRIU starts: CRIU connects to lazy-pages.socket in its work dir at once.
+            self.daemon = LazyPagesDaemon(self.final_dir, self.store, accept_timeout=60.0)
+            self.daemon.start()
+            p = criu_spawn(["restore", "-D", self.final_dir, "-o", "restore.log", "--pidfile",
+                            pidfile, "-d", "--leave-stopped", "--lazy-pages"], None,
+                           pdeathsig=True)
+            fault("dest:restore")
+            try:
+                await asyncio.to_thread(p.wait, 300.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                raise CriuError("criu restore --lazy-pages did not finish within 300 s") from None
+            criu_result(p, os.path.join(self.final_dir, "restore.log"), "lazy restore")
+            try:
+                with open(pidfile) as f:
+                    self.restored_pid = int(f.read().strip())
+            except (OSError, ValueError):
+                raise MigrationError(f"criu restore from {self.final_dir} left no pid file",
+                                     "restore") from None
+            self.restored_start = records.start_time(self.restored_pid)
+            self._record(D.RESTORING, restored_pid=self.restored_pid,
+                         restored_start=self.restored_start)
+            st = proc.state(self.restored_pid)
+            if st is None or st in ("Z", "X"):
+                raise MigrationError(f"restored pid {self.restored_pid} is not alive "
+                                     f"(state {st})", "restore")
+        except (CriuError, OSError, ValueError, MigrationError) as exc:
+            await self.chan.send_json(wire.FAILED, {"error": str(exc)[-3000:]})
+            raise MigrationError(f"restore failed: {exc}", "restore") from exc
+        t2 = time.monotonic()
+        stats = _read_stats(os.path.join(self.final_dir, "stats-restore"))
+        self.result.update(restore_s=t2 - t1, pid=self.restored_pid, switchover="lazy")
+        self._record(D.PREPARED)
+        self.restored_sent = True
+        await self.chan.send_json(wire.RESTORED, {"pid": self.restored_pid, "stats": stats,
+                                                  "assemble_s": t1 - t0, "restore_s": t2 - t1,
+                                                  "lazy": True})
+        fault("dest:after_restored")
+        await self._wait_commit()
+
+    async def _fill_then_confirm(self, copy: Optional[int], copy_start) -> None:
+        """A lazy restore runs: wait for its daemon to place every page, record it,
+        send FILLED (the source kills its frozen copy only then). A failed fill
+        leaves pages unplaced: kill our copy (it ran only since the resume), record
+        ABORTED, and end the session; the source resumes its own."""
+        try:
+            post = await self._wait_filled()
+        except MigrationError as exc:
+            self._record(D.ABORTED)
+            kill_tree(copy, copy_start)
+            self.result.update(ok=False)
+            self.log(f"session {self.session}: {exc}; killed the incomplete copy (pid {copy})")
+            raise _FillFailed(str(exc)) from exc
+        self._record(D.RESUMED, filled=True)
+        await self.chan.send_json(wire.FILLED, {"session": self.session, "post_switch": post})
+
+    async def _wait_filled(self) -> dict:
+        """After the resume: wait for the lazy-pages daemon to place every page. Until
+        then the source keeps its frozen copy (RESUMED is sent after this). A daemon
+        that fails leaves pages unfilled: the copy is killed (the source resumes)."""
+        d = getattr(self, "daemon", None)
+        if d is None:
+            return {}
+        t0 = time.monotonic()
+        try:
+            st = await asyncio.to_thread(d.wait, 120.0)
+        except Exception as exc:
+            raise MigrationError(f"lazy-pages daemon failed after the resume: {exc}",
+                                 "post_switch") from exc
+        finally:
+            self.daemon = None
+        out = {"fill_s": time.monotonic() - t0 if not st.fill_s else float(st.fill_s),
+               "pages_filled": float(st.pages_filled), "faults": float(st.faults),
+               "fault_p50_ns": float(st.fault_p50_ns), "fault_p99_ns": float(st.fault_p99_ns)}
+        self.result["post_switch"] = out
+        return out
+
     async def _wait_commit(self) -> None:
         try:
             mtype, payload = await self.chan.expect(wire.COMMIT, wire.ABORT)
@@ -303,13 +442,17 @@ class _DestinationSession:
         fault("dest:commit_received")
         resume_tree(self.restored_pid, self.restored_start)
         self.result.update(ok=True)
+        copy, copy_start = self.restored_pid, self.restored_start
         self.restored_pid = None       # committed: no longer ours to kill
         try:
             # RESUMED first: the service runs, the source may end its downtime; the
             # RESUMED record (informative: COMMITTED already means "resume") after.
             await self.chan.send_json(wire.RESUMED, {"pid": self.result.get("pid"),
-                                                     "session": self.session})
+                                                     "session": self.session,
+                                                     "lazy": self.daemon is not None})
             self._record(D.RESUMED)
+            if self.daemon is not None:
+                await self._fill_then_confirm(copy, copy_start)
             fault("dest:after_resumed")
             await self.chan.expect(wire.DONE)
             records.remove(self.record_path)

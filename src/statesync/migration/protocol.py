@@ -74,6 +74,10 @@ NAMES = {v: k for k, v in {"BEGIN": BEGIN, "READY": READY, "PAGES": PAGES,
 # decision for a session; STATUS = the destination's answer; BUSY = another migration runs.
 RESUMED, RESOLVE, STATUS, BUSY = 14, 15, 16, 17
 NAMES.update({RESUMED: "RESUMED", RESOLVE: "RESOLVE", STATUS: "STATUS", BUSY: "BUSY"})
+# FILLED = after a lazy restore's RESUMED: every lazy page is in place (the source keeps
+# its frozen copy until then; docs/migrate.md).
+FILLED = 18
+NAMES[FILLED] = "FILLED"
 
 
 _SECRET_HOWTO = "e.g. `head -c 32 /dev/urandom | base64 > FILE`, then pass secret=\"@FILE\""

@@ -67,6 +67,12 @@ class Report:
     restored_pid: Optional[int] = None
     criu_dump_stats: Dict[str, int] = field(default_factory=dict)
     criu_restore_stats: Dict[str, int] = field(default_factory=dict)
+    # "lazy" (the destination restored from the pages it held, filled in the
+    # background after the resume) or "full" (complete image set, full criu restore)
+    switchover: str = ""
+    # the post-switch phase of a lazy switch-over: fill_s (seconds from the resume to
+    # the last page placed), pages_filled, faults, fault_p50_ns / fault_p99_ns
+    post_switch: Dict[str, float] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     # KPI: {"max_downtime_s": {"target": 1.0, "measured": 0.2, "met": True}, ...};
     # "met" is None when the migration did not get far enough to measure it.

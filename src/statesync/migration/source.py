@@ -21,7 +21,7 @@ from statesync.migration.pagetable import PageTable
 from statesync.migration.report import Report, RoundReport
 from statesync.migration.records import SourceState as S
 from statesync.migration.supervisor import Supervisor, resume_tree, settle_orphans
-from statesync.migration.switchover import SwitchOver
+from statesync.migration.switchover import SwitchOver, lazy_unavailable
 from statesync.planning.costs import CriuCosts
 
 
@@ -93,6 +93,13 @@ class _SourceAgent(SwitchOver):
         # before committing and sets committing, after which a cancel is refused.
         self.cancel_requested = False
         self.committing = False
+        # The switch-over asked for ("auto", "lazy", "full") and the one that runs:
+        # lazy = only the final dirty set travels in the freeze and the destination
+        # restores lazily from the pages it holds (docs/migrate.md, docs/lazy.md).
+        self.switchover = "auto"
+        self.lazy = False
+        self.pending_dirty = np.zeros(0, dtype=np.uint64)   # collected, not yet sent
+        self.pre_holes = np.zeros(0, dtype=np.uint64)       # zero pages before the freeze
 
     def _emit(self, kind: str, **kw) -> None:
         try:
@@ -330,7 +337,32 @@ class _SourceAgent(SwitchOver):
             index += 1
             addrs = dirty
         rep.predicted_downtime_s = rep.rounds[-1].predicted_downtime_s
-        self.mem.detach()
+        # What the last collect found was not sent: the lazy final transfer adds it
+        # (the full switch-over's content diff finds it anyway).
+        self.pending_dirty = np.asarray(dirty, dtype=np.uint64)
+        self.lazy = self._choose_lazy()
+        rep.switchover = "lazy" if self.lazy else "full"
+        if not self.lazy:
+            self.mem.detach()
+
+    def _choose_lazy(self) -> bool:
+        """Lazy switch-over when asked or (auto) when this host can: the tracker stays
+        attached through the freeze, CRIU and the kernel do lazy pages, and the tree is
+        one process (the destination's page store is one address space)."""
+        if self.switchover == "full":
+            return False
+        why = lazy_unavailable()
+        if why is None and self.mem.tracker is None:
+            why = "no dirty-page tracker is attached"
+        if why is None and proc.descendants(self.pid):
+            why = f"pid {self.pid} has child processes"
+        if why is None:
+            return True
+        if self.switchover == "lazy":
+            raise MigrationError(f"lazy switch-over impossible: {why}; use "
+                                 f"switchover='full' or 'auto'", "precopy")
+        self.report.notes.append(f"full switch-over: {why}")
+        return False
 
     def _record(self, state, **fields) -> None:
         if self.record_path:

@@ -22,6 +22,8 @@ source   PRECOPY                   nothing is frozen: drop the dump directory
 dest     RECEIVING                 remove the partial image set
          RESTORING / PREPARED      kill the (stopped, never resumed) restored tree, drop images
          COMMITTED                 resume the restored tree (COMMIT was received)
+         COMMITTED / RESUMED, lazy restore not filled: kill the incomplete copy (the
+                                   source still holds its frozen one and resumes it)
 
 While the agent lives, the source supervisor also enforces the switch-over deadline:
 a record still FREEZING/FROZEN past ``deadline`` + a grace is aborted by the
@@ -318,6 +320,16 @@ def settle_dest(r: Dict, base: str, log: Callable[[str], None] = _log_default) -
             return (f"session {sess}: killed the unconfirmed restored copy (pid {pid}, "
                     f"{n} processes)")
         return f"session {sess}: removed the partial image set"
+    if st in (D.COMMITTED, D.RESUMED) and r.get("lazy") and not r.get("filled"):
+        # A lazy restore whose daemon died with the agent before every page was placed:
+        # the missing pages would read as zeros. The source still holds its frozen
+        # copy (it kills it only after RESUMED, sent after the fill): drop ours, so the
+        # source's RESOLVE finds ABORTED and resumes its own.
+        n = kill_tree(r.get("restored_pid"), r.get("restored_start"))
+        drop_images(r)
+        rec.transition(path, base, "dest", D.ABORTED)
+        return (f"session {sess}: the lazy fill of pid {r.get('restored_pid')} did not finish: "
+                f"killed the incomplete copy ({n} processes); the source resumes its own")
     if st == D.COMMITTED:
         n = resume_tree(r.get("restored_pid"), r.get("restored_start"))
         rec.transition(path, base, "dest", D.RESUMED)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import shutil
@@ -9,12 +10,16 @@ import struct
 import subprocess
 import tempfile
 import time
+from typing import Optional
 
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
 from statesync import criu
+from statesync.criu import driver
+from statesync.criu import images as _img
+from statesync.criu.images import PE_PRESENT
 from statesync._consts import PAGE_SIZE
 from statesync.errors import CriuError, MigrationError, StateSyncError
 from statesync.migration import protocol as wire
@@ -28,8 +33,58 @@ from statesync.migration.common import (
     fault,
 )
 from statesync.migration.records import SourceState as S
+from statesync.migration.lazy import _LazyPagemap
 from statesync.migration.report import Report
 from statesync.migration.supervisor import kill_tree, resolve_with_peer, resume_tree
+
+
+@functools.lru_cache(maxsize=None)
+def lazy_unavailable() -> Optional[str]:
+    """None when this host can run a lazy switch-over (CRIU's lazy pages and a
+    userfaultfd with the non-cooperative events the lazy-pages daemon needs), else
+    why not. Probed once per process."""
+    from statesync import _core
+    info = criu.check()
+    if not info.ok:
+        why = "; ".join(f"{k}: {v}" for k, v in info.reasons.items())
+        return f"CRIU unusable ({why or 'criu check failed'})"
+    if not info.features.get("lazy_pages", False):
+        return "CRIU reports no lazy-pages support (criu check --feature uffd-noncoop)"
+    try:
+        _core.lazy_uffd_probe()
+    except OSError as exc:
+        return f"userfaultfd lacks the events the lazy-pages daemon needs ({exc})"
+    return None
+
+
+# A uffd-wp PTE marker as /proc/PID/pagemap shows it (Linux 6.x, x86_64): not present,
+# "swapped", uffd-wp, and a swap entry of type SWP_PTE_MARKER (31 with 5 type bits)
+# whose offset is PTE_MARKER_UFFD_WP (1): frame bits 0x3f. No real swap device has
+# type 31, so the match cannot take a swapped-out page for a hole; an entry that does
+# not match (another kernel's encoding) is simply read like any page.
+_PM_WP_MARKER = np.uint64(0x3F)
+
+
+def wp_marker_pages(pid: int) -> np.ndarray:
+    """Sorted addresses of pid's pages that are uffd-wp markers: never touched pages
+    of VMAs the tracker registered (WP_UNPOPULATED). They hold zeros, but pagemap
+    calls them swapped, so CRIU lists them as pages and its lazy dump faults them in.
+    Taken just before the freeze: a marker page written afterwards is in the final
+    dirty set, so (markers - final dirty) are exactly the zero pages."""
+    from statesync import proc
+    found = []
+    for v in proc.read_maps(pid):
+        if not (v.private and v.readable and not v.special):
+            continue
+        step = 1 << 18
+        for lo in range(v.start, v.end, step * PAGE_SIZE):
+            hi = min(v.end, lo + step * PAGE_SIZE)
+            en = proc.pagemap(pid, lo, hi)
+            m = (en.swapped & ~en.present & en.uffd_wp
+                 & ((en.raw & np.uint64(proc.PM_PFN_MASK)) == _PM_WP_MARKER))
+            if m.any():
+                found.append(en.addrs[m])
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
 
 
 class SwitchOver:
@@ -120,8 +175,19 @@ class SwitchOver:
     async def _dump(self, tmp: str, netns) -> None:
         args = ["dump", "-t", str(self.pid), "-D", tmp, "-o", "dump.log",
                 "--leave-stopped"] + self.criu_args
+        session = None
+        if self.lazy:
+            # Only the non-memory images and the pages CRIU will not make lazy are
+            # written; the lazy pages stay in the frozen tree (criu.driver.lazy_session).
+            session = driver.lazy_session()
+            args += ["--lazy-pages", "--ps-socket", str(session[1].fileno())]
         self.frozen = True      # from here the tree may be stopped: an abort resumes it
-        p = criu_spawn(args, netns, pdeathsig=False)
+        try:
+            p = criu_spawn(args, netns, pdeathsig=False,
+                           pass_fds=(session[1].fileno(),) if session else ())
+        finally:
+            if session:
+                session[1].close()
         self._criu = p
         fault("source:dump")
         try:
@@ -133,11 +199,27 @@ class SwitchOver:
             raise CriuError(f"criu dump of pid {self.pid} did not finish within 300 s") from None
         self._criu = None
         criu_result(p, os.path.join(tmp, "dump.log"), f"dump of pid {self.pid}")
+        if session and not driver.lazy_session_ended(session[0]):
+            raise CriuError(f"criu lazy dump of pid {self.pid}: the page server did not "
+                            f"confirm the end of its session")
+        if self.lazy and len(_img.read_pstree(os.path.join(tmp, "pstree.img"))) != 1:
+            # A child appeared between the check and the freeze: its lazy pages are
+            # not in the destination's store. Resume and dump again, fully.
+            self.lazy = False
+            self.report.switchover = "full"
+            self.report.notes.append("a child process appeared at the freeze: full "
+                                     "switch-over instead of lazy")
+            exc = CriuError("the lazy dump holds more than one task; dumping again fully")
+            exc.retry = True  # type: ignore[attr-defined]
+            raise exc
 
     async def _switchover_in(self, tmp: str) -> None:
         rep = self.report
         vpid = _ns_pid(self.pid)
         netns = criu.netns_of(self.pid)
+        if self.lazy:
+            # before the freeze, outside the downtime (see wp_marker_pages)
+            self.pre_holes = await self._in_thread(wp_marker_pages, self.pid)
         self.deadline = time.monotonic() + self.budget_s
         self._record(S.FREEZING, dump_dir=tmp, deadline=time.time() + self.budget_s)
         self._emit("phase", phase="dump")
@@ -152,8 +234,8 @@ class SwitchOver:
                 # flight at the instant CRIU collects sockets fails a dump ("half of
                 # stream unix connection"): a later attempt usually finds none.
                 self.frozen = True
-                transient = isinstance(exc, CriuError) and any(
-                    m in (exc.log_tail or "") for m in _TRANSIENT_DUMP_ERRORS)
+                transient = isinstance(exc, CriuError) and (getattr(exc, "retry", False) or any(
+                    m in (exc.log_tail or "") for m in _TRANSIENT_DUMP_ERRORS))
                 if (attempt == self.dump_retries or not transient
                         or not os.path.exists(f"/proc/{self.pid}")):
                     raise MigrationError(str(exc), "dump") from exc
@@ -174,12 +256,13 @@ class SwitchOver:
         # Freeze starts inside the dump; CRIU's own stats say how long after its start.
         frozen_us = rep.criu_dump_stats.get("frozen_time")
         dump_wall = t_dumped - t0
-        t_freeze = t_dumped - frozen_us / 1e6 if frozen_us else t0
+        # (never before CRIU started: a lazy dump's stats-dump carries no usable times)
+        t_freeze = max(t0, t_dumped - frozen_us / 1e6) if frozen_us else t0
         rep.phases["freeze"] = rep.criu_dump_stats.get("freezing_time", 0) / 1e6
         rep.phases["dump"] = t_dumped - t_freeze
         self._emit("phase", phase="final transfer", dump_s=dump_wall)
-        info, t2, t4 = await self._within_budget(self._to_prepared(tmp, vpid), "the final transfer "
-                                                  "and the restore")
+        prepare = self._to_prepared_lazy(tmp, vpid) if self.lazy else self._to_prepared(tmp, vpid)
+        info, t2, t4 = await self._within_budget(prepare, "the final transfer and the restore")
         fault("source:after_restored")
         # The destination times its own steps; what remains of t2..t4 is the transfer
         # (until the last byte was applied there) and the round trip of RESTORED.
@@ -252,20 +335,7 @@ class SwitchOver:
         rep.phases["final_diff"] = time.monotonic() - t1
         t2 = time.monotonic()
         # Non-memory images first (pagemaps included), then the pages the destination lacks.
-        images_bytes = 0
-        for name in sorted(os.listdir(tmp)):
-            if name in pages_files or name in ("dump.log", "stats-dump"):
-                continue
-            path = os.path.join(tmp, name)
-            if not os.path.isfile(path):
-                continue
-            with open(path, "rb") as f:
-                data = f.read()
-            for off in range(0, max(len(data), 1), 8 << 20):
-                piece = data[off:off + (8 << 20)]
-                await self.chan.send(wire.IMAGE, struct.pack("!H", len(name)) + name.encode()
-                                     + struct.pack("!Q", off) + piece)
-            images_bytes += len(data)
+        images_bytes = await self._send_images(tmp, skip=set(pages_files))
         rep.images_bytes = images_bytes
         fault("source:final_transfer")
         b0 = self.chan.bytes_sent
@@ -284,6 +354,90 @@ class SwitchOver:
                          "more": [{"pages_file": pf, "count": int(k.size)}
                                   for pf, k in zip(pages_files[1:], parts[1:])]},
             np.ascontiguousarray(addrs, dtype="<u8").tobytes())
+        fault("source:after_final")
+        self._emit("phase", phase="restore", final_pages=n_final)
+        mtype, payload = await self.chan.expect(wire.RESTORED, wire.FAILED,
+                                                timeout=max(0.1, self._budget_left()))
+        info, _ = wire.unpack_json(payload)
+        t4 = time.monotonic()
+        if mtype == wire.FAILED:
+            raise MigrationError(f"destination could not restore: {info.get('error')}",
+                                 "restore")
+        return info, t2, t4
+
+    async def _send_images(self, tmp: str, skip=()) -> int:
+        """Every image file of the dump but ``skip``, as IMAGE frames; returns bytes."""
+        total = 0
+        for name in sorted(os.listdir(tmp)):
+            if name in skip or name in ("dump.log", "stats-dump"):
+                continue
+            path = os.path.join(tmp, name)
+            if not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            for off in range(0, max(len(data), 1), 8 << 20):
+                piece = data[off:off + (8 << 20)]
+                await self.chan.send(wire.IMAGE, struct.pack("!H", len(name)) + name.encode()
+                                     + struct.pack("!Q", off) + piece)
+            total += len(data)
+        return total
+
+    async def _to_prepared_lazy(self, tmp: str, vpid: int):
+        """The lazy switch-over's final transfer (docs/migrate.md): the dump wrote the
+        non-memory images and only the pages CRIU does not make lazy; the lazy pages
+        the destination lacks are the tracker's final dirty set (collected now, with
+        the tree frozen: exact) plus any lazy page it never received, read from the
+        frozen process. Work and bytes follow the dirty set, not the state."""
+        from statesync.migration.lazy import lazy_pages
+        rep = self.report
+        t1 = time.monotonic()
+        main_pm = f"pagemap-{vpid}.img"
+        if not os.path.exists(os.path.join(tmp, main_pm)):
+            raise MigrationError(f"dump of pid {self.pid} has no {main_pm}", "dump")
+        dirty = await self._in_thread(self.mem.collect)
+        self.mem.detach()
+
+        def select():
+            lz = lazy_pages(tmp, vpid, PAGE_SIZE)
+            _, held = self.shadow.lookup(lz)
+            written = np.union1d(dirty, self.pending_dirty)
+            need = ~held
+            if written.size:
+                pos = np.minimum(np.searchsorted(written, lz), written.size - 1)
+                need |= written[pos] == lz
+            holes = np.setdiff1d(self.pre_holes, written, assume_unique=True)
+            data = ~np.isin(lz, holes, assume_unique=True)
+            return lz, lz[need & data], lz[need & ~data], int((~data).sum())
+
+        lz, need, zeros, holes = await asyncio.to_thread(select)
+        pm = _LazyPagemap(os.path.join(tmp, main_pm), PAGE_SIZE)
+        stored = int(pm.nr_pages[(pm.flags & PE_PRESENT) != 0].sum())
+        rep.state_pages = int(lz.size) - holes + stored
+        rep.phases["final_diff"] = time.monotonic() - t1
+        t2 = time.monotonic()
+        rep.images_bytes = await self._send_images(tmp)
+        fault("source:final_transfer")
+        b0 = self.chan.bytes_sent
+
+        def read_frozen(a):
+            pages, ok = self.mem.read(a)
+            if not ok.all():
+                raise MigrationError(f"{int((~ok).sum())} lazy pages of the frozen pid "
+                                     f"{self.pid} could not be read, first at "
+                                     f"{int(a[~ok][0]):#x}", "final_transfer")
+            return pages, ok
+
+        n_final, _ = await self._send_pages(need, read_frozen)
+        if zeros.size:
+            await self._send_pages(zeros, lambda a: (np.zeros((a.size, PAGE_SIZE), np.uint8),
+                                                     np.ones(a.size, dtype=bool)))
+        rep.final_pages = n_final
+        rep.final_bytes_wire = self.chan.bytes_sent - b0
+        self._record(S.FROZEN, final_sent=True)
+        await self.chan.send_json(wire.FINAL, {"lazy": True, "pid": vpid, "count": int(lz.size),
+                                               "images_bytes": rep.images_bytes},
+                                  np.ascontiguousarray(lz, dtype="<u8").tobytes())
         fault("source:after_final")
         self._emit("phase", phase="restore", final_pages=n_final)
         mtype, payload = await self.chan.expect(wire.RESTORED, wire.FAILED,
@@ -321,6 +475,21 @@ class SwitchOver:
             self.report.notes.append(f"no RESUMED after COMMIT ({exc}); asking the destination")
             await self._resolve_in_doubt(str(exc))
             return time.monotonic()
+        if resumed.get("lazy"):
+            # The copy runs; its lazy-pages daemon is still placing pages. Ours stays
+            # frozen until FILLED: a fill that fails drops theirs, and ours resumes.
+            try:
+                _, payload = await self.chan.expect(wire.FILLED, timeout=self.io_timeout + 60)
+                filled, _ = wire.unpack_json(payload)
+            except StateSyncError as exc:
+                self.report.notes.append(f"no FILLED after RESUMED ({exc}); asking the "
+                                         "destination")
+                await self._resolve_in_doubt(str(exc))
+                return t_resumed
+            post = filled.get("post_switch") or {}
+            # the lazy fill after the resume: not downtime, the post-switch phase
+            self.report.post_switch = {k: float(v) for k, v in post.items()
+                                       if isinstance(v, (int, float))}
         await self._finish_commit(resumed.get("pid"))
         try:
             await self.chan.send_json(wire.DONE, {"session": self.session})
