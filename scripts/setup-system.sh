@@ -39,5 +39,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     done
 fi
 bash scripts/install-criu.sh || { echo "statesync setup: CRIU installation failed" >&2; exit 1; }
+# A lazy switch-over's `criu dump --lazy-pages` holds every lazy page in pipes (by
+# reference, vmsplice) until its page server ends. Without CAP_SYS_RESOURCE two limits
+# break it: CRIU grows each pipe to 819 pages (3.2 MiB) and fails to splice when
+# fs.pipe-max-size (1 MiB by default) refuses that, and the per-user total
+# fs.pipe-user-pages-soft (64 MiB by default) caps the state. docs/lazy.md.
+cur_max=$(cat /proc/sys/fs/pipe-max-size 2>/dev/null || echo 0)
+cur_soft=$(cat /proc/sys/fs/pipe-user-pages-soft 2>/dev/null || echo 0)
+if [ "$cur_max" -lt 4194304 ] || [ "$cur_soft" != "0" ]; then
+    printf 'fs.pipe-max-size = 4194304\nfs.pipe-user-pages-soft = 0\n' \
+        > /etc/sysctl.d/60-statesync.conf 2>/dev/null || true
+    { sysctl -q -w fs.pipe-max-size=4194304 && sysctl -q -w fs.pipe-user-pages-soft=0; } >/dev/null 2>&1 \
+        || echo "statesync setup: could not raise the pipe limits (the lazy switch-over falls back to a full one)" >&2
+fi
 # The root file system the container tests run (cached outside the tree; a stat when it exists).
 bash scripts/build-rootfs.sh --podman >/dev/null || { echo "statesync setup: building the container test rootfs failed" >&2; exit 1; }

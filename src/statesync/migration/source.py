@@ -21,7 +21,11 @@ from statesync.migration.pagetable import PageTable
 from statesync.migration.report import Report, RoundReport
 from statesync.migration.records import SourceState as S
 from statesync.migration.supervisor import Supervisor, resume_tree, settle_orphans
-from statesync.migration.switchover import SwitchOver, lazy_unavailable
+from statesync.migration.switchover import (
+    SwitchOver,
+    lazy_capacity_problem,
+    lazy_unavailable,
+)
 from statesync.planning.costs import CriuCosts
 
 
@@ -356,6 +360,8 @@ class _SourceAgent(SwitchOver):
             why = "no dirty-page tracker is attached"
         if why is None and proc.descendants(self.pid):
             why = f"pid {self.pid} has child processes"
+        if why is None:
+            why = lazy_capacity_problem(int(self.state_addrs.size))
         if why is None:
             return True
         if self.switchover == "lazy":

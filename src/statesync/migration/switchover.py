@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Optional
 
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Tuple
 
 import numpy as np
 
@@ -55,6 +55,48 @@ def lazy_unavailable() -> Optional[str]:
     except OSError as exc:
         return f"userfaultfd lacks the events the lazy-pages daemon needs ({exc})"
     return None
+
+
+_CRIU_PIPE_MAX_PAGES = 819
+
+
+def _has_cap_resource() -> bool:
+    """CAP_SYS_RESOURCE (bit 24) in our effective set: the pipe limits do not apply."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 24 & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def lazy_capacity_problem(pages: int) -> Optional[str]:
+    """None when ``criu dump --lazy-pages`` can hold ``pages`` lazy pages in pipes here,
+    else why not and what to run. CRIU keeps every lazy page in a pipe until its page
+    server ends; without CAP_SYS_RESOURCE the per-user limit fs.pipe-user-pages-soft
+    (pages; 0 = none) counts all of this user's pipes, and the dump fails past it."""
+    try:
+        with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+            soft = int(f.read().strip())
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            pipe_max = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    # CRIU grows its page pipes to PIPE_MAX_SIZE pages (criu/include/page-pipe.h:
+    # 8 pages' worth of struct pipe_buffer, 819 pages); a smaller fs.pipe-max-size
+    # makes the parasite's splice fail ("Can't splice all pages to pipe").
+    if pipe_max < _CRIU_PIPE_MAX_PAGES * PAGE_SIZE and not _has_cap_resource():
+        return (f"fs.pipe-max-size is {pipe_max} bytes, CRIU's lazy dump needs "
+                f">= {_CRIU_PIPE_MAX_PAGES * PAGE_SIZE} (run `sysctl -w fs.pipe-max-size=4194304`,"
+                f" as scripts/setup-system.sh does)")
+    need = int(pages * 1.25) + 4096
+    if soft == 0 or need <= soft or _has_cap_resource():
+        return None
+    return (f"fs.pipe-user-pages-soft is {soft} pages, a lazy dump of this process needs "
+            f"~{need} (run `sysctl -w fs.pipe-user-pages-soft=0`, as scripts/setup-system.sh "
+            f"does)")
 
 
 # A uffd-wp PTE marker as /proc/PID/pagemap shows it (Linux 6.x, x86_64): not present,
@@ -198,20 +240,33 @@ class SwitchOver:
             p.wait()
             raise CriuError(f"criu dump of pid {self.pid} did not finish within 300 s") from None
         self._criu = None
-        criu_result(p, os.path.join(tmp, "dump.log"), f"dump of pid {self.pid}")
+        try:
+            criu_result(p, os.path.join(tmp, "dump.log"), f"dump of pid {self.pid}")
+        except CriuError as exc:
+            if not self.lazy:
+                raise
+            # CRIU resumed the tree. A lazy dump can fail where a full one works (its
+            # parasite splices every lazy page into pipes): dump again, fully.
+            self._fall_back_to_full(f"the lazy dump failed "
+                                    f"({(exc.log_tail or str(exc)).strip().splitlines()[-2:]})")
+            exc.retry = True  # type: ignore[attr-defined]
+            raise
         if session and not driver.lazy_session_ended(session[0]):
             raise CriuError(f"criu lazy dump of pid {self.pid}: the page server did not "
                             f"confirm the end of its session")
         if self.lazy and len(_img.read_pstree(os.path.join(tmp, "pstree.img"))) != 1:
             # A child appeared between the check and the freeze: its lazy pages are
             # not in the destination's store. Resume and dump again, fully.
-            self.lazy = False
-            self.report.switchover = "full"
-            self.report.notes.append("a child process appeared at the freeze: full "
-                                     "switch-over instead of lazy")
+            self._fall_back_to_full("a child process appeared at the freeze")
             exc = CriuError("the lazy dump holds more than one task; dumping again fully")
             exc.retry = True  # type: ignore[attr-defined]
             raise exc
+
+    def _fall_back_to_full(self, why: str) -> None:
+        self.lazy = False
+        self.report.switchover = "full"
+        self.report.notes.append(f"full switch-over instead of lazy: {why}")
+        self.mem.detach()
 
     async def _switchover_in(self, tmp: str) -> None:
         rep = self.report
