@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -47,6 +47,10 @@ from statesync.migration.pagetable import PageTable
 # --------------------------------------------------------------------------- destination
 
 RECORD_TTL_S = 7 * 86400.0     # final destination records older than this are removed
+
+
+if TYPE_CHECKING:
+    from statesync.migration.lazy import LazyPagesDaemon
 
 
 class _FillFailed(Exception):
@@ -82,7 +86,7 @@ class _DestinationSession:
         self.restored_sent = False     # RESTORED may have reached the source
         self.source_aborted = False    # the source told us ABORT itself
         self.result: dict = {"ok": False, "session": self.session, "encryption": chan.cipher}
-        self.daemon = None             # the lazy-pages daemon of a lazy switch-over
+        self.daemon: Optional["LazyPagesDaemon"] = None   # of a lazy switch-over
         self.record_path = records.record_path(server.state_base, "dest", self.session)
 
     def _record(self, state, **fields) -> None:
@@ -309,6 +313,7 @@ class _DestinationSession:
     def _seal_set(self) -> str:
         """fsync every received image, then rename the set into place: after a crash
         it is either complete under its final name or still ".incoming-"."""
+        assert self.tmp is not None and self.tmp_fd is not None
         for name in self.image_names:
             fd = self._open_image(name, os.O_RDONLY)
             try:
@@ -351,8 +356,9 @@ class _DestinationSession:
         try:
             # Built (every lazy page checked against the store) and listening before
             # CRIU starts: CRIU connects to lazy-pages.socket in its work dir at once.
-            self.daemon = LazyPagesDaemon(self.final_dir, self.store, accept_timeout=60.0)
-            self.daemon.start()
+            daemon = self.daemon = LazyPagesDaemon(self.final_dir, self.store,
+                                                   accept_timeout=60.0)
+            daemon.start()
             p = criu_spawn(["restore", "-D", self.final_dir, "-o", "restore.log", "--pidfile",
                             pidfile, "-d", "--leave-stopped", "--lazy-pages"], None,
                            pdeathsig=True)
@@ -370,6 +376,7 @@ class _DestinationSession:
             except (OSError, ValueError):
                 raise MigrationError(f"criu restore from {self.final_dir} left no pid file",
                                      "restore") from None
+            daemon.set_restored(self.restored_pid)   # a failing fill kills it
             self.restored_start = records.start_time(self.restored_pid)
             self._record(D.RESTORING, restored_pid=self.restored_pid,
                          restored_start=self.restored_start)

@@ -258,9 +258,9 @@ class SwitchOver:
             # A child appeared between the check and the freeze: its lazy pages are
             # not in the destination's store. Resume and dump again, fully.
             self._fall_back_to_full("a child process appeared at the freeze")
-            exc = CriuError("the lazy dump holds more than one task; dumping again fully")
-            exc.retry = True  # type: ignore[attr-defined]
-            raise exc
+            err = CriuError("the lazy dump holds more than one task; dumping again fully")
+            err.retry = True  # type: ignore[attr-defined]
+            raise err
 
     def _fall_back_to_full(self, why: str) -> None:
         self.lazy = False
