@@ -103,7 +103,8 @@ class _SourceAgent(SwitchOver):
         self.switchover = "auto"
         self.lazy = False
         self.pending_dirty = np.zeros(0, dtype=np.uint64)   # collected, not yet sent
-        self.pre_holes = np.zeros(0, dtype=np.uint64)       # zero pages before the freeze
+        self.final_dirty = np.zeros(0, dtype=np.uint64)     # collected with the tree stopped
+        self.t_stopped = 0.0
 
     def _emit(self, kind: str, **kw) -> None:
         try:

@@ -6,13 +6,14 @@ import functools
 import os
 import random
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
 import time
-from typing import Optional
+from typing import List, Optional
 
-from typing import TYPE_CHECKING, Any, Callable, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Tuple
 
 import numpy as np
 
@@ -99,34 +100,25 @@ def lazy_capacity_problem(pages: int) -> Optional[str]:
             f"does)")
 
 
-# A uffd-wp PTE marker as /proc/PID/pagemap shows it (Linux 6.x, x86_64): not present,
-# "swapped", uffd-wp, and a swap entry of type SWP_PTE_MARKER (31 with 5 type bits)
-# whose offset is PTE_MARKER_UFFD_WP (1): frame bits 0x3f. No real swap device has
-# type 31, so the match cannot take a swapped-out page for a hole; an entry that does
-# not match (another kernel's encoding) is simply read like any page.
-_PM_WP_MARKER = np.uint64(0x3F)
-
-
-def wp_marker_pages(pid: int) -> np.ndarray:
-    """Sorted addresses of pid's pages that are uffd-wp markers: never touched pages
-    of VMAs the tracker registered (WP_UNPOPULATED). They hold zeros, but pagemap
-    calls them swapped, so CRIU lists them as pages and its lazy dump faults them in.
-    Taken just before the freeze: a marker page written afterwards is in the final
-    dirty set, so (markers - final dirty) are exactly the zero pages."""
+def stop_tree(root: int, timeout: float = 2.0) -> List[int]:
+    """SIGSTOP every process of root's tree and wait (bounded) until every thread is
+    stopped; returns the pids stopped. resume_tree (supervisor) undoes it."""
     from statesync import proc
-    found = []
-    for v in proc.read_maps(pid):
-        if not (v.private and v.readable and not v.special):
-            continue
-        step = 1 << 18
-        for lo in range(v.start, v.end, step * PAGE_SIZE):
-            hi = min(v.end, lo + step * PAGE_SIZE)
-            en = proc.pagemap(pid, lo, hi)
-            m = (en.swapped & ~en.present & en.uffd_wp
-                 & ((en.raw & np.uint64(proc.PM_PFN_MASK)) == _PM_WP_MARKER))
-            if m.any():
-                found.append(en.addrs[m])
-    return np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
+    pids = [root] + proc.descendants(root)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for p in pids:
+        for tid in proc.threads(p) if proc.exists(p) else []:
+            while time.monotonic() < deadline:
+                st = proc.state(tid)
+                if st is None or st in ("T", "t", "Z", "X"):
+                    break
+                time.sleep(0.0005)
+    return pids
 
 
 class SwitchOver:
@@ -262,6 +254,19 @@ class SwitchOver:
             err.retry = True  # type: ignore[attr-defined]
             raise err
 
+    async def _stop_and_collect(self) -> None:
+        """The lazy switch-over's freeze: stop the tree ourselves (SIGSTOP), take the
+        tracker's final dirty set (exact: nothing runs), detach it. CRIU then dumps a
+        stopped tree (it restores it stopped: resumed at COMMIT like any restore)
+        whose page tables hold no uffd-wp state: its lazy dump cannot splice pages a
+        registered tracker protects ("Can't splice all pages to pipe"), and
+        never-touched pages are holes again, not write-protect markers."""
+        self.frozen = True
+        self.t_stopped = time.monotonic()
+        await self._in_thread(stop_tree, self.pid)
+        self.final_dirty = await self._in_thread(self.mem.collect)
+        self.mem.detach()
+
     def _fall_back_to_full(self, why: str) -> None:
         self.lazy = False
         self.report.switchover = "full"
@@ -272,15 +277,14 @@ class SwitchOver:
         rep = self.report
         vpid = _ns_pid(self.pid)
         netns = criu.netns_of(self.pid)
-        if self.lazy:
-            # before the freeze, outside the downtime (see wp_marker_pages)
-            self.pre_holes = await self._in_thread(wp_marker_pages, self.pid)
         self.deadline = time.monotonic() + self.budget_s
         self._record(S.FREEZING, dump_dir=tmp, deadline=time.time() + self.budget_s)
         self._emit("phase", phase="dump")
         for attempt in range(self.dump_retries + 1):
             t0 = time.monotonic()
             try:
+                if self.lazy:
+                    await self._stop_and_collect()
                 await self._dump(tmp, netns)
                 break
             except StateSyncError as exc:
@@ -313,6 +317,8 @@ class SwitchOver:
         dump_wall = t_dumped - t0
         # (never before CRIU started: a lazy dump's stats-dump carries no usable times)
         t_freeze = max(t0, t_dumped - frozen_us / 1e6) if frozen_us else t0
+        if self.lazy:
+            t_freeze = self.t_stopped       # our SIGSTOP froze it, before CRIU ran
         rep.phases["freeze"] = rep.criu_dump_stats.get("freezing_time", 0) / 1e6
         rep.phases["dump"] = t_dumped - t_freeze
         self._emit("phase", phase="final transfer", dump_s=dump_wall)
@@ -450,8 +456,7 @@ class SwitchOver:
         main_pm = f"pagemap-{vpid}.img"
         if not os.path.exists(os.path.join(tmp, main_pm)):
             raise MigrationError(f"dump of pid {self.pid} has no {main_pm}", "dump")
-        dirty = await self._in_thread(self.mem.collect)
-        self.mem.detach()
+        dirty = self.final_dirty
 
         def select():
             lz = lazy_pages(tmp, vpid, PAGE_SIZE)
@@ -461,14 +466,12 @@ class SwitchOver:
             if written.size:
                 pos = np.minimum(np.searchsorted(written, lz), written.size - 1)
                 need |= written[pos] == lz
-            holes = np.setdiff1d(self.pre_holes, written, assume_unique=True)
-            data = ~np.isin(lz, holes, assume_unique=True)
-            return lz, lz[need & data], lz[need & ~data], int((~data).sum())
+            return lz, lz[need]
 
-        lz, need, zeros, holes = await asyncio.to_thread(select)
+        lz, need = await asyncio.to_thread(select)
         pm = _LazyPagemap(os.path.join(tmp, main_pm), PAGE_SIZE)
         stored = int(pm.nr_pages[(pm.flags & PE_PRESENT) != 0].sum())
-        rep.state_pages = int(lz.size) - holes + stored
+        rep.state_pages = int(lz.size) + stored
         rep.phases["final_diff"] = time.monotonic() - t1
         t2 = time.monotonic()
         rep.images_bytes = await self._send_images(tmp)
@@ -484,9 +487,6 @@ class SwitchOver:
             return pages, ok
 
         n_final, _ = await self._send_pages(need, read_frozen)
-        if zeros.size:
-            await self._send_pages(zeros, lambda a: (np.zeros((a.size, PAGE_SIZE), np.uint8),
-                                                     np.ones(a.size, dtype=bool)))
         rep.final_pages = n_final
         rep.final_bytes_wire = self.chan.bytes_sent - b0
         self._record(S.FROZEN, final_sent=True)
