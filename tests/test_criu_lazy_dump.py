@@ -43,6 +43,10 @@ def test_lazy_dump_leaves_the_tree_frozen_and_writes_no_lazy_page(lazy_ok, tmp_p
         st = c.status()
         d = tmp_path / "lazy"
         r = criu.dump(wl.pid, d, extra_args=["--leave-stopped"], lazy_pages=True)
+        # CRIU stops the tree as it lets go of it (SIGSTOP): allow its delivery
+        deadline = time.monotonic() + 5
+        while proc.state(wl.pid) not in ("T", "t") and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert proc.state(wl.pid) in ("T", "t")
         pm = lazy._LazyPagemap(str(d / "pagemap-1.img"), 4096)
         lazy_runs = (pm.flags & PE_LAZY) != 0
