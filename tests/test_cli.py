@@ -331,3 +331,22 @@ def test_migrate_json_to_stdout_and_sigterm_aborts_safely(slow_bed, tmp_path):
         assert os.listdir(tb.dir_b) == []
     finally:
         wl.kill()
+
+
+def test_check_json_and_compare_mismatch(tmp_path):
+    require(have_root(), "needs root (criu check)")
+    mine = tmp_path / "here.json"
+    r = ss("check", "--json", mine)
+    assert r.returncode in (0, 3), r.stderr
+    d = json.loads(mine.read_text())
+    assert {"ok", "checks", "versions"} <= set(d) and d["versions"]["page_size"] == 4096
+    d["versions"]["criu"] = "0.1"
+    d["versions"]["cpu_flags"] = d["versions"]["cpu_flags"] + ["madeupflag"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(d))
+    r = ss("check", "--compare", other)
+    line = one_line_error(r, 3, "criu: here", "there 0.1", "madeupflag")
+    assert "same as" in line
+    bad = tmp_path / "bad.json"
+    bad.write_text("[")
+    one_line_error(ss("check", "--compare", bad), 2, "--compare", "statesync check --json")

@@ -182,6 +182,7 @@ class Migration:
         self.targets = targets
         self.abort_if = abort_if
         self.calibration = calibration
+        self._link_rate = link_rate
         self._user_progress = progress
         self._agent = _SourceAgent(self.pid, dest, key, strategy, tracker, compression or "none",
                                    max_rounds, targets, scheduler, work_dir, io_timeout,
@@ -277,6 +278,10 @@ class Migration:
         finally:
             from statesync.planning.kpi import Targets
             rep.set_targets(self.targets or Targets(max_downtime_s=1.0))
+            if self._link_rate is None and not rep.rounds and rep.strategy.endswith("cold"):
+                rep.notes.append("the cold plan's prediction assumed a 100 Mbit/s link (no "
+                                 "link_rate given and no live round to measure it): pass "
+                                 "link_rate= / --link-rate for a true prediction")
             self._finished = True
             if self._changed is not None:
                 self._changed.set()
