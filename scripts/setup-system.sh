@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # python3/-venv/-dev: a minimal Debian image has no venv module and no Python.h (the Makefile builds
 # the extension in a venv); install-criu.sh's probes and the crit wrapper use /usr/bin/python3.
-APT_PACKAGES=(python3 python3-venv python3-dev gcc liblz4-dev redis-server memcached iperf3 sockperf
+APT_PACKAGES=(python3 python3-venv python3-dev gcc liblz4-dev redis-server memcached nginx-light iperf3 sockperf
               iproute2 util-linux python3-protobuf
               # containers (docs/containers.md): runc drives CRIU for container checkpoints; podman with
               # --runtime runc (crun here is built without CRIU); mmdebstrap builds the test rootfs without a
@@ -34,7 +34,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
         || { echo "statesync setup: apt-get install ${missing[*]} failed" >&2; exit 1; }
     # Services are started by the tests themselves, on private ports and sockets.
-    for svc in redis-server memcached podman podman-restart; do
+    for svc in redis-server memcached nginx podman podman-restart; do
         systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
     done
 fi
