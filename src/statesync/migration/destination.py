@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -236,18 +236,7 @@ class _DestinationSession:
 
         def assemble():
             for pages_file, lo, hi in zip(names, bounds[:-1], bounds[1:]):
-                addrs = every[lo:hi]
-                slots, found = self.store.lookup(addrs)
-                if not found.all():
-                    miss = addrs[~found]
-                    raise MigrationError(f"cannot assemble {pages_file}: {miss.size} pages never "
-                                         f"arrived, first at {int(miss[0]):#x}", "assemble")
-                fd = self._open_image(pages_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-                try:
-                    _write_rows(fd, self.store.rows, slots)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                self._assemble_pages_file(pages_file, every[lo:hi])
             for name in self.image_names:
                 fd = self._open_image(name, os.O_RDONLY)
                 try:
@@ -310,6 +299,21 @@ class _DestinationSession:
         fault("dest:after_restored")
         await self._wait_commit()
 
+    def _assemble_pages_file(self, pages_file: str, addrs: np.ndarray) -> None:
+        """Write pages_file (in the incoming set) from the store: the pages at addrs
+        (keys), in that order. Every page must have arrived."""
+        slots, found = self.store.lookup(addrs)
+        if not found.all():
+            miss = addrs[~found]
+            raise MigrationError(f"cannot assemble {pages_file}: {miss.size} pages never "
+                                 f"arrived, first at {int(miss[0]):#x}", "assemble")
+        fd = self._open_image(pages_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            _write_rows(fd, self.store.rows, slots)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _seal_set(self) -> str:
         """fsync every received image, then rename the set into place: after a crash
         it is either complete under its final name or still ".incoming-"."""
@@ -338,15 +342,30 @@ class _DestinationSession:
         from statesync.migration.lazy import LazyPagesDaemon
         t0 = time.monotonic()
         count = int(info.get("count", -1))
-        if count < 0 or count * 8 != len(tail):
-            raise wire.ProtocolError(f"FINAL lists {len(tail)} address bytes for {count} pages")
-        addrs = np.frombuffer(tail, dtype="<u8").astype(np.uint64)
+        more = info.get("more") or []
+        if not isinstance(more, list) or not all(isinstance(m, dict) for m in more):
+            raise wire.ProtocolError("FINAL's 'more' is not a list of pages files")
+        names = [self._check_name(str(m.get("pages_file", ""))) for m in more]
+        counts = [count] + [int(m.get("count", -1)) for m in more]
+        if len(set(names)) != len(names) or min(counts) < 0 or sum(counts) * 8 != len(tail):
+            raise wire.ProtocolError(f"FINAL lists {len(tail)} address bytes for {sum(counts)} "
+                                     f"pages")
+        every = np.frombuffer(tail, dtype="<u8").astype(np.uint64)
+        bounds = np.cumsum(counts)
+        addrs = every[:count]
         _, found = self.store.lookup(addrs)
         if not found.all():
             miss = addrs[~found]
             raise MigrationError(f"lazy restore impossible: {miss.size} lazy pages never "
                                  f"arrived, first at {int(miss[0]):#x}", "assemble")
-        self.final_dir = await asyncio.to_thread(self._seal_set)
+
+        def assemble() -> str:
+            # the shared-memory objects' pages files, from the store (not lazy in CRIU)
+            for pages_file, lo, hi in zip(names, bounds[:-1], bounds[1:]):
+                self._assemble_pages_file(pages_file, every[lo:hi])
+            return self._seal_set()
+
+        self.final_dir = await asyncio.to_thread(assemble)
         self.tmp = None
         t1 = time.monotonic()
         self.result["assemble_s"] = t1 - t0
@@ -501,7 +520,7 @@ def conn_peer(conn: socket.socket):
         return "?"
 
 
-def _write_rows(fd: int, rows: np.ndarray, slots: np.ndarray) -> None:
+def _write_rows(fd: int, rows: Any, slots: np.ndarray) -> None:
     """Write ``rows[slots]`` to fd in order, without gathering them first: runs of
     consecutive slots go out as one iovec each (the store keeps rows in arrival
     order, which is mostly address order)."""
@@ -510,7 +529,7 @@ def _write_rows(fd: int, rows: np.ndarray, slots: np.ndarray) -> None:
     breaks = np.flatnonzero(np.diff(slots) != 1) + 1
     starts = np.concatenate([[0], breaks]).tolist()
     ends = np.concatenate([breaks, [slots.size]]).tolist()
-    iov = [memoryview(rows[slots[a]:slots[a] + (b - a)]).cast("B")  # type: ignore[arg-type]
+    iov = [memoryview(rows[slots[a]:slots[a] + (b - a)]).cast("B")
            for a, b in zip(starts, ends)]
     for i in range(0, len(iov), 512):
         chunk = iov[i:i + 512]

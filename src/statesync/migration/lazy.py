@@ -110,7 +110,8 @@ class LazyStats:
 
     @classmethod
     def from_raw(cls, raw: dict, lat: np.ndarray) -> "LazyStats":
-        s = cls(**{k: int(v) for k, v in raw.items() if k in cls.__dataclass_fields__})
+        s = cls(**{k: int(v) for k, v in raw.items()  # type: ignore[arg-type]
+                   if k in cls.__dataclass_fields__})
         t0, tc, tf, tz = (raw["t_start_ns"], raw["t_connected_ns"], raw["t_finished_ns"],
                           raw["t_filled_ns"])
         s.connect_wait_s = max(0, tc - t0) / 1e9
@@ -161,7 +162,7 @@ def _lazy_able(vmas: np.ndarray) -> np.ndarray:
     return ok
 
 
-def _in_vmas(addrs: np.ndarray, vmas: np.ndarray) -> np.ndarray:
+def _in_vmas(addrs: np.ndarray, vmas: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     i = np.searchsorted(vmas["start"], addrs, side="right") - 1
     ok = i >= 0
     ok[ok] = addrs[ok] < vmas["end"][i[ok]]
@@ -553,6 +554,7 @@ class LazyPagesDaemon:
         self._close_cancel()
         if self._error is not None:
             raise self._as_error(self._error)
+        assert self._result is not None     # the thread ended without an error
         return self._result
 
     def _as_error(self, exc: BaseException) -> BaseException:
@@ -562,6 +564,7 @@ class LazyPagesDaemon:
         lat = getattr(exc, "latencies", np.zeros(0, dtype=np.uint64))
         st = LazyStats.from_raw(raw, lat) if raw else None
         unfilled = st is not None and st.left > 0
+        left = st.left if st is not None else 0
         import errno as _e
         why = {
             _e.ETIMEDOUT: f"criu restore never connected to {self.socket_path} within "
@@ -570,13 +573,13 @@ class LazyPagesDaemon:
             _e.ECONNRESET: "criu restore closed the lazy-pages socket before it finished "
                            "(the restore failed; see restore.log)",
             _e.ECANCELED: "cancelled",
-        }.get(exc.errno, str(exc))
+        }.get(exc.errno or 0, str(exc))
         msg = f"lazy-pages daemon for {self.images_dir}: {why}"
         if unfilled and self._killed:
-            msg += (f"; restored tasks still missed {st.left} pages: the restored tree "
+            msg += (f"; restored tasks still missed {left} pages: the restored tree "
                     f"(pid {self.restored_pid}) was killed; restore from a full image set")
         elif unfilled:
-            msg += (f"; restored tasks still missed {st.left} pages, which now read as "
+            msg += (f"; restored tasks still missed {left} pages, which now read as "
                     "zeros: kill the restored tree and restore from a full image set")
         return LazyPagesError(msg, pid=int(raw.get("err_pid", 0) or 0), errno=exc.errno or 0,
                               stats=st, unfilled=unfilled, killed=self._killed,

@@ -43,7 +43,7 @@ import errno
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -52,6 +52,9 @@ from statesync._consts import PAGE_SIZE
 from statesync.errors import ProcessError, ProcessGone
 from statesync.proc import Vma
 from statesync.tracking.common import PM_MARKER, _merge, _read_any
+
+if TYPE_CHECKING:
+    from statesync.tracking import Tracker
 
 SPACE_SHIFT = 48
 _ADDR_MASK = np.uint64((1 << SPACE_SHIFT) - 1)
@@ -192,7 +195,7 @@ class MemorySource:
         self.pid = pid
         self.tree = tree
         self.shmem = shmem
-        self.tracker = None                       # the root's (compatibility)
+        self.tracker: Optional["Tracker"] = None  # the root's (compatibility)
         self.trackers: Dict[int, object] = {}     # pid -> Tracker
         self.method = "auto"
         self.spaces: Dict[int, Space] = {}
@@ -373,7 +376,7 @@ class MemorySource:
 
     # -- switch-over
 
-    def image_keys(self, dump_dir: str) -> List[Tuple[str, int, np.ndarray]]:
+    def image_keys(self, dump_dir: str, skip=()) -> List[Tuple[str, int, np.ndarray]]:
         """For a CRIU dump of the tree: ``[(pagemap name, pages_id, keys)]``, one per
         pagemap-*.img (tasks and shmem objects), keys in the order of the pages in
         ``pages-<pages_id>.img`` (PE_PRESENT runs), in the spaces of this source, so
@@ -385,6 +388,8 @@ class MemorySource:
                    if sp.kind == "task"}
         out = []
         for name in _img.pagemap_files(dump_dir):
+            if name in skip:
+                continue
             pm = _img.Pagemap(os.path.join(dump_dir, name), PAGE_SIZE)
             sel = (pm.flags & _img.PE_PRESENT) != 0
             v, n = pm.vaddr[sel], pm.nr_pages[sel].astype(np.int64)
@@ -418,12 +423,12 @@ class MemorySource:
         self.method = method
         self._refresh()
         from statesync.tracking import Tracker
-        self.tracker = Tracker(self.pid, method=method)
-        self.trackers[self.pid] = self.tracker
+        tracker = self.tracker = Tracker(self.pid, method=method)
+        self.trackers[self.pid] = tracker
         for p in list(self._task_space):
             if p != self.pid:
                 self._attach(p)
-        return str(self.tracker.method)
+        return str(tracker.method)
 
     def _task_keys(self, pid: int, idx: int, pages: np.ndarray,
                    shm_parts: List[np.ndarray]) -> np.ndarray:
@@ -453,7 +458,8 @@ class MemorySource:
         """Keys of the pages written (or changed) since the previous collect, in every
         space; new spaces (a forked child, a new shmem object) report all their pages."""
         if not self.tree and not self.shmem:
-            return np.asarray(self.tracker.collect().pages, dtype=np.uint64)  # type: ignore[union-attr]
+            assert self.tracker is not None, "collect() before attach_tracker()"
+            return np.asarray(self.tracker.collect().pages, dtype=np.uint64)
         self._refresh(fresh=False)
         parts: List[np.ndarray] = []
         shm_parts: List[np.ndarray] = []
@@ -478,9 +484,9 @@ class MemorySource:
             if sp.kind == "shmem" and sp.path.startswith("/memfd:"):
                 parts.append(self._memfd_changes(sp))
         for idx in dict.fromkeys(self._new):
-            sp = self.spaces.get(idx)
-            if sp is not None:
-                parts.append(self._space_pages(sp))
+            new_sp = self.spaces.get(idx)
+            if new_sp is not None:
+                parts.append(self._space_pages(new_sp))
         self._new.clear()
         return _merge(parts + shm_parts)
 

@@ -333,7 +333,7 @@ class Channel:
             # One buffer for the whole frame: header, then ciphertext || tag sealed in place.
             buf = bytearray(HEADER_LEN + n + TAG_LEN)
             buf[:HEADER_LEN] = header
-            tx.aead.encrypt_into(_nonce(seq), mv, header,  # type: ignore[union-attr]
+            tx.aead.encrypt_into(_nonce(seq), mv, header,
                                  memoryview(buf)[HEADER_LEN:])
             return (buf,), size
         return (header, tx.aead.encrypt(_nonce(seq), mv, header)), size

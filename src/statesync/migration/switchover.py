@@ -471,10 +471,36 @@ class SwitchOver:
         lz, need = await asyncio.to_thread(select)
         pm = _LazyPagemap(os.path.join(tmp, main_pm), PAGE_SIZE)
         stored = int(pm.nr_pages[(pm.flags & PE_PRESENT) != 0].sum())
-        rep.state_pages = int(lz.size) + stored
+        # The other pagemaps (shared-memory objects; a child appearing makes the dump
+        # full instead) hold their pages in pages files, pre-copied like the rest:
+        # diffed by hash against what the destination holds and assembled there from
+        # its store, as in the full switch-over.
+        others = self.mem.image_keys(tmp, skip=(main_pm,))
+
+        def other_diff():
+            from statesync import _core
+            out = []
+            for name, pages_id, keys in others:
+                path = os.path.join(tmp, f"pages-{pages_id}.img")
+                size = os.path.getsize(path) if os.path.exists(path) else 0
+                if size != keys.size * PAGE_SIZE:
+                    raise MigrationError(f"{path} holds {size} bytes, {name} says "
+                                         f"{keys.size} pages", "dump")
+                view = (np.memmap(path, dtype=np.uint8, mode="r", shape=(keys.size, PAGE_SIZE))
+                        if keys.size else np.zeros((0, PAGE_SIZE), np.uint8))
+                h = _core.hash_pages(np.ascontiguousarray(view)) if keys.size else None
+                slots, found = self.shadow.lookup(keys)
+                need_o = ~found
+                if found.any() and h is not None:
+                    need_o[found] = (self.shadow.rows[slots[found]] != h[found]).any(axis=1)
+                out.append((f"pages-{pages_id}.img", keys, view, np.flatnonzero(need_o)))
+            return out
+
+        other_parts = await asyncio.to_thread(other_diff)
+        rep.state_pages = int(lz.size) + stored + sum(int(k.size) for _, k, _, _ in other_parts)
         rep.phases["final_diff"] = time.monotonic() - t1
         t2 = time.monotonic()
-        rep.images_bytes = await self._send_images(tmp)
+        rep.images_bytes = await self._send_images(tmp, skip={pf for pf, _, _, _ in other_parts})
         fault("source:final_transfer")
         b0 = self.chan.bytes_sent
 
@@ -487,12 +513,24 @@ class SwitchOver:
             return pages, ok
 
         n_final, _ = await self._send_pages(need, read_frozen)
+        for _, keys, view, idx in other_parts:
+            sel = keys[idx]
+            order = np.argsort(sel, kind="stable")
+            sel_sorted, idx_sorted = sel[order], idx[order]
+            n_o, _ = await self._send_pages(
+                sel_sorted, lambda a, v=view, s=sel_sorted, i=idx_sorted:
+                (np.asarray(v[i[np.searchsorted(s, a)]]), np.ones(a.size, dtype=bool)))
+            n_final += n_o
         rep.final_pages = n_final
         rep.final_bytes_wire = self.chan.bytes_sent - b0
         self._record(S.FROZEN, final_sent=True)
-        await self.chan.send_json(wire.FINAL, {"lazy": True, "pid": vpid, "count": int(lz.size),
-                                               "images_bytes": rep.images_bytes},
-                                  np.ascontiguousarray(lz, dtype="<u8").tobytes())
+        await self.chan.send_json(
+            wire.FINAL, {"lazy": True, "pid": vpid, "count": int(lz.size),
+                         "images_bytes": rep.images_bytes,
+                         "more": [{"pages_file": pf, "count": int(k.size)}
+                                  for pf, k, _, _ in other_parts]},
+            np.ascontiguousarray(np.concatenate([lz] + [k for _, k, _, _ in other_parts]),
+                                 dtype="<u8").tobytes())
         fault("source:after_final")
         self._emit("phase", phase="restore", final_pages=n_final)
         mtype, payload = await self.chan.expect(wire.RESTORED, wire.FAILED,
