@@ -350,3 +350,26 @@ def test_check_json_and_compare_mismatch(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("[")
     one_line_error(ss("check", "--compare", bad), 2, "--compare", "statesync check --json")
+
+
+def test_progress_line_has_bytes_rate_and_eta_and_is_quiet_off_a_tty():
+    import io
+
+    from statesync.cli._common import Progress
+    buf = io.StringIO()
+    p = Progress(stream=buf, enabled=True)
+    p.start()
+    time.sleep(0.05)
+    p.update("round 0", 512, 1024, 2 << 20)
+    p.clear()
+    text = buf.getvalue()
+    assert "round 0" in text and "512/1024 pages" in text and "MB/s" in text and "ETA" in text
+    assert text.endswith("\r")
+    quiet = io.StringIO()                      # a StringIO is not a terminal
+    Progress(stream=quiet).update("round 0", 1, 2, 4096)
+    assert quiet.getvalue() == ""
+
+
+def test_receive_images_dir_default_is_not_the_working_directory():
+    r = ss("receive", "--help", env=dict(ENV, STATESYNC_IMAGES_DIR="", STATE_DIRECTORY=""))
+    assert "/var/lib/statesync/images" in r.stdout
