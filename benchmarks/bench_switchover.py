@@ -3,10 +3,11 @@
 Back to back, in one run, on the same workload and the same shaped link between the
 testbed's two namespaces (statesync.testing.testbed):
 
-- ``ss-iterative``: statesync iterative pre-copy with a full ``criu restore``;
+- ``ss-iterative``: statesync iterative pre-copy with the full switch-over (a full
+  dump, content diff, complete image set, full ``criu restore``: ``switchover="full"``);
 - ``ss-lazy``: statesync iterative pre-copy with the lazy switch-over (freeze-time
   work in the final dirty set; the destination restores lazily from the pages it
-  already holds) -- when this statesync has it (``migrate(..., switchover="lazy")``);
+  already holds: ``migrate(..., switchover="lazy")``);
 - ``criu-postcopy``: CRIU's post-copy: ``criu dump --lazy-pages`` at the source (its
   page server holds the pages), the images copied over the link, ``criu lazy-pages
   --page-server`` + ``criu restore --lazy-pages`` at the destination;
@@ -197,16 +198,17 @@ def _restored_pid(tb: Testbed, pidfile: str) -> Optional[int]:
 def run_statesync(tb, pid, port, lazy: bool, link_bps) -> dict:
     kw = dict(strategy="iterative", secret=SECRET, netns=tb.ns_a, io_timeout=60,
               link_rate=link_bps)
-    if lazy:
-        if "switchover" not in inspect.signature(migrate).parameters:
-            return {"skipped": "this statesync has no lazy switch-over"}
-        kw["switchover"] = "lazy"
+    if "switchover" in inspect.signature(migrate).parameters:
+        kw["switchover"] = "lazy" if lazy else "full"
+    elif lazy:
+        return {"skipped": "this statesync has no lazy switch-over"}
     t0 = time.monotonic()
     rep = migrate(pid, f"{tb.addr_b}:{port}", **kw)
     post = float((getattr(rep, "post_switch", None) or {}).get("fill_s", 0.0))
     return {"engine_downtime_s": rep.downtime_s, "t0": t0, "restored_pid": rep.restored_pid,
             "phases": rep.phases, "state_mb": rep.state_pages * 4096 / 1e6,
-            "final_pages": rep.final_pages, "post_switch_s": post}
+            "final_pages": rep.final_pages, "post_switch_s": post,
+            "switchover": getattr(rep, "switchover", "")}
 
 
 def run_criu_postcopy(tb, pid, log_dir) -> dict:
