@@ -22,7 +22,8 @@ $(PY): | system
 
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install -q "numpy>=1.24" "Cython>=3.0" "lz4>=4.0" "cryptography>=42" "pytest>=7" \
-	    "pytest-benchmark>=4" "hypothesis>=6" "zstandard>=0.21" "matplotlib>=3.5" "prometheus-client>=0.17"
+	    "pytest-benchmark>=4" "hypothesis>=6" "zstandard>=0.21" "matplotlib>=3.5" "prometheus-client>=0.17" \
+	    "build>=1.0"
 	$(PY) -m pip install -q "ruff==0.17.6" "mypy==2.4.1"
 	$(PY) -m pip install -q --no-build-isolation -e .
 	@touch $(STAMP)

@@ -158,7 +158,7 @@ class _DestinationSession:
             "supervisor_start": self.server.supervisor_start,
             "keep_images": self.keep_images, "history": []})
         self.result["source_pid"] = begin.get("pid")
-        await self.chan.send_json(wire.READY, {})
+        await self.chan.send_json(wire.READY, {"restore": self.restore})
         while True:
             mtype, payload = await self.chan.recv()
             if mtype == wire.PAGES:
@@ -210,48 +210,50 @@ class _DestinationSession:
             os.close(fd)
         self.image_names[name] = off + len(data)
 
-    async def _finish(self, info: dict, tail: bytes) -> None:
-        if info.get("lazy"):
-            await self._finish_lazy(info, tail)
-            return
-        t0 = time.monotonic()
-        # One pages file per pagemap of the dump (the root's first, then "more": its
-        # children's and the shmem objects'), each listed by the keys of its pages in
-        # file order, one after the other in the tail.
-        files = [(info.get("pages_file", ""), info.get("count", -1))]
+    def _final_files(self, info: dict, tail: bytes, lazy: bool):
+        """FINAL's page lists: ``(names, every, bounds)``. The tail holds the keys of one
+        part after the other: for a full FINAL one part per pages file (the root's
+        ``pages_file`` first, then ``more``: its children's and the shmem objects'),
+        each in file order; for a lazy one the lazy pages first (no file: the daemon
+        serves them), then the ``more`` pages files. Part i is every[bounds[i]:bounds[i+1]]."""
         more = info.get("more") or []
-        if not isinstance(more, list):
-            raise wire.ProtocolError("FINAL's 'more' is not a list")
-        files += [(m.get("pages_file", ""), m.get("count", -1)) for m in more
-                  if isinstance(m, dict)]
-        if len(files) != 1 + len(more):
-            raise wire.ProtocolError("FINAL's 'more' holds something else than pages files")
-        names = [self._check_name(str(f)) for f, _ in files]
-        counts = [int(c) for _, c in files]
+        if not isinstance(more, list) or not all(isinstance(m, dict) for m in more):
+            raise wire.ProtocolError("FINAL's 'more' is not a list of pages files")
+        first = [] if lazy else [info.get("pages_file", "")]
+        names = [self._check_name(str(f)) for f in first + [m.get("pages_file", "") for m in more]]
+        counts = [int(info.get("count", -1))] + [int(m.get("count", -1)) for m in more]
         if len(set(names)) != len(names) or min(counts) < 0 or sum(counts) * 8 != len(tail):
             raise wire.ProtocolError(f"FINAL lists {len(tail)} address bytes for {sum(counts)} "
-                                     f"pages in {len(names)} pages files")
+                                     f"pages in {len(counts)} parts")
         every = np.frombuffer(tail, dtype="<u8").astype(np.uint64)
-        bounds = np.cumsum([0] + counts)
+        return names, every, np.cumsum([0] + counts)
 
-        def assemble():
-            for pages_file, lo, hi in zip(names, bounds[:-1], bounds[1:]):
+    async def _finish(self, info: dict, tail: bytes) -> None:
+        """Assemble the image set, restore it stopped, RESTORED, wait for COMMIT. Lazy
+        (docs/migrate.md): the set came as it is (its pagemap marks the lazy pages
+        PE_LAZY, its pages file holds only the others), the lazy pages stay in our
+        store, and ``criu restore --lazy-pages`` hands the tree's userfaultfd to our
+        lazy-pages daemon, which serves faults and fills them from the store in place."""
+        lazy = bool(info.get("lazy"))
+        t0 = time.monotonic()
+        names, every, bounds = self._final_files(info, tail, lazy)
+        files = list(zip(names, bounds[1:-1], bounds[2:]) if lazy
+                     else zip(names, bounds[:-1], bounds[1:]))
+        if lazy:
+            lazy_keys = every[:bounds[1]]
+            _, found = self.store.lookup(lazy_keys)
+            if not found.all():
+                miss = lazy_keys[~found]
+                raise MigrationError(f"lazy restore impossible: {miss.size} lazy pages never "
+                                     f"arrived, first at {int(miss[0]):#x}", "assemble")
+            if not self.restore:
+                raise MigrationError("a lazy switch-over needs a restoring destination "
+                                     "(this one runs with --no-restore)", "assemble")
+
+        def assemble() -> str:
+            for pages_file, lo, hi in files:
                 self._assemble_pages_file(pages_file, every[lo:hi])
-            for name in self.image_names:
-                fd = self._open_image(name, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            # The files' entries in tmp, then the rename in images_dir: after a crash
-            # the set is either complete under its final name or still ".incoming-".
-            os.fsync(self.tmp_fd)
-            base = os.path.basename(self.tmp)
-            final_name = base.replace(".incoming-", "migrated-", 1)
-            os.rename(base, final_name, src_dir_fd=self.server.dir_fd,
-                      dst_dir_fd=self.server.dir_fd)
-            os.fsync(self.server.dir_fd)
-            return os.path.join(self.images_dir, final_name)
+            return self._seal_set()
 
         final_dir: str = await asyncio.to_thread(assemble)
         self.final_dir = final_dir
@@ -266,38 +268,54 @@ class _DestinationSession:
             await self._wait_commit()
             return
         try:
-            p = criu_spawn(["restore", "-D", final_dir, "-o", "restore.log", "--pidfile",
-                            pidfile, "-d", "--leave-stopped"], None, pdeathsig=True)
-            fault("dest:restore")
-            try:
-                await asyncio.to_thread(p.wait, 300.0)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-                raise CriuError("criu restore did not finish within 300 s") from None
-            criu_result(p, os.path.join(final_dir, "restore.log"), "restore")
-            try:
-                with open(pidfile) as f:
-                    self.restored_pid = int(f.read().strip())
-            except (OSError, ValueError):
-                raise MigrationError(f"criu restore from {self.final_dir} left no pid file",
-                                     "restore") from None
-            self.restored_start = records.start_time(self.restored_pid)
-            st = proc.state(self.restored_pid)
-            if st is None or st in ("Z", "X"):
-                raise MigrationError(f"restored pid {self.restored_pid} is not alive "
-                                     f"(state {st})", "restore")
+            if lazy:
+                from statesync.migration.lazy import LazyPagesDaemon
+                # Built (every lazy page checked against the store) and listening before
+                # CRIU starts: CRIU connects to lazy-pages.socket in its work dir at once.
+                self.daemon = LazyPagesDaemon(final_dir, self.store, accept_timeout=60.0)
+                self.daemon.start()
+            await self._restore_stopped(final_dir, pidfile, lazy)
         except (CriuError, OSError, ValueError, MigrationError) as exc:
             await self.chan.send_json(wire.FAILED, {"error": str(exc)[-3000:]})
             raise MigrationError(f"restore failed: {exc}", "restore") from exc
         t2 = time.monotonic()
         stats = _read_stats(os.path.join(final_dir, "stats-restore"))
-        self.result.update(restore_s=t2 - t1, pid=self.restored_pid)
+        self.result.update(restore_s=t2 - t1, pid=self.restored_pid,
+                           switchover="lazy" if lazy else "full")
         self.restored_sent = True
         await self.chan.send_json(wire.RESTORED, {"pid": self.restored_pid, "stats": stats,
-                                                  "assemble_s": t1 - t0, "restore_s": t2 - t1})
+                                                  "assemble_s": t1 - t0, "restore_s": t2 - t1,
+                                                  "lazy": lazy})
         fault("dest:after_restored")
         await self._wait_commit()
+
+    async def _restore_stopped(self, final_dir: str, pidfile: str, lazy: bool) -> None:
+        """``criu restore -d --leave-stopped`` (``--lazy-pages`` for a lazy set):
+        sets restored_pid/start; the copy exists, stopped."""
+        args = ["restore", "-D", final_dir, "-o", "restore.log", "--pidfile", pidfile, "-d",
+                "--leave-stopped"] + (["--lazy-pages"] if lazy else [])
+        p = criu_spawn(args, None, pdeathsig=True)
+        fault("dest:restore")
+        try:
+            await asyncio.to_thread(p.wait, 300.0)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise CriuError("criu restore did not finish within 300 s") from None
+        criu_result(p, os.path.join(final_dir, "restore.log"), "restore")
+        try:
+            with open(pidfile) as f:
+                self.restored_pid = int(f.read().strip())
+        except (OSError, ValueError):
+            raise MigrationError(f"criu restore from {final_dir} left no pid file",
+                                 "restore") from None
+        if self.daemon is not None:
+            self.daemon.set_restored(self.restored_pid)   # a failing fill kills it
+        self.restored_start = records.start_time(self.restored_pid)
+        st = proc.state(self.restored_pid)
+        if st is None or st in ("Z", "X"):
+            raise MigrationError(f"restored pid {self.restored_pid} is not alive "
+                                 f"(state {st})", "restore")
 
     def _assemble_pages_file(self, pages_file: str, addrs: np.ndarray) -> None:
         """Write pages_file (in the incoming set) from the store: the pages at addrs
@@ -331,91 +349,6 @@ class _DestinationSession:
                   dst_dir_fd=self.server.dir_fd)
         os.fsync(self.server.dir_fd)
         return os.path.join(self.images_dir, final_name)
-
-    async def _finish_lazy(self, info: dict, tail: bytes) -> None:
-        """The lazy switch-over (docs/migrate.md): the image set came as it is (its
-        pagemap marks the lazy pages PE_LAZY, its pages file holds only the others);
-        the lazy pages are in our page store. ``criu restore --lazy-pages
-        --leave-stopped`` restores the tree without them and hands its userfaultfd
-        to our lazy-pages daemon, which serves faults and fills every page from the
-        store in place (no image file of the pages is written)."""
-        from statesync.migration.lazy import LazyPagesDaemon
-        t0 = time.monotonic()
-        count = int(info.get("count", -1))
-        more = info.get("more") or []
-        if not isinstance(more, list) or not all(isinstance(m, dict) for m in more):
-            raise wire.ProtocolError("FINAL's 'more' is not a list of pages files")
-        names = [self._check_name(str(m.get("pages_file", ""))) for m in more]
-        counts = [count] + [int(m.get("count", -1)) for m in more]
-        if len(set(names)) != len(names) or min(counts) < 0 or sum(counts) * 8 != len(tail):
-            raise wire.ProtocolError(f"FINAL lists {len(tail)} address bytes for {sum(counts)} "
-                                     f"pages")
-        every = np.frombuffer(tail, dtype="<u8").astype(np.uint64)
-        bounds = np.cumsum(counts)
-        addrs = every[:count]
-        _, found = self.store.lookup(addrs)
-        if not found.all():
-            miss = addrs[~found]
-            raise MigrationError(f"lazy restore impossible: {miss.size} lazy pages never "
-                                 f"arrived, first at {int(miss[0]):#x}", "assemble")
-
-        def assemble() -> str:
-            # the shared-memory objects' pages files, from the store (not lazy in CRIU)
-            for pages_file, lo, hi in zip(names, bounds[:-1], bounds[1:]):
-                self._assemble_pages_file(pages_file, every[lo:hi])
-            return self._seal_set()
-
-        self.final_dir = await asyncio.to_thread(assemble)
-        self.tmp = None
-        t1 = time.monotonic()
-        self.result["assemble_s"] = t1 - t0
-        pidfile = os.path.join(self.final_dir, ".restored.pid")
-        self._record(D.RESTORING, tmp_dir=None, final_dir=self.final_dir, pidfile=pidfile,
-                     lazy=True, filled=False)
-        try:
-            # Built (every lazy page checked against the store) and listening before
-            # CRIU starts: CRIU connects to lazy-pages.socket in its work dir at once.
-            daemon = self.daemon = LazyPagesDaemon(self.final_dir, self.store,
-                                                   accept_timeout=60.0)
-            daemon.start()
-            p = criu_spawn(["restore", "-D", self.final_dir, "-o", "restore.log", "--pidfile",
-                            pidfile, "-d", "--leave-stopped", "--lazy-pages"], None,
-                           pdeathsig=True)
-            fault("dest:restore")
-            try:
-                await asyncio.to_thread(p.wait, 300.0)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-                raise CriuError("criu restore --lazy-pages did not finish within 300 s") from None
-            criu_result(p, os.path.join(self.final_dir, "restore.log"), "lazy restore")
-            try:
-                with open(pidfile) as f:
-                    self.restored_pid = int(f.read().strip())
-            except (OSError, ValueError):
-                raise MigrationError(f"criu restore from {self.final_dir} left no pid file",
-                                     "restore") from None
-            daemon.set_restored(self.restored_pid)   # a failing fill kills it
-            self.restored_start = records.start_time(self.restored_pid)
-            self._record(D.RESTORING, restored_pid=self.restored_pid,
-                         restored_start=self.restored_start)
-            st = proc.state(self.restored_pid)
-            if st is None or st in ("Z", "X"):
-                raise MigrationError(f"restored pid {self.restored_pid} is not alive "
-                                     f"(state {st})", "restore")
-        except (CriuError, OSError, ValueError, MigrationError) as exc:
-            await self.chan.send_json(wire.FAILED, {"error": str(exc)[-3000:]})
-            raise MigrationError(f"restore failed: {exc}", "restore") from exc
-        t2 = time.monotonic()
-        stats = _read_stats(os.path.join(self.final_dir, "stats-restore"))
-        self.result.update(restore_s=t2 - t1, pid=self.restored_pid, switchover="lazy")
-        self._record(D.PREPARED)
-        self.restored_sent = True
-        await self.chan.send_json(wire.RESTORED, {"pid": self.restored_pid, "stats": stats,
-                                                  "assemble_s": t1 - t0, "restore_s": t2 - t1,
-                                                  "lazy": True})
-        fault("dest:after_restored")
-        await self._wait_commit()
 
     async def _fill_then_confirm(self, copy: Optional[int], copy_start) -> None:
         """A lazy restore runs: wait for its daemon to place every page, record it,
@@ -464,7 +397,8 @@ class _DestinationSession:
             self.source_aborted = True
             raise MigrationError("source aborted after restore", "commit")
         self._record(D.COMMITTED, restored_pid=self.restored_pid,
-                     restored_start=self.restored_start)
+                     restored_start=self.restored_start, lazy=self.daemon is not None,
+                     filled=False)
         fault("dest:commit_received")
         resume_tree(self.restored_pid, self.restored_start)
         self.result.update(ok=True)

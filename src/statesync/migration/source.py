@@ -104,6 +104,7 @@ class _SourceAgent(SwitchOver):
         self.lazy = False
         self.pending_dirty = np.zeros(0, dtype=np.uint64)   # collected, not yet sent
         self.final_dirty = np.zeros(0, dtype=np.uint64)     # collected with the tree stopped
+        self.dest_restores = True                           # READY says (--no-restore: no)
         self.t_stopped = 0.0
 
     def _emit(self, kind: str, **kw) -> None:
@@ -359,6 +360,8 @@ class _SourceAgent(SwitchOver):
         why = lazy_unavailable()
         if why is None and self.mem.tracker is None:
             why = "no dirty-page tracker is attached"
+        if why is None and not self.dest_restores:
+            why = "the destination only writes image sets (--no-restore)"
         if why is None and self.report.tracker != "uffd":
             # With the hash tracker the final collect re-hashes the whole state in the
             # freeze anyway, and a lazy switch-over of redis under writes lost its
@@ -442,6 +445,9 @@ class _SourceAgent(SwitchOver):
                 raise DestinationBusy(f"destination {host}:{port} is busy with another "
                                       f"migration ({info.get('error', '')}); try again later",
                                       "begin")
+            if mtype == wire.READY:
+                ready, _ = wire.unpack_json(payload)
+                self.dest_restores = bool(ready.get("restore", True))
             phase = "plan"
             await self._plan()
             if self.mode != "cold":

@@ -417,14 +417,19 @@ class SwitchOver:
             np.ascontiguousarray(addrs, dtype="<u8").tobytes())
         fault("source:after_final")
         self._emit("phase", phase="restore", final_pages=n_final)
+        info, t4 = await self._await_restored()
+        return info, t2, t4
+
+    async def _await_restored(self):
+        """RESTORED (the destination's copy is restored and stopped) within the budget:
+        (its info, arrival time); FAILED raises."""
         mtype, payload = await self.chan.expect(wire.RESTORED, wire.FAILED,
                                                 timeout=max(0.1, self._budget_left()))
         info, _ = wire.unpack_json(payload)
-        t4 = time.monotonic()
         if mtype == wire.FAILED:
             raise MigrationError(f"destination could not restore: {info.get('error')}",
                                  "restore")
-        return info, t2, t4
+        return info, time.monotonic()
 
     async def _send_images(self, tmp: str, skip=()) -> int:
         """Every image file of the dump but ``skip``, as IMAGE frames; returns bytes."""
@@ -533,13 +538,7 @@ class SwitchOver:
                                  dtype="<u8").tobytes())
         fault("source:after_final")
         self._emit("phase", phase="restore", final_pages=n_final)
-        mtype, payload = await self.chan.expect(wire.RESTORED, wire.FAILED,
-                                                timeout=max(0.1, self._budget_left()))
-        info, _ = wire.unpack_json(payload)
-        t4 = time.monotonic()
-        if mtype == wire.FAILED:
-            raise MigrationError(f"destination could not restore: {info.get('error')}",
-                                 "restore")
+        info, t4 = await self._await_restored()
         return info, t2, t4
 
     async def _commit(self) -> float:
