@@ -304,7 +304,7 @@ class _DestinationSession:
             raise CriuError("criu restore did not finish within 300 s") from None
         criu_result(p, os.path.join(final_dir, "restore.log"), "restore")
         try:
-            with open(pidfile) as f:
+            with open(pidfile) as f:  # noqa: ASYNC230 (a few bytes on tmpfs)
                 self.restored_pid = int(f.read().strip())
         except (OSError, ValueError):
             raise MigrationError(f"criu restore from {final_dir} left no pid file",

@@ -121,6 +121,14 @@ def stop_tree(root: int, timeout: float = 2.0) -> List[int]:
     return pids
 
 
+def _read_image(path: str) -> Optional[bytes]:
+    """A dump file's bytes; None for what is not a regular file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class SwitchOver:
     """The switch-over half of the source agent (mixed into :class:`_SourceAgent`).
 
@@ -172,7 +180,7 @@ class SwitchOver:
         async def _send_pages(self, addrs: np.ndarray, reader: Any) -> Tuple[int, int]: ...
 
     async def _switchover(self, t_start: float) -> None:
-        base = self.work_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+        base = self.work_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)  # noqa: ASYNC240
         # The agent's pid in the name: a later agent removes what a killed one left.
         tmp = tempfile.mkdtemp(prefix=f"statesync-dump-a{os.getpid()}-{self.pid}-", dir=base)
         self.dump_dir = tmp
@@ -296,7 +304,7 @@ class SwitchOver:
                 transient = isinstance(exc, CriuError) and (getattr(exc, "retry", False) or any(
                     m in (exc.log_tail or "") for m in _TRANSIENT_DUMP_ERRORS))
                 if (attempt == self.dump_retries or not transient
-                        or not os.path.exists(f"/proc/{self.pid}")):
+                        or not os.path.exists(f"/proc/{self.pid}")):  # noqa: ASYNC240
                     raise MigrationError(str(exc), "dump") from exc
                 # as after any failed dump: make sure nothing stays stopped
                 resume_tree(self.pid, self.pid_start)
@@ -346,7 +354,7 @@ class SwitchOver:
         rep = self.report
         t1 = time.monotonic()
         main_pm = f"pagemap-{vpid}.img"
-        if not os.path.exists(os.path.join(tmp, main_pm)):
+        if not os.path.exists(os.path.join(tmp, main_pm)):  # noqa: ASYNC240 (tmpfs)
             raise MigrationError(f"dump of pid {self.pid} has no {main_pm}", "dump")
         # Every pagemap of the dump (the root's, its children's, the shmem objects'),
         # its pages named by the memory source's keys, the root's first: the diff and
@@ -358,7 +366,7 @@ class SwitchOver:
         for name, pages_id, keys in imgs:
             pf = f"pages-{pages_id}.img"
             path = os.path.join(tmp, pf)
-            size = os.path.getsize(path) if os.path.exists(path) else 0
+            size = os.path.getsize(path) if os.path.exists(path) else 0  # noqa: ASYNC240
             if size != keys.size * PAGE_SIZE:
                 raise MigrationError(f"{path} holds {size} bytes, {name} says {keys.size} "
                                      "pages", "dump")
@@ -437,11 +445,9 @@ class SwitchOver:
         for name in sorted(os.listdir(tmp)):
             if name in skip or name in ("dump.log", "stats-dump"):
                 continue
-            path = os.path.join(tmp, name)
-            if not os.path.isfile(path):
+            data = await asyncio.to_thread(_read_image, os.path.join(tmp, name))
+            if data is None:
                 continue
-            with open(path, "rb") as f:
-                data = f.read()
             for off in range(0, max(len(data), 1), 8 << 20):
                 piece = data[off:off + (8 << 20)]
                 await self.chan.send(wire.IMAGE, struct.pack("!H", len(name)) + name.encode()
@@ -459,7 +465,7 @@ class SwitchOver:
         rep = self.report
         t1 = time.monotonic()
         main_pm = f"pagemap-{vpid}.img"
-        if not os.path.exists(os.path.join(tmp, main_pm)):
+        if not os.path.exists(os.path.join(tmp, main_pm)):  # noqa: ASYNC240 (tmpfs)
             raise MigrationError(f"dump of pid {self.pid} has no {main_pm}", "dump")
         dirty = self.final_dirty
 
