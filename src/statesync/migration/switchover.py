@@ -481,12 +481,19 @@ class SwitchOver:
 
         lz, need = await asyncio.to_thread(select)
         pm = _LazyPagemap(os.path.join(tmp, main_pm), PAGE_SIZE)
-        stored = int(pm.nr_pages[(pm.flags & PE_PRESENT) != 0].sum())
         # The other pagemaps (shared-memory objects; a child appearing makes the dump
         # full instead) hold their pages in pages files, pre-copied like the rest:
         # diffed by hash against what the destination holds and assembled there from
         # its store, as in the full switch-over.
         others = self.mem.image_keys(tmp, skip=(main_pm,))
+        # The root's own pages file holds the pages CRIU does not make lazy (stack,
+        # private COW pages of file mappings): pre-copied too, so diffed and assembled
+        # the same way (its keys: the PE_PRESENT runs, space 0 = the root's addresses).
+        pres = (pm.flags & PE_PRESENT) != 0
+        v, n = pm.vaddr[pres], pm.nr_pages[pres].astype(np.int64)
+        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        root_keys = np.repeat(v, n) + within.astype(np.uint64) * np.uint64(PAGE_SIZE)
+        others.insert(0, (main_pm, int(pm.pages_id), root_keys))
 
         def other_diff():
             from statesync import _core
@@ -508,7 +515,7 @@ class SwitchOver:
             return out
 
         other_parts = await asyncio.to_thread(other_diff)
-        rep.state_pages = int(lz.size) + stored + sum(int(k.size) for _, k, _, _ in other_parts)
+        rep.state_pages = int(lz.size) + sum(int(k.size) for _, k, _, _ in other_parts)
         rep.phases["final_diff"] = time.monotonic() - t1
         t2 = time.monotonic()
         rep.images_bytes = await self._send_images(tmp, skip={pf for pf, _, _, _ in other_parts})
