@@ -156,13 +156,19 @@ class Report:
                 lines.append(f"  {r.index:5d} {r.pages:9d} {r.bytes_raw / 1e6:11.2f} "
                              f"{r.bytes_wire / 1e6:11.2f} {ms(r.duration_s)} {r.mbps:9.1f} "
                              f"{r.dirty_pages_after:13d}  {ms(r.predicted_downtime_s)}")
-        lines.append("  switch-over:")
+        lines.append(f"  switch-over{' ' + self.switchover if self.switchover else ''}:")
         for k, v in self.phases.items():
             lines.append(f"    {k:<22s}{ms(v)}")
         lines.append(f"  final transfer: {self.final_pages} pages, "
                      f"{self.final_bytes_wire / 1e6:.2f} MB pages, "
                      f"{self.images_bytes / 1e6:.2f} MB other images "
                      f"(dump had {self.state_pages} pages)")
+        if self.post_switch:
+            ps = self.post_switch
+            lines.append(f"  after the resume: {int(ps.get('pages_filled', 0))} pages filled in "
+                         f"{ps.get('fill_s', 0.0) * 1e3:.1f} ms by the lazy-pages daemon, "
+                         f"{int(ps.get('faults', 0))} faults (p99 "
+                         f"{ps.get('fault_p99_ns', 0.0) / 1e3:.0f} us)")
         lines.append(f"  downtime {ms(self.downtime_s).strip()} (predicted "
                      f"{ms(self.predicted_downtime_s).strip()}), total {ms(self.total_s).strip()}, "
                      f"{self.bytes_wire_total / 1e6:.2f} MB on the wire")
