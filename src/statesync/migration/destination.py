@@ -327,7 +327,8 @@ class _DestinationSession:
                                  f"arrived, first at {int(miss[0]):#x}", "assemble")
         fd = self._open_image(pages_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
-            _write_rows(fd, self.store.rows, slots)
+            _write_rows(fd, self.store.rows, slots,
+                        [s for s, _ in self.store.pieces()])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -454,13 +455,20 @@ def conn_peer(conn: socket.socket):
         return "?"
 
 
-def _write_rows(fd: int, rows: Any, slots: np.ndarray) -> None:
+def _write_rows(fd: int, rows: Any, slots: np.ndarray, chunk_starts=()) -> None:
     """Write ``rows[slots]`` to fd in order, without gathering them first: runs of
     consecutive slots go out as one iovec each (the store keeps rows in arrival
-    order, which is mostly address order)."""
+    order, which is mostly address order). ``chunk_starts``: the first slot of each
+    of the store's chunks (PageStore.pieces()); runs are also cut there, so that every
+    ``rows[a:b]`` is a view of one chunk, not a copy (a run across two chunks made
+    the 290 MB pages file of a full switch-over cost 0.7-0.9 s instead of 0.1 s)."""
     if slots.size == 0:
         return
     breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    if len(chunk_starts) > 1:
+        in_chunk = np.searchsorted(np.asarray(chunk_starts[1:], dtype=np.int64), slots,
+                                   side="right")
+        breaks = np.union1d(breaks, np.flatnonzero(np.diff(in_chunk) != 0) + 1)
     starts = np.concatenate([[0], breaks]).tolist()
     ends = np.concatenate([breaks, [slots.size]]).tolist()
     iov = [memoryview(rows[slots[a]:slots[a] + (b - a)]).cast("B")
