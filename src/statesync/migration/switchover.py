@@ -394,11 +394,7 @@ class SwitchOver:
             h = (np.concatenate([_core.hash_pages(np.ascontiguousarray(v))
                                  for v in views if v.size])
                  if addrs.size else np.zeros((0, 2), np.uint64))
-            slots, found = self.shadow.lookup(addrs)
-            need = ~found
-            if found.any():
-                need[found] = (self.shadow.rows[slots[found]] != h[found]).any(axis=1)
-            return np.flatnonzero(need[order])     # positions in skeys (sorted keys)
+            return np.flatnonzero(self._lacking(addrs, h)[order])  # positions in skeys
 
         need_s = await asyncio.to_thread(diff)
         rep.phases["final_diff"] = time.monotonic() - t1
@@ -427,6 +423,15 @@ class SwitchOver:
         self._emit("phase", phase="restore", final_pages=n_final)
         info, t4 = await self._await_restored()
         return info, t2, t4
+
+    def _lacking(self, keys: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        """Mask of the dumped pages (keys, their 128-bit hashes) the destination does
+        not hold as they are: never sent, or sent with other content."""
+        slots, found = self.shadow.lookup(keys)
+        need = ~found
+        if found.any():
+            need[found] = (self.shadow.rows[slots[found]] != hashes[found]).any(axis=1)
+        return need
 
     async def _await_restored(self):
         """RESTORED (the destination's copy is restored and stopped) within the budget:
@@ -506,12 +511,10 @@ class SwitchOver:
                                          f"{keys.size} pages", "dump")
                 view = (np.memmap(path, dtype=np.uint8, mode="r", shape=(keys.size, PAGE_SIZE))
                         if keys.size else np.zeros((0, PAGE_SIZE), np.uint8))
-                h = _core.hash_pages(np.ascontiguousarray(view)) if keys.size else None
-                slots, found = self.shadow.lookup(keys)
-                need_o = ~found
-                if found.any() and h is not None:
-                    need_o[found] = (self.shadow.rows[slots[found]] != h[found]).any(axis=1)
-                out.append((f"pages-{pages_id}.img", keys, view, np.flatnonzero(need_o)))
+                h = (_core.hash_pages(np.ascontiguousarray(view)) if keys.size
+                     else np.zeros((0, 2), np.uint64))
+                out.append((f"pages-{pages_id}.img", keys, view,
+                            np.flatnonzero(self._lacking(keys, h))))
             return out
 
         other_parts = await asyncio.to_thread(other_diff)
