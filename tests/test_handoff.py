@@ -322,6 +322,43 @@ def test_sigterm_sighup_at_switchover_resume_the_source(bed, sig):
     _finish(bed, "a")
 
 
+def test_hung_source_agent_is_aborted_by_its_supervisor_at_the_deadline(bed):
+    """The agent does not die but hangs (SIGSTOP) with the tree frozen: its own
+    timeouts cannot fire. Its supervisor sees the record past the switch-over budget,
+    aborts it under the records lock and resumes the tree. When the agent is let go
+    again it finds the switch-over aborted: it does not commit, tells the destination
+    to drop its copy and exits non-zero."""
+    from statesync.migration import records
+    bed.start_dest()
+    bed.spawn()
+    src = bed.start_source("source:frozen:hold")
+    bed.wait_marker()
+    t_frozen = time.monotonic()
+    os.kill(src.pid, signal.SIGSTOP)
+    try:
+        # budget = IO + 4 x the downtime target, plus the supervisor's grace
+        deadline = time.monotonic() + 40
+        while True:
+            a = [st for _, side, st in bed.copies() if side == "a"]
+            if a and a[0] not in ("T", "t"):
+                break
+            assert time.monotonic() < deadline, f"the tree stays frozen: {bed.copies()}"
+            time.sleep(0.1)
+        held = time.monotonic() - t_frozen
+        assert held >= IO, f"resumed after {held:.1f} s, before the budget ran out"
+        assert [r["state"] for r in records.all_records(bed.state, "source")] == ["aborted"]
+        assert src.poll() is None, "the agent should still be stopped"
+    finally:
+        os.kill(src.pid, signal.SIGCONT)
+    bed.release()
+    src.wait(60)
+    err = src.stderr.read().decode()
+    assert src.returncode != 0, err
+    assert "Traceback" not in err, err
+    assert "budget" in err, err
+    _finish(bed, "a")
+
+
 def test_forking_target_aborted_after_dump_leaves_nothing_stopped(bed):
     """A target that forks all the time: the abort resumes the whole tree as CRIU
     froze it, children forked after any earlier listing included."""
