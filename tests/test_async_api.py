@@ -16,6 +16,7 @@ import time
 
 import pytest
 from conftest import find_program, have_root, require
+from migration_bed import MigrationBed
 
 from statesync import Migration, MigrationCancelled, migrate, migrate_async
 
@@ -28,51 +29,21 @@ def _prereqs():
         require(find_program(prog), f"{prog} not installed (scripts/setup-system.sh)")
 
 
-class _Bed:
-    def __init__(self, tb):
-        self.tb = tb
-        self.secret_file = os.path.join(tb.root, "secret")
-        with open(os.open(self.secret_file, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
-            f.write(SECRET)
-        os.chmod(self.secret_file, 0o600)     # agents refuse a secret others can read
-        self.port = tb.free_port("b")
-        self.dest = tb.python("b", ["receive", "--listen", f"{tb.addr_b}:{self.port}",
-                                    "--images-dir", tb.dir_b, "--secret-file",
-                                    self.secret_file, "--io-timeout", "5", "--forever"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        tb.wait_port("b", self.port, proc=self.dest)
-        self.wl = None
-        self.restored = []
+class _Bed(MigrationBed):
+    control_prefix = "ssa-test"
 
-    @property
-    def addr(self) -> str:
-        return f"{self.tb.addr_b}:{self.port}"
+    def __init__(self, tb):
+        super().__init__(tb, SECRET)
+        self.start_dest(extra=("--forever",), stdout=subprocess.DEVNULL)
 
     def spawn(self):
-        from statesync.testing import workloads
-        self.wl = workloads.spawn(size="4M", rate=300.0, own_pidns=True, netns=self.tb.ns_a,
-                                  control=f"@ssa-test-{os.getpid()}-{time.monotonic_ns()}")
-        return self.wl
+        return super().spawn(size="4M", rate=300.0)
 
     def kw(self, **kw):
         kw.setdefault("io_timeout", 5.0)
         kw.setdefault("secret", SECRET)
         kw.setdefault("netns", self.tb.ns_a)
         return kw
-
-    def python_procs_with_control(self):
-        out = []
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"python" in os.path.basename(args[0]) and self.wl.control.encode() in args:
-                out.append(int(d))
-        return out
 
     def assert_source_runs_alone(self):
         from statesync.testing.workloads import WorkloadClient
@@ -85,15 +56,6 @@ class _Bed:
         while os.listdir(self.tb.dir_b) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert os.listdir(self.tb.dir_b) == [], "the destination kept an image set"
-
-    def close(self):
-        for p in self.restored:
-            try:
-                os.kill(p, 9)
-            except ProcessLookupError:
-                pass
-        if self.wl:
-            self.wl.kill()
 
 
 @pytest.fixture(scope="module")

@@ -103,21 +103,17 @@ class Bed:
 
     def copies(self):
         """(pid, side, state) of every process of the workload (our control name)."""
+        from statesync.testing.workloads import copies
         out = []
         ns_b = os.stat(f"/run/netns/{self.tb.ns_b}").st_ino
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
+        for pid in copies(self.wl.control):
             try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-                ino = os.stat(f"/proc/{d}/ns/net").st_ino
+                ino = os.stat(f"/proc/{pid}/ns/net").st_ino
             except OSError:
                 continue
-            if b"python" in os.path.basename(args[0]) and self.wl.control.encode() in args:
-                st = proc.state(int(d))
-                if st not in (None, "Z", "X"):
-                    out.append((int(d), "b" if ino == ns_b else "a", st))
+            st = proc.state(pid)
+            if st not in (None, "Z", "X"):
+                out.append((pid, "b" if ino == ns_b else "a", st))
         return out
 
     def wait_one_copy(self, timeout=40.0):

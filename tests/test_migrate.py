@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 
 from conftest import find_program, have_root, require
+from migration_bed import MigrationBed
+
 from statesync import migrate
 from statesync.migration import protocol as wire
 from statesync.migration.codec import PageCodec
@@ -219,70 +221,18 @@ def _prereqs():
         require(find_program(prog), f"{prog} not installed (scripts/setup-system.sh)")
 
 
-class Bed:
+class Bed(MigrationBed):
     """A testbed plus a destination agent and a workload in the source namespace."""
 
-    def __init__(self, tb, tmp):
-        self.tb = tb
-        self.secret_file = os.path.join(tb.root, "secret")
-        with open(os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-                  "wb") as f:
-            f.write(SECRET)
-        self.hb_path = os.path.join(tb.root, "hb.sock")
-        self.dest = None
-        self.port = None
-        self.wl = None
-        self.restored = []
+    control_prefix = "ssm-test"
 
-    def start_dest(self, io_timeout=5.0, env=None, port=None):
-        self.port = port or self.tb.free_port("b")
-        self.dest = self.tb.python("b", ["receive", "--listen", f"{self.tb.addr_b}:{self.port}",
-                                         "--images-dir", self.tb.dir_b,
-                                         "--secret-file", self.secret_file,
-                                         "--io-timeout", str(io_timeout)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        self.tb.wait_port("b", self.port, proc=self.dest)
-        return self.dest
+    def __init__(self, tb, tmp):
+        super().__init__(tb, SECRET)
+        self.hb_path = os.path.join(tb.root, "hb.sock")
 
     def spawn(self, size="6M", rate=300.0, **kw):
-        from statesync.testing import workloads
-        self.wl = workloads.spawn(size=size, rate=rate, own_pidns=True, netns=self.tb.ns_a,
-                                  heartbeat=self.hb_path, heartbeat_interval=0.002,
-                                  control=f"@ssm-test-{os.getpid()}-{time.monotonic_ns()}", **kw)
-        return self.wl
-
-    def migrate(self, pid=None, **kw):
-        kw.setdefault("io_timeout", 5.0)
-        return migrate(pid or self.wl.pid, f"{self.tb.addr_b}:{kw.pop('port', self.port)}",
-                       secret=SECRET, netns=self.tb.ns_a, **kw)
-
-    def client(self, side):
-        from statesync.testing.workloads import WorkloadClient
-        return WorkloadClient(self.wl.control, netns=self.tb.ns(side))
-
-    def python_procs_with_control(self):
-        """pids of python processes whose command line names our workload's control."""
-        out = []
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"python" in os.path.basename(args[0]) and self.wl.control.encode() in args:
-                out.append(int(d))
-        return out
-
-    def close(self):
-        for p in self.restored:
-            try:
-                os.kill(p, 9)
-            except ProcessLookupError:
-                pass
-        if self.wl:
-            self.wl.kill()
+        return super().spawn(size=size, rate=rate, heartbeat=self.hb_path,
+                             heartbeat_interval=0.002, **kw)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import asyncio
 import os
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 
 from conftest import find_program, have_root, require
-from statesync import migrate
+from migration_bed import MigrationBed
 from statesync.errors import MigrationError
 from statesync.migration import protocol as wire
 
@@ -153,63 +152,11 @@ def _markers(seed: int, size: int, count: int = 64):
 # --------------------------------------------------------------------------- fixture
 
 
-class Bed:
+class Bed(MigrationBed):
+    control_prefix = "ssm-e2e"
+
     def __init__(self, tb):
-        self.tb = tb
-        self.secret_file = os.path.join(tb.root, "secret")
-        with open(self.secret_file, "wb") as f:
-            f.write(SECRET)
-        os.chmod(self.secret_file, 0o600)     # agents refuse a secret others can read
-        self.dest = None
-        self.port = None
-        self.wl = None
-        self.restored = []
-
-    def start_dest(self, io_timeout=5.0):
-        self.port = self.tb.free_port("b")
-        self.dest = self.tb.python("b", ["receive", "--listen", f"{self.tb.addr_b}:{self.port}",
-                                         "--images-dir", self.tb.dir_b,
-                                         "--secret-file", self.secret_file,
-                                         "--io-timeout", str(io_timeout)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.tb.wait_port("b", self.port, proc=self.dest)
-
-    def spawn(self, size="6M", **kw):
-        from statesync.testing import workloads
-        self.wl = workloads.spawn(size=size, own_pidns=True, netns=self.tb.ns_a,
-                                  control=f"@ssm-e2e-{os.getpid()}-{time.monotonic_ns()}", **kw)
-        return self.wl
-
-    def client(self, side):
-        from statesync.testing.workloads import WorkloadClient
-        return WorkloadClient(self.wl.control, netns=self.tb.ns(side))
-
-    def migrate(self, port=None, **kw):
-        kw.setdefault("io_timeout", 5.0)
-        return migrate(self.wl.pid, f"{self.tb.addr_b}:{port or self.port}", secret=SECRET,
-                       netns=self.tb.ns_a, **kw)
-
-    def procs_with_control(self):
-        out = []
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    with open(f"/proc/{d}/cmdline", "rb") as f:
-                        args = f.read().split(b"\0")
-                except OSError:
-                    continue
-                if b"python" in os.path.basename(args[0]) and self.wl.control.encode() in args:
-                    out.append(int(d))
-        return out
-
-    def close(self):
-        for p in self.restored:
-            try:
-                os.kill(p, 9)
-            except ProcessLookupError:
-                pass
-        if self.wl:
-            self.wl.kill()
+        super().__init__(tb, SECRET)
 
 
 @pytest.fixture

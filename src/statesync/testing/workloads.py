@@ -504,6 +504,25 @@ def spawn(size="64M", rate: float = 1000.0, *, pattern: str = "uniform", fill: s
                     args=cmd)
 
 
+def copies(control: str) -> List[int]:
+    """pids of every running workload process (any host, any namespace of this kernel)
+    whose command line names ``control``: the original and any restored copy. Tests
+    use it to check that a migration leaves exactly one copy."""
+    out: List[int] = []
+    want = control.encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"python" in os.path.basename(args[0]) and want in args:
+            out.append(int(d))
+    return out
+
+
 def _wait_child_pid(popen: subprocess.Popen, cmd, timeout: float) -> int:
     """Find the python process at the end of a wrapper chain (nsenter, unshare)."""
     deadline = time.monotonic() + timeout
