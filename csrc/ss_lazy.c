@@ -40,6 +40,14 @@
 #define ST_PENDING 0
 #define ST_DONE 1
 
+/* post-copy: what the daemon knows of remote page k */
+#define R_NONE 0      /* not asked for, not here */
+#define R_ASKED 1     /* requested on req_fd */
+#define R_HERE 2      /* row k of the remote buffer holds it */
+
+#define IS_REMOTE(row) ((row) <= SS_LAZY_ROW_REMOTE)
+#define REMOTE_K(row) ((size_t)(SS_LAZY_ROW_REMOTE - (row)))
+
 #define SS_MSG_BATCH 64
 
 struct task {
@@ -53,6 +61,10 @@ struct task {
     size_t remaining;
     size_t cursor;          /* sequential fill: no pending page below it */
     size_t ra;              /* read-ahead start (index), SIZE_MAX: none */
+    size_t remote_left;     /* pending entries whose row is remote */
+    int remapped;           /* addresses moved: find remote pages by scanning */
+    int local_done;         /* the background fill found nothing it can place: only
+                             * remote pages not here yet are left (they come by supply) */
     struct ss_lazy_src one;         /* the store when it is one array */
     const struct ss_lazy_src *src;  /* else its pieces (nsrc > 0) */
     size_t nsrc;
@@ -66,8 +78,25 @@ struct deferred {
     uint64_t t0;
 };
 
+/* A fault waiting for remote page k. */
+struct waiter {
+    size_t task;
+    uint64_t addr;
+    uint64_t t0;
+    size_t k;
+};
+
 struct daemon {
     const struct ss_lazy_opts *o;
+    const struct ss_lazy_remote *rm; /* NULL: no post-copy */
+    uint8_t *rstate;                 /* R_* per remote page */
+    struct waiter *w;
+    size_t nw, capw;
+    size_t *sretry;                  /* supplied pages whose placing met EAGAIN */
+    size_t nsretry, capsretry;
+    int req_retry;                   /* a request met a full pipe: ask again */
+    unsigned char sbuf[8];           /* partial index read from supply_fd */
+    size_t sbuf_n;
     struct ss_lazy_stats *st;
     size_t ps;
     size_t chunk;
@@ -182,7 +211,31 @@ static void mark_done(struct task *t, size_t i)
     if (t->state[i] == ST_PENDING) {
         t->state[i] = ST_DONE;
         t->remaining--;
+        if (IS_REMOTE(t->row[i]))
+            t->remote_left--;
     }
+}
+
+/* Where the content of row `row` is: the store, or (post-copy) the remote buffer
+ * once the page is here (then *avail = 1). NULL: not available. */
+static const uint8_t *page_src(const struct daemon *d, const struct task *t, int64_t row,
+                               uint64_t *avail)
+{
+    if (IS_REMOTE(row)) {
+        size_t k = REMOTE_K(row);
+        if (!d->rm || k >= d->rm->n || d->rstate[k] != R_HERE)
+            return NULL;
+        if (avail)
+            *avail = 1;
+        return d->rm->pages + k * d->ps;
+    }
+    return row_ptr(t, row, d->ps, avail);
+}
+
+/* A remote entry the background fill cannot place yet. */
+static int remote_waiting(const struct daemon *d, const struct task *t, size_t i)
+{
+    return IS_REMOTE(t->row[i]) && d->rstate[REMOTE_K(t->row[i])] != R_HERE;
 }
 
 /* Drop [start, end): the pages there will never be filled. */
@@ -251,6 +304,8 @@ static int remap_range(struct daemon *d, struct task *t, uint64_t from, uint64_t
     free(bs);
     t->cursor = 0; /* the order changed: one more pass finds what is left */
     t->ra = SIZE_MAX;
+    t->remapped = 1;
+    t->local_done = 0;
     return 0;
 }
 
@@ -328,6 +383,48 @@ static int defer_fault(struct daemon *d, size_t ti, uint64_t addr, uint64_t t0)
     return 0;
 }
 
+/* post-copy: ask the supplier for remote page k (once). A full pipe leaves it
+ * R_NONE and asks again on a later turn. */
+static void request_remote(struct daemon *d, size_t k)
+{
+    if (d->rstate[k] != R_NONE)
+        return;
+    uint64_t v = k;
+    ssize_t r = write(d->rm->req_fd, &v, sizeof v);
+    if (r == (ssize_t)sizeof v) {
+        d->rstate[k] = R_ASKED;
+        d->st->remote_requested++;
+    } else {
+        d->req_retry = 1;
+    }
+}
+
+/* A fault on remote page k that is not here: the thread stays blocked (no
+ * wake) until the page is placed by supply_one(). */
+static int wait_remote(struct daemon *d, size_t ti, uint64_t addr, uint64_t t0, size_t k)
+{
+    if (d->nw == d->capw) {
+        size_t cap = d->capw ? 2 * d->capw : 16;
+        struct waiter *nw = realloc(d->w, cap * sizeof *nw);
+        if (!nw)
+            return -ENOMEM;
+        d->w = nw;
+        d->capw = cap;
+    }
+    d->w[d->nw++] = (struct waiter){ti, addr, t0, k};
+    d->st->remote_faults++;
+    d->st->faults++;
+    request_remote(d, k);
+    return 0;
+}
+
+static void record_remote_latency(struct daemon *d, uint64_t t0)
+{
+    const struct ss_lazy_opts *o = d->o;
+    if (o->rlat_ns && d->st->rlat_n < o->rlat_cap)
+        o->rlat_ns[d->st->rlat_n++] = now_ns() - t0;
+}
+
 /* Serve one fault. A page still to fill is copied (or zero-filled for a store
  * zero page) and the thread woken. Any other address (a hole of the dump, a
  * page already filled by a background copy without wake-up, a dropped page)
@@ -347,8 +444,17 @@ static int serve_fault(struct daemon *d, size_t ti, uint64_t addr, uint64_t t0)
     if (have && t->state[i] != ST_PENDING)
         have = 0; /* filled in the background (DONTWAKE) or dropped: see below */
     const uint8_t *src = NULL;
-    if (have && t->row[i] >= 0) {
-        src = row_ptr(t, t->row[i], d->ps, NULL);
+    if (have && IS_REMOTE(t->row[i]) && d->rstate[REMOTE_K(t->row[i])] != R_HERE) {
+        /* a thread already waiting for the same page faults again only after a
+         * wake: one waiter per (task, page) is enough */
+        size_t k = REMOTE_K(t->row[i]);
+        for (size_t j = 0; j < d->nw; j++)
+            if (d->w[j].task == ti && d->w[j].k == k)
+                return 0;
+        return wait_remote(d, ti, addr, t0, k);
+    }
+    if (have && t->row[i] != -1) {
+        src = page_src(d, t, t->row[i], NULL);
         if (!src) {
             d->st->err_pid = t->pid;
             d->st->err_addr = addr;
@@ -367,6 +473,8 @@ static int serve_fault(struct daemon *d, size_t ti, uint64_t addr, uint64_t t0)
             wake(t->fd, addr, d->ps);
         } else if (src) {
             d->st->fault_copied++;
+            if (IS_REMOTE(t->row[i]))
+                d->st->remote_placed++;
         } else {
             d->st->fault_zero++;
         }
@@ -434,11 +542,14 @@ static int handle_fork(struct daemon *d, size_t ti, int child_fd)
             nt->addr[k] = p->addr[i];
             nt->row[k] = p->row[i];
             nt->state[k] = ST_PENDING;
+            if (IS_REMOTE(p->row[i]))
+                nt->remote_left++;
             k++;
         }
     }
     nt->n = k;
     nt->remaining = k;
+    nt->remapped = p->remapped;
     d->st->forks++;
     if (k == 0)
         task_close(d, nt); /* nothing to fill: release it at once */
@@ -563,12 +674,14 @@ static int crosses_break(const struct task *t, uint64_t a)
 static size_t run_len(const struct daemon *d, const struct task *t, size_t i, size_t max)
 {
     size_t k = 1;
-    int zero = t->row[i] < 0;
+    int zero = t->row[i] == -1;
+    if (IS_REMOTE(t->row[i]))
+        return 1; /* a remote page that is here: one by one */
     while (k < max && i + k < t->n) {
         size_t j = i + k;
         if (t->state[j] != ST_PENDING || t->addr[j] != t->addr[j - 1] + d->ps)
             break;
-        if (zero ? t->row[j] >= 0 : t->row[j] != t->row[j - 1] + 1)
+        if (zero ? t->row[j] != -1 : t->row[j] != t->row[j - 1] + 1)
             break;
         if (crosses_break(t, t->addr[j]))
             break;
@@ -581,11 +694,12 @@ static size_t run_len(const struct daemon *d, const struct task *t, size_t i, si
 static int fill_run(struct daemon *d, struct task *t, size_t i, size_t k)
 {
     while (k > 0 && !t->finished) {
-        int zero = t->row[i] < 0;
+        int zero = t->row[i] == -1;
+        int remote = IS_REMOTE(t->row[i]);
         const uint8_t *src = NULL;
         if (!zero) {
             uint64_t avail = 0;
-            src = row_ptr(t, t->row[i], d->ps, &avail);
+            src = page_src(d, t, t->row[i], &avail);
             if (!src) {
                 d->st->err_pid = t->pid;
                 d->st->err_addr = t->addr[i];
@@ -603,6 +717,8 @@ static int fill_run(struct daemon *d, struct task *t, size_t i, size_t k)
             d->st->prefetch_zero += got;
         else
             d->st->prefetch_copied += got;
+        if (remote)
+            d->st->remote_placed += got;
         i += got;
         k -= got;
         if (!err || k == 0)
@@ -615,6 +731,8 @@ static int fill_run(struct daemon *d, struct task *t, size_t i, size_t k)
             /* the page at i is already there (placed by a fault path, or the
              * process populated it some other way): skip it */
             d->st->exist++;
+            if (remote)
+                d->st->remote_exist++;
             mark_done(t, i);
             i++;
             k--;
@@ -661,20 +779,31 @@ static int prefetch_step(struct daemon *d, size_t *rr, int *idle)
             task_close(d, t);
             continue;
         }
+        if (t->local_done)
+            continue; /* only remote pages not here yet: they come by supply */
         *idle = 0;
         size_t i = SIZE_MAX;
-        if (t->ra != SIZE_MAX && t->ra < t->n && t->state[t->ra] == ST_PENDING)
+        if (t->ra != SIZE_MAX && t->ra < t->n && t->state[t->ra] == ST_PENDING &&
+            !remote_waiting(d, t, t->ra))
             i = t->ra;
         t->ra = SIZE_MAX;
         if (i == SIZE_MAX) {
-            while (t->cursor < t->n && t->state[t->cursor] != ST_PENDING)
+            while (t->cursor < t->n &&
+                   (t->state[t->cursor] != ST_PENDING || remote_waiting(d, t, t->cursor)))
                 t->cursor++;
             if (t->cursor >= t->n) {
                 /* only after a remap reordered the arrays: one more pass */
                 t->cursor = 0;
-                while (t->cursor < t->n && t->state[t->cursor] != ST_PENDING)
+                while (t->cursor < t->n &&
+                       (t->state[t->cursor] != ST_PENDING || remote_waiting(d, t, t->cursor)))
                     t->cursor++;
                 if (t->cursor >= t->n) {
+                    if (t->remote_left) {
+                        /* what is left is at the source: supply_one() places it */
+                        t->local_done = 1;
+                        t->cursor = t->n;
+                        continue;
+                    }
                     t->remaining = 0;
                     task_close(d, t);
                     continue;
@@ -804,10 +933,179 @@ static int handle_sock(struct daemon *d, int conn, const struct ss_lazy_store *s
     }
     memset(t->state, ST_PENDING, n ? n : 1);
     t->remaining = n;
+    for (size_t i = 0; i < n; i++)
+        if (IS_REMOTE(t->row[i]))
+            t->remote_left++;
     d->st->total_pages += n;
+    d->st->remote_pages += t->remote_left;
     /* A task with no lazy pages keeps its descriptor until the restore is
      * finished anyway: its faults (never-touched pages) get zero pages. */
     return 0;
+}
+
+/* ------------------------------------------------------------------ post-copy supply */
+
+/* Index of task t's entry for remote page k, or SIZE_MAX. */
+static size_t find_remote(const struct daemon *d, const struct task *t, size_t k)
+{
+    int64_t row = SS_LAZY_ROW_REMOTE - (int64_t)k;
+    if (!t->remapped) {
+        size_t i = lower_bound(t->addr, t->n, d->rm->addrs[k]);
+        return i < t->n && t->row[i] == row ? i : SIZE_MAX;
+    }
+    for (size_t i = 0; i < t->n; i++) /* addresses moved: rare, O(pages) */
+        if (t->row[i] == row)
+            return i;
+    return SIZE_MAX;
+}
+
+static int push_sretry(struct daemon *d, size_t k)
+{
+    if (d->nsretry == d->capsretry) {
+        size_t cap = d->capsretry ? 2 * d->capsretry : 16;
+        size_t *n = realloc(d->sretry, cap * sizeof *n);
+        if (!n)
+            return -ENOMEM;
+        d->sretry = n;
+        d->capsretry = cap;
+    }
+    d->sretry[d->nsretry++] = k;
+    return 0;
+}
+
+/* Remote page k is in row k of the remote buffer: place it in every task that
+ * still misses it (before the restore finished: only where a fault waits for
+ * it), wake the waiting faults. Never overwrites a present page (EEXIST). */
+static int supply_one(struct daemon *d, size_t k)
+{
+    const uint8_t *src = d->rm->pages + k * d->ps;
+    d->rstate[k] = R_HERE;
+    int again = 0;
+    for (size_t ti = 0; ti < d->nt; ti++) {
+        struct task *t = &d->t[ti];
+        if (t->finished || !t->remote_left)
+            continue;
+        if (!d->finished_restore) {
+            int waited = 0;
+            for (size_t j = 0; j < d->nw && !waited; j++)
+                waited = d->w[j].task == ti && d->w[j].k == k;
+            if (!waited)
+                continue; /* the background fill places it after the finish */
+        }
+        size_t i = find_remote(d, t, k);
+        if (i == SIZE_MAX || t->state[i] != ST_PENDING)
+            continue;
+        int err = 0;
+        size_t got = place(d, t->fd, t->addr[i], src, 1, 0, &err);
+        if (got == 1) {
+            mark_done(t, i);
+            d->st->remote_placed++;
+        } else if (err == EEXIST) {
+            /* present already (written by the process after it became ordinary
+             * memory, or placed otherwise): keep it as it is */
+            mark_done(t, i);
+            d->st->remote_exist++;
+            d->st->exist++;
+            wake(t->fd, t->addr[i], d->ps);
+        } else if (err == EAGAIN) {
+            d->st->eagain++;
+            again = 1;
+        } else if (is_exit_errno(err)) {
+            task_exited(d, t);
+        } else if (err == ENOENT || err == EINVAL) {
+            d->st->unreachable++;
+            mark_done(t, i);
+            wake(t->fd, t->addr[i], d->ps);
+        } else {
+            d->st->err_pid = t->pid;
+            d->st->err_addr = t->addr[i];
+            return -err;
+        }
+    }
+    if (again)
+        return push_sretry(d, k);
+    /* the faults that waited for it are woken (by the copy, or above) */
+    size_t w = 0;
+    for (size_t j = 0; j < d->nw; j++) {
+        if (d->w[j].k == k) {
+            record_remote_latency(d, d->w[j].t0);
+            continue;
+        }
+        d->w[w++] = d->w[j];
+    }
+    d->nw = w;
+    return 0;
+}
+
+/* Read the supplier's announcements (u64 indices); returns 0, -EPIPE on EOF with
+ * remote pages missing (1 on a clean EOF), or -errno. */
+static int drain_supply(struct daemon *d)
+{
+    unsigned char buf[4096];
+    for (int turn = 0; turn < 16; turn++) {
+        size_t have = d->sbuf_n;
+        memcpy(buf, d->sbuf, have);
+        ssize_t r = read(d->rm->supply_fd, buf + have, sizeof buf - have);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return 0;
+            return -errno;
+        }
+        if (r == 0) {
+            for (size_t i = 0; i < d->nt; i++)
+                if (!d->t[i].finished && d->t[i].remote_left)
+                    for (size_t j = 0; j < d->t[i].n; j++)
+                        if (d->t[i].state[j] == ST_PENDING && remote_waiting(d, &d->t[i], j))
+                            return -EPIPE;
+            return 1;
+        }
+        size_t tot = have + (size_t)r, n = tot / 8;
+        d->sbuf_n = tot - n * 8;
+        memcpy(d->sbuf, buf + n * 8, d->sbuf_n);
+        for (size_t i = 0; i < n; i++) {
+            uint64_t k;
+            memcpy(&k, buf + i * 8, 8);
+            if (k >= d->rm->n) {
+                d->st->err_addr = k;
+                return -EPROTO;
+            }
+            d->st->remote_supplied++;
+            int e = supply_one(d, (size_t)k);
+            if (e < 0)
+                return e;
+        }
+        if ((size_t)r < sizeof buf - have)
+            return 0;
+    }
+    return 0;
+}
+
+static int retry_supply(struct daemon *d)
+{
+    size_t n = d->nsretry;
+    if (!n)
+        return 0;
+    size_t *copy = malloc(n * sizeof *copy);
+    if (!copy)
+        return -ENOMEM;
+    memcpy(copy, d->sretry, n * sizeof *copy);
+    d->nsretry = 0;
+    for (size_t i = 0; i < n; i++) {
+        int e = supply_one(d, copy[i]);
+        if (e < 0) {
+            free(copy);
+            return e;
+        }
+    }
+    free(copy);
+    return 0;
+}
+
+static void retry_requests(struct daemon *d)
+{
+    d->req_retry = 0;
+    for (size_t j = 0; j < d->nw; j++)
+        request_remote(d, d->w[j].k);
 }
 
 /* ------------------------------------------------------------------ main loop */
@@ -869,6 +1167,14 @@ int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, 
     d.chunk = opts->chunk ? opts->chunk : 256;
     if (d.ps == 0 || (d.ps & (d.ps - 1)))
         return -EINVAL;
+    const struct ss_lazy_remote *rm = opts->remote && opts->remote->n ? opts->remote : NULL;
+    if (rm) {
+        if (!rm->addrs || !rm->pages || rm->req_fd < 0 || rm->supply_fd < 0)
+            return -EINVAL;
+        for (size_t j = 1; j < rm->n; j++)
+            if (rm->addrs[j] <= rm->addrs[j - 1])
+                return -EINVAL;
+    }
     for (size_t i = 0; i < nstores; i++) {
         const struct ss_lazy_store *s = &stores[i];
         if (s->n && (!s->addrs || !s->rows))
@@ -887,16 +1193,26 @@ int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, 
                 return -EINVAL;
             if (s->rows[j] >= 0 && !row_ptr(&probe, s->rows[j], d.ps, NULL))
                 return -ERANGE;
+            if (IS_REMOTE(s->rows[j]) && (!rm || REMOTE_K(s->rows[j]) >= rm->n))
+                return -ERANGE;
         }
+    }
+    if (rm) {
+        d.rm = rm;
+        d.rstate = calloc(rm->n, 1);
+        if (!d.rstate)
+            return -ENOMEM;
     }
     int conn = sock, rc = 0;
     if (flags & SS_LAZY_ACCEPT) {
         conn = wait_accept(sock, opts->cancel_fd, opts->accept_timeout_ms);
-        if (conn < 0)
+        if (conn < 0) {
+            free(d.rstate);
             return conn;
+        }
     }
     st->t_connected_ns = now_ns();
-    int sock_open = 1, backoff = 0;
+    int sock_open = 1, backoff = 0, supply_open = rm != NULL;
     size_t rr = 0;
     struct pollfd *pf = NULL;
     size_t *pmap = NULL;
@@ -906,8 +1222,9 @@ int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, 
             st->t_filled_ns = now_ns();
             break;
         }
-        /* poll set: the socket (until finished), the cancel fd, every open uffd */
-        size_t need = d.nt + 2;
+        /* poll set: the socket (until finished), the cancel fd, the supply fd
+         * (post-copy), every open uffd */
+        size_t need = d.nt + 3;
         if (need > cap) {
             struct pollfd *np = realloc(pf, need * sizeof *np);
             size_t *nm = realloc(pmap, need * sizeof *nm);
@@ -931,12 +1248,18 @@ int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, 
             cancel_idx = (int)np;
             pf[np++] = (struct pollfd){.fd = opts->cancel_fd, .events = POLLIN};
         }
+        int supply_idx = -1;
+        if (supply_open) {
+            supply_idx = (int)np;
+            pf[np++] = (struct pollfd){.fd = rm->supply_fd, .events = POLLIN};
+        }
         size_t first_task = np;
         int work = 0;
         for (size_t i = 0; i < d.nt; i++) {
             if (d.t[i].finished)
                 continue;
-            if (d.finished_restore && d.t[i].remaining && !opts->no_prefetch)
+            if (d.finished_restore && d.t[i].remaining && !d.t[i].local_done &&
+                !opts->no_prefetch)
                 work = 1;
             pmap[np] = i;
             pf[np++] = (struct pollfd){.fd = d.t[i].fd, .events = POLLIN};
@@ -954,7 +1277,7 @@ int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, 
             if (closed)
                 continue;
         }
-        int timeout = (d.ndef || backoff) ? 1 : (work ? 0 : -1);
+        int timeout = (d.ndef || backoff || d.nsretry || d.req_retry) ? 1 : (work ? 0 : -1);
         backoff = 0;
         int r = poll(pf, np, timeout);
         if (r < 0) {
@@ -982,6 +1305,22 @@ int ss_lazy_serve(int sock, unsigned flags, const struct ss_lazy_store *stores, 
         rc = retry_deferred(&d);
         if (rc < 0)
             break;
+        if (supply_idx >= 0 && pf[supply_idx].revents) {
+            rc = drain_supply(&d);
+            if (rc == 1) {
+                supply_open = 0; /* the supplier is done and nothing waits for it */
+                rc = 0;
+            }
+            if (rc < 0)
+                break;
+        }
+        if (d.nsretry) {
+            rc = retry_supply(&d);
+            if (rc < 0)
+                break;
+        }
+        if (d.req_retry)
+            retry_requests(&d);
         if (sock_idx >= 0 && pf[sock_idx].revents) {
             if (pf[sock_idx].revents & POLLIN) {
                 rc = handle_sock(&d, conn, stores, nstores);
@@ -1032,6 +1371,9 @@ out:
     free(pmap);
     free(d.t);
     free(d.def);
+    free(d.w);
+    free(d.sretry);
+    free(d.rstate);
     return rc;
 }
 

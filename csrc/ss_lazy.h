@@ -73,6 +73,33 @@ struct ss_lazy_store {
     size_t nbreaks;
 };
 
+/* Post-copy (docs/postcopy.md): a lazy page whose row is <= SS_LAZY_ROW_REMOTE is
+ * not in the store yet; it is still at the source. Its content will arrive as
+ * row k = SS_LAZY_ROW_REMOTE - row of the remote buffer:
+ *  - a fault on it records the faulting thread (it stays blocked), and the
+ *    daemon writes k (a host-endian u64) to req_fd, once per page;
+ *  - the supplier (statesync's post-copy loop, in another thread or process)
+ *    writes the page into row k of pages FIRST, then writes k to supply_fd;
+ *    the daemon then places it with UFFDIO_COPY in every task that still
+ *    misses it (waking the faults that wait for it). A page already present
+ *    (UFFDIO_COPY says EEXIST: placed some other way, or written by the process
+ *    after a MADV_DONTNEED made it ordinary memory) is never overwritten.
+ * Pages supplied before CRIU's restore-finished word are placed only for a
+ * fault that waits on them (their VMAs may not be registered yet), the rest
+ * with the background fill after it. EOF on supply_fd while remote pages are
+ * still missing fails the daemon with -EPIPE (they can never arrive). */
+#define SS_LAZY_ROW_REMOTE (-2)
+
+struct ss_lazy_remote {
+    size_t n;               /* remote pages (0: no post-copy) */
+    const uint64_t *addrs;  /* their addresses at the dump, sorted and unique (informative
+                             * for the supplier; the daemon uses them to find page k) */
+    const uint8_t *pages;   /* n rows of page_size bytes, written by the supplier only
+                             * before it announces the row; read by the daemon after */
+    int req_fd;             /* the daemon writes u64 k here (nonblocking pipe) */
+    int supply_fd;          /* the supplier writes u64 k here once row k is filled */
+};
+
 struct ss_lazy_opts {
     size_t page_size;     /* 0: sysconf(_SC_PAGESIZE) */
     size_t chunk;         /* pages per background UFFDIO_COPY; 0: 256 */
@@ -84,6 +111,9 @@ struct ss_lazy_opts {
     int *left_fds;        /* on failure, the descriptors of tasks with pages still
                            * missing are handed back here OPEN (may be NULL: closed) */
     size_t left_cap;
+    const struct ss_lazy_remote *remote; /* post-copy (may be NULL: every page local) */
+    uint64_t *rlat_ns;    /* per-remote-fault times: fault read -> page placed (may be NULL) */
+    size_t rlat_cap;
 };
 
 struct ss_lazy_stats {
@@ -110,7 +140,14 @@ struct ss_lazy_stats {
     uint64_t t_connected_ns;   /* CRIU connected */
     uint64_t t_finished_ns;    /* CRIU's restore-finished word arrived */
     uint64_t t_filled_ns;      /* every task filled (or exited) */
+    uint64_t remote_pages;     /* lazy pages of the received tasks still at the source */
+    uint64_t remote_faults;    /* faults that had to wait for a remote page */
+    uint64_t remote_requested; /* page indices written to req_fd */
+    uint64_t remote_supplied;  /* page indices read from supply_fd */
+    uint64_t remote_placed;    /* remote pages placed (by a supply, a fault or the fill) */
+    uint64_t remote_exist;     /* remote pages found already present: left as they were */
     size_t lat_n;              /* entries written to opts.lat_ns */
+    size_t rlat_n;             /* entries written to opts.rlat_ns */
     size_t left_nfds;          /* descriptors handed back in opts.left_fds */
     int32_t err_pid;           /* pid of the task an error concerns (0: none) */
     uint64_t err_addr;         /* address an error concerns (0: none) */
@@ -122,7 +159,8 @@ struct ss_lazy_stats {
  *   -ETIMEDOUT  CRIU did not connect within accept_timeout_ms;
  *   -ECONNRESET CRIU closed the socket before the restore-finished word (the
  *               restore failed; CRIU kills what it restored);
- *   -EPROTO     a malformed message from CRIU;
+ *   -EPROTO     a malformed message from CRIU (or a remote index out of range);
+ *   -EPIPE      post-copy: supply_fd reached EOF with remote pages still missing;
  *   -ENOMEM, or the errno of a failing ioctl (err_pid/err_addr say where).
  * On failure the descriptors of tasks that still miss pages go to
  * opts.left_fds, still open: while they are open those tasks block on a missing

@@ -19,6 +19,12 @@ cdef extern from "ss_lazy.h" nogil:
         size_t nsrc
         const uint64_t *breaks
         size_t nbreaks
+    struct ss_lazy_remote:
+        size_t n
+        const uint64_t *addrs
+        const uint8_t *pages
+        int req_fd
+        int supply_fd
     struct ss_lazy_opts:
         size_t page_size
         size_t chunk
@@ -29,6 +35,9 @@ cdef extern from "ss_lazy.h" nogil:
         size_t lat_cap
         int *left_fds
         size_t left_cap
+        const ss_lazy_remote *remote
+        uint64_t *rlat_ns
+        size_t rlat_cap
     struct ss_lazy_stats:
         uint64_t tasks
         uint64_t zombies
@@ -54,19 +63,28 @@ cdef extern from "ss_lazy.h" nogil:
         uint64_t t_connected_ns
         uint64_t t_finished_ns
         uint64_t t_filled_ns
+        uint64_t remote_pages
+        uint64_t remote_faults
+        uint64_t remote_requested
+        uint64_t remote_supplied
+        uint64_t remote_placed
+        uint64_t remote_exist
         size_t lat_n
+        size_t rlat_n
         size_t left_nfds
         int32_t err_pid
         uint64_t err_addr
     unsigned SS_LAZY_ACCEPT
     uint32_t SS_LAZY_RESTORE_FINISHED
     uint64_t SS_LAZY_UFFD_FEATURES
+    int64_t SS_LAZY_ROW_REMOTE
     int ss_lazy_serve(int sock, unsigned flags, const ss_lazy_store *stores, size_t nstores,
                       const ss_lazy_opts *opts, ss_lazy_stats *st)
     int ss_lazy_uffd_open(int flags, uint64_t *features)
 
 LAZY_RESTORE_FINISHED = SS_LAZY_RESTORE_FINISHED
 LAZY_UFFD_FEATURES = SS_LAZY_UFFD_FEATURES
+LAZY_ROW_REMOTE = SS_LAZY_ROW_REMOTE
 
 
 cdef dict _lazy_stats_dict(ss_lazy_stats *s):
@@ -79,6 +97,9 @@ cdef dict _lazy_stats_dict(ss_lazy_stats *s):
             "lost_exited": s.lost_exited, "eagain": s.eagain, "total_pages": s.total_pages, "left": s.left,
             "t_start_ns": s.t_start_ns, "t_connected_ns": s.t_connected_ns,
             "t_finished_ns": s.t_finished_ns, "t_filled_ns": s.t_filled_ns,
+            "remote_pages": s.remote_pages, "remote_faults": s.remote_faults,
+            "remote_requested": s.remote_requested, "remote_supplied": s.remote_supplied,
+            "remote_placed": s.remote_placed, "remote_exist": s.remote_exist,
             "err_pid": s.err_pid, "err_addr": s.err_addr}
 
 
@@ -97,7 +118,7 @@ def lazy_uffd_probe():
 
 def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
                size_t chunk=256, int cancel_fd=-1, int accept_timeout_ms=0,
-               bint prefetch=True, size_t max_latencies=1 << 20):
+               bint prefetch=True, size_t max_latencies=1 << 20, remote=None):
     """Run the lazy-pages daemon on sock until every restored task is filled.
 
     stores: list of (pid, addrs, rows, pages, breaks): addrs sorted unique uint64 page
@@ -105,6 +126,13 @@ def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
     pages a C-contiguous (nrows, page_size) uint8 array (read-only views welcome),
     breaks a sorted uint64 array of addresses a copy run must not cross (VMA
     boundaries) or None. accept: sock is listening (accept CRIU's connection).
+    remote (post-copy; docs/postcopy.md): None, or (addrs, pages, req_fd, supply_fd):
+    the sorted uint64 addresses of the pages still at the source (rows <= LAZY_ROW_REMOTE
+    in a store mean remote page k = LAZY_ROW_REMOTE - row), a writable C-contiguous
+    (n, page_size) uint8 buffer the supplier fills row k of before it writes k (u64)
+    to supply_fd, and req_fd where the daemon writes the k a fault waits for. The
+    buffer is shared with the supplier's thread: the daemon only reads row k after k
+    was announced. stats["remote_latencies"] = remote fault times in ns (uint64).
     Returns (stats dict, fault service times in ns as a uint64 array). Releases
     the GIL for the whole run. Raises OSError(errno) with .stats, .latencies and
     .left_fds (open descriptors of tasks still missing pages: close them after
@@ -124,6 +152,14 @@ def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
     cdef const int64_t[::1] rv
     cdef const uint8_t[:, ::1] pv
     cdef const uint64_t[::1] bv
+    cdef const uint64_t[::1] rav
+    cdef const uint8_t[:, ::1] rpv
+    cdef ss_lazy_remote rm
+    rm.n = 0
+    rm.addrs = NULL
+    rm.pages = NULL
+    rm.req_fd = -1
+    rm.supply_fd = -1
     keep = []
     try:
         for i in range(ns):
@@ -179,9 +215,26 @@ def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
                     keep.append(bv)
                     cs[i].breaks = &bv[0]
                     cs[i].nbreaks = bv.shape[0]
+        if remote is not None:
+            raddrs, rpages, req_fd, supply_fd = remote
+            raddrs = np.ascontiguousarray(raddrs, dtype=np.uint64)
+            if rpages.ndim != 2 or rpages.shape[0] != raddrs.shape[0] or (
+                    rpages.shape[0] and rpages.shape[1] != page_size):
+                raise ValueError(f"remote pages have shape {rpages.shape}, expected "
+                                 f"({raddrs.shape[0]}, {page_size})")
+            if raddrs.shape[0]:
+                rav = raddrs
+                rpv = rpages
+                keep += [rav, rpv]
+                rm.n = raddrs.shape[0]
+                rm.addrs = &rav[0]
+                rm.pages = &rpv[0, 0]
+                rm.req_fd = int(req_fd)
+                rm.supply_fd = int(supply_fd)
         lat = np.zeros(max(max_latencies, 1), dtype=np.uint64)
+        rlat = np.zeros(max(max_latencies, 1), dtype=np.uint64)
         return _lazy_run(sock, cs, ns, accept, page_size, chunk, cancel_fd,
-                         accept_timeout_ms, prefetch, lat, max_latencies)
+                         accept_timeout_ms, prefetch, lat, max_latencies, &rm, rlat)
     finally:
         free(cs)
         free(pcs)
@@ -189,7 +242,7 @@ def lazy_serve(int sock, list stores, bint accept=True, size_t page_size=4096,
 
 cdef object _lazy_run(int sock, ss_lazy_store *cs, size_t ns, bint accept, size_t page_size,
                       size_t chunk, int cancel_fd, int accept_timeout_ms, bint prefetch,
-                      object lat, size_t max_latencies):
+                      object lat, size_t max_latencies, ss_lazy_remote *rm, object rlat):
     cdef ss_lazy_opts o
     cdef ss_lazy_stats st
     cdef int rc
@@ -204,10 +257,14 @@ cdef object _lazy_run(int sock, ss_lazy_store *cs, size_t ns, bint accept, size_
     left = np.full(4096, -1, dtype=np.int32)
     o.left_fds = <int *>cnp.PyArray_DATA(left)
     o.left_cap = 4096
+    o.remote = rm if rm.n else NULL
+    o.rlat_ns = <uint64_t *>cnp.PyArray_DATA(rlat)
+    o.rlat_cap = max_latencies
     with nogil:
         rc = ss_lazy_serve(sock, flags, cs, ns, &o, &st)
     stats = _lazy_stats_dict(&st)
     lats = lat[:st.lat_n].copy()
+    stats["remote_latencies"] = rlat[:st.rlat_n].copy()
     if rc < 0:
         where = ""
         if st.err_pid:

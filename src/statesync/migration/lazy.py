@@ -105,8 +105,20 @@ class LazyStats:
     fault_p50_ns: float = 0.0
     fault_p99_ns: float = 0.0
     fault_max_ns: float = 0.0
+    # post-copy (docs/postcopy.md): pages that were still at the source
+    remote_pages: int = 0       # lazy pages whose content came from the source
+    remote_faults: int = 0      # faults that waited for a page from the source
+    remote_requested: int = 0   # pages the daemon asked the source for
+    remote_supplied: int = 0    # pages the post-copy loop handed to the daemon
+    remote_placed: int = 0
+    remote_exist: int = 0       # already present when they came: left untouched
+    remote_p50_ns: float = 0.0  # remote fault: fault read -> page placed (incl. the round trip)
+    remote_p99_ns: float = 0.0
+    remote_max_ns: float = 0.0
     latencies_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64),
                                      repr=False)
+    remote_latencies_ns: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, dtype=np.uint64), repr=False)
 
     @classmethod
     def from_raw(cls, raw: dict, lat: np.ndarray) -> "LazyStats":
@@ -123,6 +135,11 @@ class LazyStats:
         if lat.size:
             s.fault_p50_ns, s.fault_p99_ns = (float(x) for x in np.percentile(lat, [50, 99]))
             s.fault_max_ns = float(lat.max())
+        rl = raw.get("remote_latencies")
+        if rl is not None and len(rl):
+            s.remote_latencies_ns = rl
+            s.remote_p50_ns, s.remote_p99_ns = (float(x) for x in np.percentile(rl, [50, 99]))
+            s.remote_max_ns = float(rl.max())
         return s
 
     @property
@@ -130,7 +147,8 @@ class LazyStats:
         return self.fault_copied + self.prefetch_copied + self.prefetch_zero
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "latencies_ns"}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__
+             if k not in ("latencies_ns", "remote_latencies_ns")}
         return d
 
 
@@ -334,7 +352,7 @@ class LazyPagesDaemon:
                  prefetch: bool = True, missing: str = "error",
                  accept_timeout: Optional[float] = 120.0, page_size: int = PAGE_SIZE,
                  max_latencies: int = 1 << 20, populate: bool = True,
-                 on_failure: str = "kill"):
+                 on_failure: str = "kill", remote=None):
         if missing not in ("error", "zero"):
             raise ValueError("missing must be 'error' or 'zero'")
         self.images_dir = os.path.abspath(os.fspath(images_dir))
@@ -345,6 +363,9 @@ class LazyPagesDaemon:
         self.accept_timeout = accept_timeout
         self.max_latencies = int(max_latencies)
         self.populate = bool(populate)
+        # post-copy: (addrs, buffer, req_fd, supply_fd) of the pages still at the source
+        # (see _core.lazy_serve and migration.postcopy); their rows become remote rows
+        self.remote = remote
         self._stores = self._build_stores(pages, missing)
         self._sock: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
@@ -435,6 +456,16 @@ class LazyPagesDaemon:
                 if rows.size and int(rows.max()) >= nrows:
                     raise ValueError(f"pid {pid}: a slot points past the store's "
                                      f"{nrows} rows")
+            if self.remote is not None and self.remote[0].size:
+                # pages still at the source (post-copy): remote page k has row
+                # LAZY_ROW_REMOTE - k, whatever (stale) copy the store may hold
+                from statesync._core import LAZY_ROW_REMOTE
+                raddrs = self.remote[0]
+                rpos = np.searchsorted(raddrs, lazy)
+                rin = rpos < raddrs.size
+                rin[rin] = raddrs[rpos[rin]] == lazy[rin]
+                rows[rin] = LAZY_ROW_REMOTE - rpos[rin].astype(np.int64)
+                ok |= rin
             if not ok.all() and missing == "error":
                 bad = int(lazy[~ok][0])
                 raise LazyPagesError(f"pid {pid}: page {bad:#x} is lazy in {pm_path} but not in "
@@ -481,7 +512,8 @@ class LazyPagesDaemon:
                                         page_size=self.page_size, chunk=self.chunk,
                                         cancel_fd=self._cancel_r, accept_timeout_ms=tmo,
                                         prefetch=self.prefetch,
-                                        max_latencies=self.max_latencies)
+                                        max_latencies=self.max_latencies,
+                                        remote=self.remote)
             self._result = LazyStats.from_raw(raw, lat)
         except OSError as exc:
             self._error = exc
