@@ -434,3 +434,32 @@ def test_shared_anonymous_memory_round_trip(criu_ok, tmp_path, reap):
         assert req("h") == h
     finally:
         proc.kill_tree([outer], p, timeout=20)
+
+
+def test_kernel_feature_cache_is_loaded_and_dropped_when_from_another_boot(
+        criu_ok, spawn_workload, tmp_path):
+    """statesync.criu.kdat: where /run is not a tmpfs, CRIU never keeps its
+    kernel-feature cache and re-probes the kernel on every dump and restore. The primed
+    cache is what CRIU loads (its own log says so); one stamped with another boot id is
+    removed before the next CRIU run, then primed again."""
+    from statesync.criu import kdat
+    if kdat.run_is_tmpfs():
+        assert kdat.prime().startswith("nothing to do")
+        return
+    kdat.prime()
+    assert kdat.status()[0], kdat.status()[1]
+    wl = spawn_workload("1M", 0, own_pidns=True, paused=True, seed=1)
+    criu.dump(wl.pid, tmp_path / "d", leave_running=True, extra_args=["-v4"])
+    log = (tmp_path / "d" / "dump.log").read_text()
+    assert f"Loaded kdat cache from {kdat.KDAT}" in log, log[:2000]
+    # A cache of another boot (a disk-backed /run survives reboots) is not used.
+    with open(kdat.BOOT_STAMP, "w") as f:
+        f.write("00000000-another-boot\n")
+    kdat._checked = False
+    try:
+        assert not kdat.status()[0]
+        kdat.drop_if_stale()
+        assert not os.path.exists(kdat.KDAT)
+    finally:
+        kdat.prime()
+    assert kdat.status()[0]

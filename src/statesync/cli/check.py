@@ -110,6 +110,9 @@ def preflight(*, images_dir: Optional[str] = None, work_dir: Optional[str] = Non
     for feat, ok in sorted(info.features.items()):
         add(f"criu feature {feat}", ok, "yes" if ok else info.reasons.get(feat, "missing"),
             required=False)
+    from statesync.criu import kdat
+    kd_ok, kd_why = kdat.status()
+    add("criu kernel-feature cache", kd_ok, kd_why, required=False)
     methods = tracking.tracking_methods(pid)
     live = [m for m, (ok, _) in methods.items() if ok and m != "hash"]
     add("dirty-page tracking", bool(live),

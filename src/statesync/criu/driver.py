@@ -151,6 +151,8 @@ def _criu_or_raise() -> str:
     (once per binary), not the full :func:`check` (about 0.5 s of ``criu check`` runs
     here): dump and restore sit on a migration's switch-over path. A CRIU that cannot
     work on this kernel fails the command itself, with its log tail."""
+    from statesync.criu import kdat
+    kdat.drop_if_stale()        # a kernel-feature cache of another boot (criu/kdat.py)
     path = find_criu()
     if not path:
         raise CriuError("no criu binary found (set STATESYNC_CRIU or run "
