@@ -69,6 +69,17 @@ static long now_ms(void)
 
 enum { CALL_PLAIN, CALL_UFFD };
 
+/* Test hook (ss_inject_test_pause): the one piece of global state here, set only
+ * by tests before an injection. */
+static volatile int g_pause_point, g_pause_ms, g_pause_fd = -1;
+
+void ss_inject_test_pause(int point, int ms, int notify_fd)
+{
+    g_pause_point = point;
+    g_pause_ms = ms;
+    g_pause_fd = notify_fd;
+}
+
 struct job {
     int tid, tgid, pidfd, timeout_ms;
     uint64_t syscall_addr;
@@ -79,8 +90,25 @@ struct job {
     int rc;
     int stopped; /* the thread is in a ptrace stop; last_st is that stop's status */
     int last_st;
+    int pause_point, pause_ms, pause_fd; /* test hook, copied at job_init */
     struct ss_inject_info *info;
 };
+
+/* The test hook: at pause point `point` (once per job), write one byte to the
+ * notify fd and sleep pause_ms, so that a test can kill the tracker there. */
+static void maybe_pause(struct job *j, int point)
+{
+    if (j->pause_ms <= 0 || j->pause_point != point)
+        return;
+    j->pause_point = 0;
+    char c = (char)point;
+    if (j->pause_fd >= 0 && write(j->pause_fd, &c, 1) < 0) {
+        /* the test is gone: pause anyway */
+    }
+    struct timespec ts = {j->pause_ms / 1000, (j->pause_ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+    }
+}
 
 /* stages (ss_inject_info.stage) */
 enum {
@@ -197,6 +225,7 @@ static int run_call(struct job *j, const struct user_regs_struct *base, long nr,
     int rc = resume_until(j, PTRACE_SYSCALL, SIGTRAP | 0x80, 0, 1); /* enter */
     if (rc < 0)
         return rc;
+    maybe_pause(j, j->info->stage); /* SS_INJECT_PAUSE_IN_CALL / _IN_CLOSE */
     rc = resume_until(j, PTRACE_SYSCALL, SIGTRAP | 0x80, 0, 1); /* exit */
     if (rc < 0)
         return rc;
@@ -309,6 +338,7 @@ static void *inject_thread(void *arg)
         j->stopped = 0;
     }
 
+    maybe_pause(j, SS_INJECT_PAUSE_STOPPED);
     info->stage = ST_REGS;
     if (ptrace(PTRACE_GETREGS, j->tid, 0, &saved) < 0) {
         j->rc = -errno;
@@ -330,6 +360,7 @@ static void *inject_thread(void *arg)
         return NULL;
     }
 
+    maybe_pause(j, SS_INJECT_PAUSE_MASKED);
     int64_t ret = 0;
     info->stage = ST_CALL;
     if (j->mode == CALL_UFFD) {
@@ -337,6 +368,7 @@ static void *inject_thread(void *arg)
         rc = run_call(j, &saved, __NR_userfaultfd, a, &ret);
         if (rc == 0 && ret >= 0) {
             info->stage = ST_GETFD;
+            maybe_pause(j, SS_INJECT_PAUSE_AFTER_CALL);
             long fd = syscall(__NR_pidfd_getfd, j->pidfd, (int)ret, 0);
             j->out_fd = fd < 0 ? -errno : (int)fd;
             info->stage = ST_CLOSE;
@@ -359,6 +391,7 @@ static void *inject_thread(void *arg)
      * the call, an error at a stop), the thread gets its own registers and
      * mask back before we let go. */
     info->stage = ST_RESTORE;
+    maybe_pause(j, SS_INJECT_PAUSE_PUT_BACK);
     int rr = put_back(j, &saved, saved_mask);
     info->restored = rr == 0;
     if (info->held_stop)
@@ -394,6 +427,9 @@ static void job_init(struct job *j, struct ss_inject_info *info, int tid, int tg
     j->mode = mode;
     j->out_fd = -1;
     j->info = info;
+    j->pause_point = g_pause_point;
+    j->pause_ms = g_pause_ms;
+    j->pause_fd = g_pause_fd;
 }
 
 int ss_inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr, int uffd_flags,

@@ -46,6 +46,21 @@ struct ss_inject_info {
 
 #define SS_INJECT_STAGE_CALL 4
 
+/* Test hook: pause points of an injection (values are the stage reached there). */
+#define SS_INJECT_PAUSE_STOPPED 2    /* thread in our interrupt stop, nothing changed yet */
+#define SS_INJECT_PAUSE_MASKED 3     /* registers saved, all its signals blocked */
+#define SS_INJECT_PAUSE_IN_CALL 4    /* at the syscall-enter stop of userfaultfd() (or the
+                                        call of ss_inject_syscall): registers borrowed */
+#define SS_INJECT_PAUSE_AFTER_CALL 5 /* at userfaultfd()'s exit stop, before pidfd_getfd */
+#define SS_INJECT_PAUSE_IN_CLOSE 6   /* at the syscall-enter stop of the injected close() */
+#define SS_INJECT_PAUSE_PUT_BACK 8   /* calls done, before the registers and mask go back */
+
+/* For tests only: every later injection in this process pauses ms milliseconds at
+ * `point` (one of SS_INJECT_PAUSE_*; 0 or ms <= 0: never), first writing one byte
+ * to notify_fd when it is >= 0, so that a test can kill the tracker exactly there.
+ * Not thread-safe against concurrent injections; the one global of the C core. */
+void ss_inject_test_pause(int point, int ms, int notify_fd);
+
 /* Find a `syscall` instruction (0f 05) in [start, end) of process pid's memory
  * (read with process_vm_readv). *addr receives its address. Returns 0,
  * -ENOENT when there is none, or -errno. */

@@ -35,6 +35,13 @@ cdef extern from "ss_ptrace.h" nogil:
         int stage
         int restored
     int SS_INJECT_STAGE_CALL
+    int SS_INJECT_PAUSE_STOPPED
+    int SS_INJECT_PAUSE_MASKED
+    int SS_INJECT_PAUSE_IN_CALL
+    int SS_INJECT_PAUSE_AFTER_CALL
+    int SS_INJECT_PAUSE_IN_CLOSE
+    int SS_INJECT_PAUSE_PUT_BACK
+    void ss_inject_test_pause(int point, int ms, int notify_fd)
     int ss_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr)
     int ss_inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr,
                               int uffd_flags, int timeout_ms, int *out_fd,
@@ -49,6 +56,12 @@ UFFD_FEATURE_WP_ASYNC = SS_UFFD_FEATURE_WP_ASYNC
 PM_SCAN_WP_MATCHING = SS_PM_SCAN_WP_MATCHING
 PM_SCAN_CHECK_WPASYNC = SS_PM_SCAN_CHECK_WPASYNC
 INJECT_STAGE_CALL = SS_INJECT_STAGE_CALL
+# Test hook: where an injection may be paused (see inject_test_pause).
+INJECT_PAUSE_POINTS = {"stopped": SS_INJECT_PAUSE_STOPPED, "masked": SS_INJECT_PAUSE_MASKED,
+                       "in_call": SS_INJECT_PAUSE_IN_CALL,
+                       "after_call": SS_INJECT_PAUSE_AFTER_CALL,
+                       "in_close": SS_INJECT_PAUSE_IN_CLOSE,
+                       "put_back": SS_INJECT_PAUSE_PUT_BACK}
 
 
 def uffd_create(int flags):
@@ -160,6 +173,13 @@ def inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr, int f
         exc.inject_info = _info_dict(&info)
         raise exc
     return fd, _info_dict(&info)
+
+
+def inject_test_pause(int point, int ms, int notify_fd=-1):
+    """For tests only: later injections of this process pause ms milliseconds at
+    point (a value of INJECT_PAUSE_POINTS; 0 = off), first writing one byte to
+    notify_fd (when >= 0)."""
+    ss_inject_test_pause(point, ms, notify_fd)
 
 
 def inject_syscall(int tid, uint64_t syscall_addr, long nr, args=(), int timeout_ms=2000):

@@ -34,6 +34,27 @@ if TYPE_CHECKING:
 
 
 
+# Test hook: "POINT:MS[:FD]" pauses every injection of this process MS ms at POINT
+# (a key of _core.INJECT_PAUSE_POINTS), writing one byte to FD first, so that a test
+# can kill the tracker inside the injection (tests/test_inject_kill.py).
+TEST_PAUSE_ENV = "STATESYNC_TEST_INJECT_PAUSE"
+
+
+def _arm_test_pause() -> None:
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    try:
+        point = _core.INJECT_PAUSE_POINTS[parts[0]]
+        ms = int(parts[1])
+        fd = int(parts[2]) if len(parts) > 2 else -1
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"{TEST_PAUSE_ENV}={spec!r}: expected POINT:MS[:FD], POINT one of "
+                         f"{', '.join(_core.INJECT_PAUSE_POINTS)}") from None
+    _core.inject_test_pause(point, ms, fd)
+
+
 def _calls_began(exc: Optional[OSError]) -> bool:
     """True when an injection error happened once the injected calls had begun
     (the thread's registers and mask had been changed)."""
@@ -128,6 +149,7 @@ class _UffdBackend(_Backend):
             raise proc.os_error(pid, exc, "pidfd_open") from exc
         flags = os.O_CLOEXEC | os.O_NONBLOCK | _core.UFFD_USER_MODE_ONLY
         last: Optional[OSError] = None
+        _arm_test_pause()
         tids = [t for t in proc.threads(pid)
                 if proc.state(t, procfs=f"{proc.PROCFS}/{pid}/task") not in (None, "Z", "X", "D")]
         for tid in tids[:3] or [pid]:
