@@ -15,9 +15,17 @@
  * blocked (PTRACE_SETSIGMASK) and stays pending; a SIGSTOP that arrives in
  * that window is held and sent again after detaching.
  *
- * All ptrace calls are made from a dedicated thread: if the target never stops
- * (uninterruptible sleep) the thread gives up at the timeout and exits, and the
- * kernel detaches a tracer thread's tracees when it exits. No attachment leaks.
+ * All ptrace calls are made from an injector task that the calling thread
+ * starts and waits for: clone(CLONE_VM | CLONE_FILES) without CLONE_THREAD, its
+ * own process (and session), so that the death of the calling process (SIGKILL,
+ * a crash of another of its threads, a kill of its process group) cannot leave
+ * the target running on borrowed registers: the injector finishes or rolls back
+ * the injection and detaches whatever happens to its caller. If the target never
+ * stops (uninterruptible sleep) the injector gives up at the timeout and exits,
+ * and the kernel detaches a tracer's tracees when it exits. No attachment leaks.
+ * What still kills the injector with its caller: an OOM kill of the caller (the
+ * OOM killer kills every process sharing the victim's memory), a kill of the
+ * whole cgroup, a SIGKILL of the injector itself (docs/tracking.md).
  */
 #ifndef SS_PTRACE_H
 #define SS_PTRACE_H
