@@ -43,7 +43,9 @@ struct ss_inject_info {
     int forwarded_signals; /* signals delivered through while waiting to stop */
     int held_stop;         /* a stop signal held during the calls and re-sent */
     int stage;             /* last stage reached (see ss_ptrace.c); on failure the
-                              stage that failed. >= SS_INJECT_STAGE_CALL: our calls had
+                              stage that failed: 0 = the injector task could not be
+                              started (mmap/clone failed), nothing was done to the
+                              target. >= SS_INJECT_STAGE_CALL: our calls had
                               begun, the thread's registers and mask were changed */
     int restored;          /* 1: the thread's registers and signal mask were put back
                               and it was detached at a stop (always so on success);
@@ -82,7 +84,9 @@ int ss_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr);
  * the target to stop. Returns 0, or -errno:
  *   -EPERM   no right to trace it (or already traced by someone else)
  *   -ESRCH   it does not exist or exited meanwhile
- *   -EAGAIN  it is stopped by job control (SIGSTOP): left as it was
+ *   -EAGAIN  it is stopped by job control (SIGSTOP): left as it was; with
+ *            info->stage 0: the injector task could not be started (process
+ *            limit), nothing was done
  *   -ETIMEDOUT it did not stop in time (uninterruptible): left as it was when
  *            info->stage < SS_INJECT_STAGE_CALL; at or after it, an injected call
  *            outlived the timeout: the thread was interrupted, its registers and

@@ -186,6 +186,10 @@ class _UffdBackend(_Backend):
             raise ProcessGone(pid, "exited while we attached", exc)
         if exc is not None and _calls_began(exc):
             _raise_injection_failed(pid, exc)
+        if exc is not None and getattr(exc, "inject_info", {}).get("stage", -1) == 0:
+            raise TrackerUnavailable("uffd", f"could not start the injector task for pid {pid}: "
+                                             f"{msg} (errno {e}); raise the process limit "
+                                             "(ulimit -u) or free memory; it was left as it was")
         if e == errno.EPERM:
             st = proc.status(pid)
             tracer = int(st.get("TracerPid", "0") or 0)
