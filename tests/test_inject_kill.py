@@ -1,0 +1,265 @@
+"""A tracker SIGKILLed inside the ptrace injection of userfaultfd() must not harm the
+target (issue 10, item 8): the target stays alive, not stopped, not traced, with its
+signal mask, its pending signals delivered, and its computation going on exactly.
+
+The kill lands deterministically inside the injection through the injector's test
+hook (STATESYNC_TEST_INJECT_PAUSE=POINT:MS:FD, see tracking/uffd.py): it writes one
+byte to FD at POINT and pauses there, and the test kills the tracker then. Trackers
+are forked from one python that imported statesync already (a fresh interpreter per
+kill would cost most of the test's time)."""
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import require
+from statesync import _core, proc
+from statesync.tracking import tracking_methods
+
+# Three threads computing an LCG chain each, their own signal masks, a SIGUSR1
+# handler, and a main thread blocked in read(stdin) that, per line, checks every
+# chain against an independent recomputation from the last checked point.
+TARGET = r"""
+import json, signal, sys, threading, time
+M = (1 << 61) - 1
+lock = threading.Lock()
+state = [[0, 1 + i] for i in range(3)]
+usr1 = [0]
+signal.signal(signal.SIGUSR1, lambda s, f: usr1.__setitem__(0, usr1[0] + 1))
+def step(x):
+    return (x * 48271 + 11) % M
+def work(i):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGWINCH + i})
+    n, x = 0, 1 + i
+    while True:
+        for _ in range(500):
+            x = step(x)
+            n += 1
+        with lock:
+            state[i] = [n, x]
+        time.sleep(0.001)
+for i in range(3):
+    threading.Thread(target=work, args=(i,), daemon=True).start()
+checked = [[0, 1 + i] for i in range(3)]
+print("ready", flush=True)
+for line in sys.stdin:
+    with lock:
+        snap = [list(s) for s in state]
+    ok = True
+    for i, (n, x) in enumerate(snap):
+        n0, x0 = checked[i]
+        for _ in range(n - n0):
+            x0 = step(x0)
+        ok = ok and x0 == x
+        checked[i] = [n, x]
+    print(json.dumps({"n": [s[0] for s in snap], "ok": ok, "usr1": usr1[0]}), flush=True)
+"""
+
+# Forks one tracker per request "PID POINT MS FD"; answers with the tracker's pid.
+# Each tracker is its own process group (so a kill of the group is tested too).
+FACTORY = r"""
+import os, sys, time
+from statesync.tracking import Tracker
+import statesync.tracking.uffd
+print("ready", flush=True)
+for line in sys.stdin:
+    pid, point, ms, fd = line.split()
+    child = os.fork()
+    if child == 0:
+        os.setpgid(0, 0)
+        os.environ["STATESYNC_TEST_INJECT_PAUSE"] = f"{point}:{ms}:{fd}"
+        try:
+            t = Tracker(int(pid), method="uffd")
+            os.write(int(fd), b"A")   # attached: the kill came too late
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    print(child, flush=True)
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+"""
+
+POINTS = ["stopped", "masked", "in_call", "after_call", "in_close", "put_back"]
+PAUSE_MS = 150
+
+
+def _env():
+    env = dict(os.environ)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(_core.__file__)))
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("STATESYNC_TEST_INJECT_PAUSE", None)
+    return env
+
+
+def _start(code):
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def _ask(target):
+    """The target's progress report, or None when it died."""
+    try:
+        target.stdin.write("?\n")
+        target.stdin.flush()
+    except BrokenPipeError:
+        return None
+    r, _, _ = select.select([target.stdout], [], [], 10)
+    assert r, "the target does not answer"
+    line = target.stdout.readline()
+    return json.loads(line) if line else None
+
+
+def _death(target):
+    target.wait(5)
+    rc = target.returncode
+    return f"died of {signal.Signals(-rc).name}" if rc < 0 else f"exited {rc}"
+
+
+def _threads(pid):
+    """{tid: (state letter, TracerPid, SigBlk)} of every thread."""
+    out = {}
+    for tid in proc.threads(pid):
+        try:
+            st = proc.status(tid, procfs=f"{proc.PROCFS}/{pid}/task")
+        except Exception:
+            continue
+        out[tid] = (st.get("State", "?")[:1], st.get("TracerPid"), st.get("SigBlk"))
+    return out
+
+
+def _uffds(pid):
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += "userfaultfd" in os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+def _settle(target, timeout=10.0):
+    """Wait until no thread of the target is traced or in a ptrace stop."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if target.poll() is not None:
+            return None
+        th = _threads(target.pid)
+        if all(tr == "0" and s not in "tT" for s, tr, _ in th.values()):
+            return th
+        time.sleep(0.01)
+    return _threads(target.pid)
+
+
+def _one_kill(factory, target, point, group, r_fd, w_fd):
+    """One tracker killed at point. Returns None when the target came out whole,
+    else what was wrong with it."""
+    before = _threads(target.pid)
+    first = _ask(target)
+    assert first and first["ok"]
+    factory.stdin.write(f"{target.pid} {point} {PAUSE_MS} {w_fd}\n")
+    factory.stdin.flush()
+    tracker = int(factory.stdout.readline())
+    r, _, _ = select.select([r_fd], [], [], 30)
+    assert r, f"the tracker never reached pause point {point}"
+    got = os.read(r_fd, 1)
+    assert got == bytes([_core.INJECT_PAUSE_POINTS[point]]), got
+    injector = int(proc.status(target.pid)["TracerPid"])
+    os.kill(target.pid, signal.SIGUSR1)      # must be held, then delivered
+    if group:
+        os.killpg(tracker, signal.SIGKILL)   # the tracker's whole process group
+    else:
+        os.kill(tracker, signal.SIGKILL)
+    after = _settle(target)
+    time.sleep(0.1)    # a thread detached with borrowed registers dies soon after
+    if after is None or target.poll() is not None:
+        return _death(target)
+    bad = [f"tid {t}: state {s} TracerPid {tr}" for t, (s, tr, _) in after.items()
+           if tr != "0" or s in "tT"]
+    if bad:
+        return "left traced/stopped: " + ", ".join(bad)
+    masks = {t: b for t, (_, _, b) in after.items()}
+    changed = [f"tid {t}: SigBlk {before[t][2]} -> {masks[t]}" for t in before
+               if t in masks and masks[t] != before[t][2]]
+    if changed:
+        return "signal mask changed: " + ", ".join(changed)
+    time.sleep(0.05)
+    now = _ask(target)
+    if now is None:
+        return _death(target)
+    if not now["ok"]:
+        return "its computation went wrong"
+    if not all(b > a for a, b in zip(first["n"], now["n"])):
+        return f"stopped computing: {first['n']} -> {now['n']}"
+    if now["usr1"] <= first["usr1"]:
+        return "the SIGUSR1 sent during the injection was lost"
+    if _uffds(target.pid):
+        return "a userfaultfd descriptor was left in it"
+    # the injector is gone (or a zombie nobody reaps), never left running
+    if injector and proc.exists(injector) and proc.state(injector) not in ("Z", "X", None):
+        deadline = time.monotonic() + 5
+        while proc.exists(injector) and proc.state(injector) not in ("Z", "X", None):
+            if time.monotonic() > deadline:
+                return f"injector {injector} still running"
+            time.sleep(0.01)
+    return None
+
+
+def test_tracker_killed_inside_the_injection_leaves_the_target_whole():
+    require(tracking_methods()["uffd"][0], "uffd tracking unavailable")
+    require(hasattr(_core, "inject_test_pause"), "the injector has no test hook")
+    rounds = int(os.environ.get("STATESYNC_INJECT_KILL_ROUNDS", "3"))
+    r_fd, w_fd = os.pipe()
+    factory = subprocess.Popen([sys.executable, "-c", FACTORY], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=_env(),
+                               pass_fds=(w_fd,), start_new_session=True)
+    target = None
+    results = []
+    try:
+        assert factory.stdout.readline().strip() == "ready"
+        target = _start(TARGET)
+        k = 0
+        for _ in range(rounds):
+            for point in POINTS:
+                if target.poll() is not None:      # (measuring a broken injector)
+                    target = _start(TARGET)
+                group = (k + k // len(POINTS)) % 2 == 1   # each point both ways
+                why = _one_kill(factory, target, point, group, r_fd, w_fd)
+                results.append((point, "pgrp" if group else "pid", why))
+                k += 1
+    finally:
+        for p in (factory, target):
+            if p is not None:
+                p.kill()
+                p.wait()
+        os.close(r_fd)
+        os.close(w_fd)
+    bad = [r for r in results if r[2]]
+    print(f"{len(bad)} of {len(results)} kills harmed the target")
+    assert not bad, f"{len(bad)} of {len(results)} kills harmed the target: " + "; ".join(
+        f"{p} ({how}): {why}" for p, how, why in bad)
+
+
+def test_injector_that_cannot_start_is_a_one_line_error():
+    """clone() refused (EAGAIN at the process limit, ENOMEM): stage 0, nothing was done
+    to the target; the error says so, not "stopped by job control"."""
+    from statesync import errors
+    from statesync.tracking.uffd import _UffdBackend
+    exc = OSError(11, os.strerror(11))
+    exc.inject_info = {"stage": 0, "restored": False}
+    me = os.getpid()     # (exists: the error is not ProcessGone)
+    with pytest.raises(errors.TrackerUnavailable) as ei:
+        _UffdBackend._raise_inject_error(me, exc)
+    msg = str(ei.value)
+    assert "injector task" in msg and "ulimit -u" in msg and "\n" not in msg
+    assert "job control" not in msg
