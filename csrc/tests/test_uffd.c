@@ -343,6 +343,76 @@ static void test_inject_timeout(int mode)
     close(ack[0]);
 }
 
+/* The caller of the injection (the "tracker", a forked child here) is SIGKILLed
+ * while the injection is paused at `point` by the test hook: the injector task
+ * outlives it, finishes and detaches. The target (blocked in read(2), SIGUSR2
+ * blocked) must come out untraced, with its mask, and answer its next command. */
+static void test_inject_caller_killed(int point)
+{
+    int cmd[2], ack[2], note[2];
+    signal(SIGPIPE, SIG_IGN); /* a dead target is a failed check, not our death */
+    CHECK(pipe(cmd) == 0 && pipe(ack) == 0 && pipe(note) == 0);
+    pid_t target = fork();
+    if (target == 0) {
+        sigset_t m;
+        sigemptyset(&m);
+        sigaddset(&m, SIGUSR2);
+        sigprocmask(SIG_BLOCK, &m, NULL);
+        unsigned char i;
+        close(cmd[1]);
+        close(ack[0]);
+        while (read(cmd[0], &i, 1) == 1)
+            if (write(ack[1], &i, 1) != 1)
+                _exit(3);
+        _exit(0);
+    }
+    close(cmd[0]);
+    close(ack[1]);
+    alarm(20);
+    usleep(50000);
+    char tracer[32] = "?", before[32] = "?", after[32] = "?";
+    CHECK(tracer_and_blocked(target, tracer, before) == 0);
+    uint64_t vdso = getauxval(AT_SYSINFO_EHDR), insn = 0;
+    CHECK(ss_find_syscall_insn(target, vdso, vdso + 2 * ps, &insn) == 0);
+    pid_t tracker = fork();
+    if (tracker == 0) {
+        close(note[0]);
+        int pidfd = (int)syscall(SYS_pidfd_open, target, 0);
+        int uffd = -1;
+        struct ss_inject_info info;
+        ss_inject_test_pause(point, 300, note[1]);
+        ss_inject_userfaultfd(target, target, pidfd, insn,
+                              O_CLOEXEC | O_NONBLOCK | SS_UFFD_USER_MODE_ONLY, 2000, &uffd, &info);
+        _exit(9); /* not reached in time: the test kills us in the pause */
+    }
+    close(note[1]);
+    unsigned char at = 0;
+    CHECK(read_within(note[0], &at, 1, 10000) == 0 && at == point);
+    kill(tracker, SIGKILL);
+    int st = 0;
+    CHECK(waitpid(tracker, &st, 0) == tracker && WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+    /* the injector sleeps out the pause, then finishes and detaches */
+    int settled = 0;
+    for (int k = 0; k < 600 && !settled; k++) {
+        usleep(10000);
+        CHECK(tracer_and_blocked(target, tracer, after) == 0);
+        settled = strcmp(tracer, "0") == 0 && proc_state(target) != 't';
+    }
+    CHECK(settled);
+    CHECK(strcmp(before, after) == 0);
+    unsigned char i = 7, a = 0;
+    CHECK(write(cmd[1], &i, 1) == 1);
+    CHECK(read_within(ack[0], &a, 1, 5000) == 0 && a == 7);
+    close(cmd[1]);
+    CHECK(waitpid(target, &st, 0) == target);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    if (!(WIFEXITED(st) && WEXITSTATUS(st) == 0))
+        printf("point %d: target status %#x (signal %d)\n", point, st,
+               WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+    close(ack[0]);
+    close(note[0]);
+}
+
 int main(void)
 {
     ps = (size_t)sysconf(_SC_PAGESIZE);
@@ -357,5 +427,8 @@ int main(void)
     test_inject_timeout(0);
     test_inject_timeout(1);
     test_inject_timeout(2);
+    test_inject_caller_killed(SS_INJECT_PAUSE_MASKED);
+    test_inject_caller_killed(SS_INJECT_PAUSE_IN_CALL);
+    test_inject_caller_killed(SS_INJECT_PAUSE_PUT_BACK);
     TEST_DONE();
 }
