@@ -285,3 +285,16 @@ __all__ = [
     "ContainerError", "ContainerNotFound", "CheckpointArchiveError", "NetworkMoveError",
     "InDoubt", "DestinationBusy", "UnsafeDirectory",
 ]
+
+
+# ------------------------------------------------------------------- hybrid (issue 11 item 3)
+
+
+class PostCopyLinkLost(MigrationError):
+    """The link to the source failed while pages were still only there (post-copy or
+    hybrid switch-over): the destination's copy cannot complete. The destination kills
+    it; the source still holds its frozen, complete copy and resumes it once the
+    destination confirms (or `statesync recover` does; docs/postcopy.md)."""
+
+    def __init__(self, msg: str, phase: str = "post_switch", report=None):
+        super().__init__(msg, phase, report)

@@ -18,7 +18,7 @@ from statesync._consts import PAGE_SIZE
 from statesync.criu import images as _criu_images
 from statesync.errors import StateSyncError
 
-STRATEGIES = ("auto", "cold", "precopy", "iterative")
+STRATEGIES = ("auto", "cold", "precopy", "iterative", "postcopy", "hybrid")
 DEFAULT_PORT = 7411
 BATCH_PAGES = 1024             # pages per read/encode batch (4 MiB)
 MAX_BATCH_PAGES = 8192         # largest batch a destination accepts in one frame

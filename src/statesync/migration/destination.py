@@ -87,6 +87,7 @@ class _DestinationSession:
         self.source_aborted = False    # the source told us ABORT itself
         self.result: dict = {"ok": False, "session": self.session, "encryption": chan.cipher}
         self.daemon: Optional["LazyPagesDaemon"] = None   # of a lazy switch-over
+        self.pc: Any = None     # post-copy / hybrid: migration.postcopy.DestPostCopy
         self.record_path = records.record_path(server.state_base, "dest", self.session)
 
     def _record(self, state, **fields) -> None:
@@ -167,6 +168,9 @@ class _DestinationSession:
                 await self.chan.send_json(wire.ROUND_ACK, {"held_pages": len(self.store)})
             elif mtype == wire.IMAGE:
                 self._write_image_piece(payload)
+            elif mtype == wire.PC_REMOTE:       # post-copy: pages left at the source
+                from statesync.migration.postcopy import DestPostCopy
+                self.pc = DestPostCopy.from_frame(payload, self.chan.timeout)
             elif mtype == wire.FINAL:
                 info, tail = wire.unpack_json(payload)
                 await self._finish(info, tail)
@@ -242,6 +246,8 @@ class _DestinationSession:
         if lazy:
             lazy_keys = every[:bounds[1]]
             _, found = self.store.lookup(lazy_keys)
+            if self.pc is not None:     # post-copy: those come after the resume
+                found |= np.isin(lazy_keys, self.pc.remote)
             if not found.all():
                 miss = lazy_keys[~found]
                 raise MigrationError(f"lazy restore impossible: {miss.size} lazy pages never "
@@ -272,8 +278,11 @@ class _DestinationSession:
                 from statesync.migration.lazy import LazyPagesDaemon
                 # Built (every lazy page checked against the store) and listening before
                 # CRIU starts: CRIU connects to lazy-pages.socket in its work dir at once.
-                self.daemon = LazyPagesDaemon(final_dir, self.store, accept_timeout=60.0)
+                self.daemon = LazyPagesDaemon(final_dir, self.store, accept_timeout=60.0,
+                                              **(self.pc.daemon_kw() if self.pc else {}))
                 self.daemon.start()
+                if self.pc is not None:
+                    self.chan = self.pc.attach(self.chan)   # PC_PAGES, requests from now
             await self._restore_stopped(final_dir, pidfile, lazy)
         except (CriuError, OSError, ValueError, MigrationError) as exc:
             await self.chan.send_json(wire.FAILED, {"error": str(exc)[-3000:]})
@@ -376,7 +385,8 @@ class _DestinationSession:
             return {}
         t0 = time.monotonic()
         try:
-            st = await asyncio.to_thread(d.wait, 120.0)
+            st = await (self.pc.wait(d) if self.pc is not None
+                        else asyncio.to_thread(d.wait, 120.0))
         except Exception as exc:
             raise MigrationError(f"lazy-pages daemon failed after the resume: {exc}",
                                  "post_switch") from exc
@@ -385,6 +395,8 @@ class _DestinationSession:
         out = {"fill_s": time.monotonic() - t0 if not st.fill_s else float(st.fill_s),
                "pages_filled": float(st.pages_filled), "faults": float(st.faults),
                "fault_p50_ns": float(st.fault_p50_ns), "fault_p99_ns": float(st.fault_p99_ns)}
+        if self.pc is not None:
+            out.update(self.pc.post_switch(st))
         self.result["post_switch"] = out
         return out
 
@@ -399,7 +411,7 @@ class _DestinationSession:
             raise MigrationError("source aborted after restore", "commit")
         self._record(D.COMMITTED, restored_pid=self.restored_pid,
                      restored_start=self.restored_start, lazy=self.daemon is not None,
-                     filled=False)
+                     filled=False, postcopy=self.pc is not None)
         fault("dest:commit_received")
         resume_tree(self.restored_pid, self.restored_start)
         self.result.update(ok=True)
@@ -433,7 +445,7 @@ class _DestinationSession:
         (frozen or resumed), since it kills it only after our RESUMED."""
         hold = self.server.hold_for(self.begin)
         self._record(D.PREPARED, restored_pid=self.restored_pid,
-                     restored_start=self.restored_start)
+                     restored_start=self.restored_start, postcopy=self.pc is not None)
         self.log(f"session {self.session}: lost the source before COMMIT ({exc}); "
                  f"holding the stopped copy (pid {self.restored_pid}) {hold:.0f} s for it")
         outcome = await self.server.wait_resolution(self.session, hold)
@@ -727,7 +739,9 @@ class DestinationServer:
         st = r.get("state")
         pid, start = r.get("restored_pid"), r.get("restored_start")
         if st == D.PREPARED.value:
-            if decision == "commit" and (pid is None or records.alive(pid, start)):
+            # (a post-copy copy cannot complete without the link it lost: dropped)
+            if decision == "commit" and (pid is None or records.alive(pid, start)) \
+                    and not r.get("postcopy"):
                 records.transition(path, self.state_base, "dest", D.COMMITTED)
                 resume_tree(pid, start)
                 records.transition(path, self.state_base, "dest", D.RESUMED)
@@ -739,6 +753,9 @@ class DestinationServer:
                 drop_images(r)
                 records.transition(path, self.state_base, "dest", D.ABORTED)
                 st = D.ABORTED.value
+        elif st in (D.COMMITTED.value, D.RESUMED.value) and r.get("postcopy") \
+                and not r.get("filled"):
+            return {"state": "pending"}     # post-copy still running: not decided yet
         elif st == D.COMMITTED.value:
             resume_tree(pid, start)
             records.transition(path, self.state_base, "dest", D.RESUMED)

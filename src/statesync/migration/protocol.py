@@ -78,6 +78,13 @@ NAMES.update({RESUMED: "RESUMED", RESOLVE: "RESOLVE", STATUS: "STATUS", BUSY: "B
 # its frozen copy until then; docs/migrate.md).
 FILLED = 18
 NAMES[FILLED] = "FILLED"
+# Post-copy / hybrid switch-over (migration/postcopy.py, docs/postcopy.md): PC_REMOTE =
+# the pages still only at the source (before FINAL); PC_REQUEST = the destination asks
+# for pages a fault waits on; PC_PAGES = page contents (requested or pushed); PC_ACK =
+# how many the destination has received (the source's push window).
+PC_REMOTE, PC_REQUEST, PC_PAGES, PC_ACK = 19, 20, 21, 22
+NAMES.update({PC_REMOTE: "PC_REMOTE", PC_REQUEST: "PC_REQUEST", PC_PAGES: "PC_PAGES",
+              PC_ACK: "PC_ACK"})
 
 
 _SECRET_HOWTO = "e.g. `head -c 32 /dev/urandom | base64 > FILE`, then pass secret=\"@FILE\""

@@ -281,7 +281,7 @@ class _SourceAgent(SwitchOver):
             plan = exc.best
             rep.notes.append(f"targets not achievable ({exc}); running the best plan")
         if self.strategy == "auto":
-            self.mode = "iterative" if plan.strategy == "precopy" else "cold"
+            self.mode = {"precopy": "iterative", "hybrid": "hybrid"}.get(plan.strategy, "cold")
         if self.compression == "auto":
             self.codec = self._make_codec(plan.codec)
         rep.codec = self.codec.name
@@ -305,6 +305,9 @@ class _SourceAgent(SwitchOver):
     async def _precopy(self) -> None:
         from statesync.planning import kpi
         rep = self.report
+        if self.mode == "postcopy":     # no pre-copy round at all (migration/postcopy.py)
+            from statesync.migration import postcopy
+            return postcopy.skip_precopy(self)
         addrs = self.state_addrs
         index = 0
         while True:
@@ -329,6 +332,9 @@ class _SourceAgent(SwitchOver):
                 reason = d.reason or "scheduler: stop and copy"
             elif index + 1 >= self.max_rounds:
                 reason = f"max rounds ({self.max_rounds})"
+            elif self.mode == "hybrid":     # switch over before convergence
+                from statesync.migration.postcopy import hybrid_stop
+                reason = hybrid_stop(rep.rounds)
             else:
                 reason = ""
             rnd.decision = reason or f"continue: {d.reason}"
@@ -355,6 +361,8 @@ class _SourceAgent(SwitchOver):
         """Lazy switch-over when asked or (auto) when this host can: the tracker stays
         attached through the freeze, CRIU and the kernel do lazy pages, and the tree is
         one process (the destination's page store is one address space)."""
+        if self.mode in ("postcopy", "hybrid") and self.strategy == self.mode:
+            self.switchover = "lazy"    # post-copy runs on the lazy switch-over only
         if self.switchover == "full":
             return False
         why = lazy_unavailable()

@@ -168,6 +168,9 @@ class SwitchOver:
     committing: bool
     cancel_requested: bool
     _criu: Optional[subprocess.Popen]
+    mode: str
+    link_rate_Bps: Optional[float]
+    pc: Any = None      # post-copy / hybrid: migration.postcopy.SourcePostCopy
 
     if TYPE_CHECKING:
         def _emit(self, kind: str, **kw: Any) -> None: ...
@@ -187,6 +190,8 @@ class SwitchOver:
         try:
             await self._switchover_in(tmp)
         finally:
+            if self.pc is not None:
+                self.pc.close()
             self._wait_criu()
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -485,6 +490,12 @@ class SwitchOver:
             return lz, lz[need]
 
         lz, need = await asyncio.to_thread(select)
+        pc = None
+        if self.mode in ("postcopy", "hybrid"):    # what is not sent now stays here
+            from statesync.migration import postcopy
+            need, remote = postcopy.split_final(self, need)
+            pc = self.pc = postcopy.SourcePostCopy(remote, self.mem.read, self.io_timeout,
+                                                   self._postcopy_acked, self.link_rate_Bps)
         pm = _LazyPagemap(os.path.join(tmp, main_pm), PAGE_SIZE)
         # The other pagemaps (shared-memory objects; a child appearing makes the dump
         # full instead) hold their pages in pages files, pre-copied like the rest:
@@ -544,14 +555,20 @@ class SwitchOver:
             n_final += n_o
         rep.final_pages = n_final
         rep.final_bytes_wire = self.chan.bytes_sent - b0
-        self._record(S.FROZEN, final_sent=True)
+        self._record(S.FROZEN, final_sent=True,
+                     **({"postcopy": True, "remote_pages": pc.n} if pc else {}))
+        if pc:
+            await self.chan.send(wire.PC_REMOTE, pc.payload_remote())
         await self.chan.send_json(
-            wire.FINAL, {"lazy": True, "pid": vpid, "count": int(lz.size),
+            wire.FINAL, {"lazy": True, "postcopy": pc is not None, "pid": vpid,
+                         "count": int(lz.size),
                          "images_bytes": rep.images_bytes,
                          "more": [{"pages_file": pf, "count": int(k.size)}
                                   for pf, k, _, _ in other_parts]},
             np.ascontiguousarray(np.concatenate([lz] + [k for _, k, _, _ in other_parts]),
                                  dtype="<u8").tobytes())
+        if pc:
+            self.chan = pc.attach(self.chan)    # requests are served from now on
         fault("source:after_final")
         self._emit("phase", phase="restore", final_pages=n_final)
         info, t4 = await self._await_restored()
@@ -587,7 +604,12 @@ class SwitchOver:
             # The copy runs; its lazy-pages daemon is still placing pages. Ours stays
             # frozen until FILLED: a fill that fails drops theirs, and ours resumes.
             try:
-                _, payload = await self.chan.expect(wire.FILLED, timeout=self.io_timeout + 60)
+                if self.pc is not None:         # post-copy: push until FILLED
+                    self.pc.start_push()
+                    _, payload = await self.pc.wait_filled()
+                else:
+                    _, payload = await self.chan.expect(wire.FILLED,
+                                                        timeout=self.io_timeout + 60)
                 filled, _ = wire.unpack_json(payload)
             except StateSyncError as exc:
                 self.report.notes.append(f"no FILLED after RESUMED ({exc}); asking the "
@@ -598,12 +620,19 @@ class SwitchOver:
             # the lazy fill after the resume: not downtime, the post-switch phase
             self.report.post_switch = {k: float(v) for k, v in post.items()
                                        if isinstance(v, (int, float))}
+            if self.pc is not None:
+                self.report.post_switch.update(self.pc.stats())
         await self._finish_commit(resumed.get("pid"))
         try:
             await self.chan.send_json(wire.DONE, {"session": self.session})
         except StateSyncError:
             pass
         return t_resumed
+
+    def _postcopy_acked(self) -> None:
+        """Post-copy: the destination has every page; the record says so (the frozen
+        copy is still kept until FILLED: the pages must also be placed)."""
+        self._record(S.COMMITTING, postcopy_acked=True)
 
     async def _finish_commit(self, dest_pid) -> None:
         # The destination runs the service: now the stopped source copy goes, and is
