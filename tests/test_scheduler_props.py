@@ -85,7 +85,7 @@ def drive(name, obs, tgt, rs):
         assert exc.field.startswith("Targets")
         assert exc.best is not None and exc.best_downtime_s >= 0
         p = exc.best
-    assert isinstance(p, Plan) and p.strategy in ("cold", "precopy")
+    assert isinstance(p, Plan) and p.strategy in ("cold", "precopy", "hybrid")
     assert p.bandwidth_bytes_per_s > 0 and p.codec in ["none"] + [c.name for c in obs.codecs]
     out.append(p)
     if p.strategy == "cold":

@@ -71,7 +71,11 @@ class Report:
     # background after the resume) or "full" (complete image set, full criu restore)
     switchover: str = ""
     # the post-switch phase of a lazy switch-over: fill_s (seconds from the resume to
-    # the last page placed), pages_filled, faults, fault_p50_ns / fault_p99_ns
+    # the last page placed), pages_filled, faults, fault_p50_ns / fault_p99_ns; with
+    # post-copy (strategy postcopy/hybrid) also postcopy = 1, remote_pages (left at the
+    # source at the freeze), remote_faults (faults that waited for the source),
+    # remote_requested, remote_exist, remote_fault_p50_ns / _p99_ns / _max_ns (fault to
+    # page placed, round trip included) and push_s (resume to last page acknowledged)
     post_switch: Dict[str, float] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     # KPI: {"max_downtime_s": {"target": 1.0, "measured": 0.2, "met": True}, ...};
@@ -169,6 +173,13 @@ class Report:
                          f"{ps.get('fill_s', 0.0) * 1e3:.1f} ms by the lazy-pages daemon, "
                          f"{int(ps.get('faults', 0))} faults (p99 "
                          f"{ps.get('fault_p99_ns', 0.0) / 1e3:.0f} us)")
+            if ps.get("postcopy"):
+                lines.append(f"  post-copy: {int(ps.get('remote_pages', 0))} pages were left at "
+                             f"the source, {int(ps.get('remote_faults', 0))} faults served "
+                             f"remotely (p50 {ps.get('remote_fault_p50_ns', 0.0) / 1e6:.2f} ms, "
+                             f"p99 {ps.get('remote_fault_p99_ns', 0.0) / 1e6:.2f} ms), "
+                             f"all acknowledged {ps.get('push_s', 0.0) * 1e3:.0f} ms after "
+                             f"the resume")
         lines.append(f"  downtime {ms(self.downtime_s).strip()} (predicted "
                      f"{ms(self.predicted_downtime_s).strip()}), total {ms(self.total_s).strip()}, "
                      f"{self.bytes_wire_total / 1e6:.2f} MB on the wire")
@@ -195,7 +206,10 @@ class Report:
         ``_duration_seconds``, ``_wire_bytes``, ``_state_bytes``, ``_final_bytes``,
         ``_rounds``, ``_success`` (1/0), ``_source_resumed`` (1/0, failed ones),
         ``_kpi_met{target=...}`` (1/0), ``_phase_seconds{phase=...}``,
-        ``_round_wire_bytes{round=...}``, ``_start_timestamp_seconds`` (Unix time;
+        ``_round_wire_bytes{round=...}``, ``_post_switch_seconds`` (resume to the last
+        page in place), ``_post_switch_faults{served=local|remote}``,
+        ``_post_switch_fault_latency_seconds{served=...,quantile=0.5|0.99}`` (lazy and
+        post-copy switch-overs), ``_start_timestamp_seconds`` (Unix time;
         with node-exporter's textfile collector, say which run the file describes) and
         ``_info{codec=...,encryption=...}`` (always 1; ``encryption`` is the cipher
         suite, ``hmac-sha256`` when off).
@@ -238,6 +252,23 @@ class Report:
                    ["round"] + names, registry=reg)
         for r in self.rounds:
             rb.labels(round=str(r.index), **base).set(r.bytes_wire)
+        ps = self.post_switch
+        if ps:
+            Gauge(f"{prefix}_post_switch_seconds", "Resume to the last page in place (lazy "
+                  "fill or post-copy)", names, registry=reg).labels(**base).set(
+                float(ps.get("fill_s", nan)))
+            remote = float(ps.get("remote_faults", 0.0))
+            fg = Gauge(f"{prefix}_post_switch_faults", "Page faults after the resume, by where "
+                       "the page came from", ["served"] + names, registry=reg)
+            fg.labels(served="local", **base).set(float(ps.get("faults", 0.0)) - remote)
+            fg.labels(served="remote", **base).set(remote)
+            lg = Gauge(f"{prefix}_post_switch_fault_latency_seconds", "Fault service time "
+                       "after the resume", ["served", "quantile"] + names, registry=reg)
+            for served, key in (("local", "fault"), ("remote", "remote_fault")):
+                for q, qn in (("0.5", "p50"), ("0.99", "p99")):
+                    lv = ps.get(f"{key}_{qn}_ns")
+                    if lv is not None:
+                        lg.labels(served=served, quantile=q, **base).set(float(lv) / 1e9)
         Gauge(f"{prefix}_info", "Always 1; labels: codec and wire encryption used",
               ["codec", "encryption"] + names, registry=reg).labels(
             codec=self.codec, encryption=self.encryption or "unknown", **base).set(1)

@@ -294,8 +294,10 @@ ABORT = Action.ABORT
 @dataclass(frozen=True)
 class Plan:
     """A scheduler's plan. ``strategy`` is ``"cold"`` (freeze and copy everything, no
-    live rounds: do not call ``on_round``) or ``"precopy"`` (live rounds, round 0
-    copies everything, then follow ``on_round``). ``rounds``: planned live rounds
+    live rounds: do not call ``on_round``), ``"precopy"`` (live rounds, round 0
+    copies everything, then follow ``on_round``) or ``"hybrid"`` (as precopy for at
+    most ``rounds`` rounds, then switch over before convergence: what is still dirty
+    is fetched after the resume, post-copy). ``rounds``: planned live rounds
     (a forecast; ``on_round`` decides). ``bandwidth_bytes_per_s``: rate to reserve /
     cap the transfer at. ``codec``: ``"none"`` or a :class:`Codec` name. ``predicted_*``:
     the model's forecast of this plan. ``feasible``: whether it meets the targets."""

@@ -43,6 +43,9 @@ from statesync.planning.kpi import (
 )
 
 ENTRY_POINT_GROUP = "statesync.schedulers"
+# hybrid / post-copy plans (migration/postcopy.py runs them): at most this many live
+# rounds, then the switch-over leaves what is still dirty at the source
+HYBRID_MAX_ROUNDS = 3
 
 
 @runtime_checkable
@@ -374,8 +377,15 @@ class AdaptiveScheduler(BaseScheduler):
         max_wait_rounds: int = 8,
         abort_when_infeasible: bool = False,
         codecs: bool = True,
+        hybrid: bool = True,
+        hybrid_ratio: float = 0.65,
     ):
         super().__init__()
+        # hybrid / post-copy (migration/postcopy.py): chosen when r = dirty rate /
+        # throughput >= hybrid_ratio (pre-copy diverges) and the model predicts a lower
+        # downtime for it than for the best pre-copy plan
+        self.hybrid = bool(hybrid)
+        self.hybrid_ratio = float(hybrid_ratio)
         self.risk = float(risk)
         self.safe_margin = float(safe_margin)
         self.max_wait_rounds = int(max_wait_rounds)
@@ -470,6 +480,49 @@ class AdaptiveScheduler(BaseScheduler):
 
     # -- plan ---------------------------------------------------------------------------------
     def _plan(self) -> Plan:
+        try:
+            p, infeasible = self._plan_precopy(), None
+        except Infeasible as exc:
+            p, infeasible = exc.best, exc
+        h = self._hybrid_plan(p) if p is not None else None
+        if h is not None:
+            return h
+        if infeasible is not None:
+            raise infeasible
+        return p
+
+    def _hybrid_plan(self, p: Plan) -> Optional[Plan]:
+        """The hybrid plan, when the writer outruns the link (r >= hybrid_ratio: every
+        round takes about as long as the one before, the dirty set never shrinks to
+        what fits the downtime) and the model predicts less downtime for it than for
+        ``p``, the best pre-copy plan. Its downtime does not grow with the dirty set:
+        the dump of everything but the lazy pages, the cheap part of the dirty set
+        (5 ms of link), one round trip, and a lazy restore (``restore_fixed``)."""
+        if not self.hybrid:
+            return None
+        m, t = self.model, self.targets
+        bw = self.max_bandwidth
+        thr = m.throughput(p.codec if p.codec in m.codecs else NO_CODEC, bw)
+        r = m.dirty_rate * m.page_size / max(thr, 1.0)
+        if r < self.hybrid_ratio:
+            return None
+        down = m.dump_fixed + m.rtt + m.restore_fixed + 0.005
+        if down >= p.predicted_downtime_s:
+            return None
+        # round 0 moves the state; post-copy then moves what was written meanwhile
+        t0 = m.round_time(m.state_pages, p.codec, bw)
+        post = min(m.dirty_pages(t0), m.state_pages) * m.page_size / max(thr, 1.0)
+        total = t0 + down + post
+        wire = m.wire_bytes(m.state_pages + min(m.dirty_pages(t0), m.state_pages), p.codec)
+        ok = down <= t.max_downtime_s and total <= t.max_total_time_s
+        return Plan("hybrid", HYBRID_MAX_ROUNDS, float(bw), p.codec, down, total, wire, ok,
+                    f"hybrid: dirty rate / throughput r = {r:.2f} >= {self.hybrid_ratio:g}, "
+                    f"pre-copy does not converge (best predicted downtime "
+                    f"{p.predicted_downtime_s:.3f} s); switch over after at most "
+                    f"{HYBRID_MAX_ROUNDS} rounds with post-copy: predicted downtime "
+                    f"{down:.3f} s, post-copy {post:.3f} s", self.name)
+
+    def _plan_precopy(self) -> Plan:
         m, t = self.model, self.targets
         bw = self.max_bandwidth
         cands = self._options(m.state_pages, bw)
