@@ -8,11 +8,20 @@ testbed's two namespaces (statesync.testing.testbed):
 - ``ss-lazy``: statesync iterative pre-copy with the lazy switch-over (freeze-time
   work in the final dirty set; the destination restores lazily from the pages it
   already holds: ``migrate(..., switchover="lazy")``);
+- ``ss-hybrid``: statesync hybrid (``strategy="hybrid"``): at most three pre-copy
+  rounds, then the lazy switch-over leaves what is still dirty at the source; the
+  destination fetches it on demand (a fault waits for its page) while the source
+  pushes the rest in the background (post-copy; docs/postcopy.md);
 - ``criu-postcopy``: CRIU's post-copy: ``criu dump --lazy-pages`` at the source (its
   page server holds the pages), the images copied over the link, ``criu lazy-pages
   --page-server`` + ``criu restore --lazy-pages`` at the destination;
 - ``criu-cold``: ``criu dump --page-server`` into ``criu page-server`` at the
   destination, the other images copied over the link, ``criu restore``.
+
+Cases: ``small`` (25 MB workload, 200 pages/s), ``hot`` (64 MB workload rewriting 20,000
+pages/s = 122% of its pages per second: pre-copy cannot converge at 1 Gbit/s,
+r = dirty rate / bandwidth = 0.66), ``redis`` (~256 MB under writes), ``redis2g``
+(~2 GB under writes).
 
 Downtime is measured from outside: the workload generator's heartbeats (every 2 ms)
 or, for redis, a client in its own thread issuing ``GET`` of random keys every 10 ms
@@ -25,6 +34,8 @@ Run as root::
 
     .venv/bin/python benchmarks/bench_switchover.py                        # small + redis, 1gbit
     .venv/bin/python benchmarks/bench_switchover.py --cases redis --rates 1gbit,100mbit
+    .venv/bin/python benchmarks/bench_switchover.py --cases hot \
+        --modes ss-iterative,ss-hybrid,criu-postcopy
     .venv/bin/python benchmarks/bench_switchover.py --json out.json
 
 ``fs.pipe-max-size`` is raised to 4 MiB for the run (CRIU's lazy page server fails
@@ -53,7 +64,8 @@ from statesync.testing.services import RedisWriter, spawn_redis
 from statesync.testing.testbed import Testbed
 
 SECRET = b"statesync-benchmark-secret-0123456789"
-MODES = ("ss-iterative", "ss-lazy", "criu-postcopy", "criu-cold")
+MODES = ("ss-iterative", "ss-lazy", "ss-hybrid", "criu-postcopy", "criu-cold")
+HOT_MB, HOT_RATE = 64, 20000.0      # the high-dirty-rate case: 122% of its pages per second
 
 
 class LatencyProber:
@@ -195,8 +207,8 @@ def _restored_pid(tb: Testbed, pidfile: str) -> Optional[int]:
 # --------------------------------------------------------------------------- modes
 
 
-def run_statesync(tb, pid, port, lazy: bool, link_bps) -> dict:
-    kw = dict(strategy="iterative", secret=SECRET, netns=tb.ns_a, io_timeout=60,
+def run_statesync(tb, pid, port, lazy: bool, link_bps, strategy: str = "iterative") -> dict:
+    kw = dict(strategy=strategy, secret=SECRET, netns=tb.ns_a, io_timeout=60,
               link_rate=link_bps)
     if "switchover" in inspect.signature(migrate).parameters:
         kw["switchover"] = "lazy" if lazy else "full"
@@ -204,11 +216,16 @@ def run_statesync(tb, pid, port, lazy: bool, link_bps) -> dict:
         return {"skipped": "this statesync has no lazy switch-over"}
     t0 = time.monotonic()
     rep = migrate(pid, f"{tb.addr_b}:{port}", **kw)
-    post = float((getattr(rep, "post_switch", None) or {}).get("fill_s", 0.0))
+    ps = getattr(rep, "post_switch", None) or {}
+    post = float(ps.get("push_s") or ps.get("fill_s", 0.0))
     return {"engine_downtime_s": rep.downtime_s, "t0": t0, "restored_pid": rep.restored_pid,
             "phases": rep.phases, "state_mb": rep.state_pages * 4096 / 1e6,
             "final_pages": rep.final_pages, "post_switch_s": post,
-            "switchover": getattr(rep, "switchover", "")}
+            "switchover": getattr(rep, "switchover", ""), "rounds": len(rep.rounds),
+            "remote_pages": ps.get("remote_pages", 0.0),
+            "remote_faults": ps.get("remote_faults", 0.0),
+            "remote_fault_p50_ms": ps.get("remote_fault_p50_ns", 0.0) / 1e6,
+            "remote_fault_p99_ms": ps.get("remote_fault_p99_ns", 0.0) / 1e6}
 
 
 def run_criu_postcopy(tb, pid, log_dir) -> dict:
@@ -276,6 +293,33 @@ def run_criu_cold(tb, pid, log_dir) -> dict:
 # --------------------------------------------------------------------------- cases
 
 
+def _beat_stats(times, t_pre: float, gap: dict) -> dict:
+    """Post-switch service of the heartbeat workload: p99 of the intervals between
+    beats in the second after the resume (the end of the largest gap) against the
+    second before the migration, and how long the intervals stay above 2x that p99
+    (a 0.25 s window whose p99 is below it ends the degraded period)."""
+    t = np.asarray(times)
+    pre = np.diff(t[(t >= t_pre - 1.0) & (t < t_pre)])
+    if pre.size < 10 or gap.get("gap_start") is None:
+        return {}
+    t_resume = gap["gap_start"] + gap["gap_s"]
+    base = float(np.percentile(pre, 99))
+
+    def p99(a, b):
+        d = np.diff(t[(t >= a) & (t < b)])
+        return float(np.percentile(d, 99)) if d.size > 3 else float("nan")
+
+    w, x, degraded = 0.25, t_resume, float("nan")
+    while x < t[-1] - w:
+        if p99(x, x + w) <= 2 * base:
+            degraded = x - t_resume
+            break
+        x += w / 2
+    return {"pre_p99_s": base, "post_p99_s": p99(t_resume, t_resume + 1.0),
+            "degraded_s": degraded}
+
+
+
 def _dest(tb, secret_file):
     port = tb.free_port("b")
     p = tb.python("b", ["receive", "--listen", f"{tb.addr_b}:{port}", "--images-dir", tb.dir_b,
@@ -293,6 +337,8 @@ def _run_mode(tb, mode, pid, log_dir):
         os.chmod(sf, 0o600)
         dest, port = _dest(tb, sf)
         try:
+            if mode == "ss-hybrid":
+                return run_statesync(tb, pid, port, True, tb.rate_bps, strategy="hybrid")
             return run_statesync(tb, pid, port, mode == "ss-lazy", tb.rate_bps)
         finally:
             try:
@@ -309,25 +355,32 @@ def run_case(case: str, rate: str, mode: str, redis_mb: int, small_mb: int) -> d
         log_dir = os.path.join(tb.root, "logs")
         os.makedirs(log_dir)
         out: dict = {"case": case, "rate": rate, "mode": mode}
-        if case == "small":
+        if case in ("small", "hot"):
             hb = os.path.join(tb.root, "hb.sock")
+            size, wrate = (f"{small_mb}M", 200) if case == "small" else (f"{HOT_MB}M", HOT_RATE)
             with HeartbeatObserver(hb) as obs:
-                wl = workloads.spawn(size=f"{small_mb}M", rate=200, own_pidns=True,
+                wl = workloads.spawn(size=size, rate=wrate, own_pidns=True,
                                      netns=tb.ns_a, heartbeat=hb, heartbeat_interval=0.002,
                                      control=f"@ssm-sw-{os.getpid()}-{time.monotonic_ns()}")
                 try:
                     obs.wait_for_beats(20)
+                    time.sleep(1.0)
+                    t_pre = time.monotonic()
                     res = _run_mode(tb, mode, wl.pid, log_dir)
                     if "skipped" not in res:
                         obs.wait_for_beats(20)
+                        time.sleep(1.5)
                         gap = obs.max_gap(res["t0"], time.monotonic())
                         res["downtime_outside_s"] = gap["gap_s"]
+                        res.update(_beat_stats(obs.times, t_pre, gap))
                         c = workloads.WorkloadClient(wl.control, netns=tb.ns_b)
                         res["serving_after"] = bool(c.status())
                 finally:
                     _kill(wl.pid)
                     wl.kill()
         else:
+            if case == "redis2g":
+                redis_mb = 1900                     # ~2 GB of state
             path = os.path.join(tb.root, "redis.sock")
             srv = spawn_redis(path, netns=tb.ns_a)
             try:
@@ -397,10 +450,15 @@ def main(argv=None) -> int:
                               flush=True)
                         continue
                     extra = ""
-                    if case == "redis":
+                    if "post_p99_s" in r:
                         extra = (f"  p99 pre {r['pre_p99_s'] * 1e3:6.2f} ms post "
                                  f"{r['post_p99_s'] * 1e3:7.2f} ms, degraded "
                                  f"{r['degraded_s']:.2f} s, lost writes {r['lost_writes']}")
+                    if r.get("remote_pages"):
+                        extra += (f"  post-copy {int(r['remote_pages'])} pages, "
+                                  f"{int(r['remote_faults'])} remote faults (p50 "
+                                  f"{r['remote_fault_p50_ms']:.1f} ms, p99 "
+                                  f"{r['remote_fault_p99_ms']:.1f} ms), rounds {r['rounds']}")
                     print(f"{case:6s} {rate:8s} {mode:14s} downtime (outside) "
                           f"{r['downtime_outside_s'] * 1e3:8.1f} ms  post-switch "
                           f"{r['post_switch_s']:6.2f} s{extra}  phases "
@@ -416,11 +474,17 @@ def main(argv=None) -> int:
             base = by.get((case, rate, "criu-postcopy"))
             if not base:
                 continue
-            for mode in ("ss-iterative", "ss-lazy", "criu-cold"):
+            for mode in ("ss-iterative", "ss-lazy", "ss-hybrid", "criu-cold"):
                 r = by.get((case, rate, mode))
                 if r:
                     print(f"{case} @ {rate}: {mode} / criu-postcopy downtime "
                           f"{r['downtime_outside_s'] / base['downtime_outside_s']:.2f}")
+    for case in a.cases.split(","):
+        for rate in a.rates.split(","):
+            it, hy = by.get((case, rate, "ss-iterative")), by.get((case, rate, "ss-hybrid"))
+            if it and hy:
+                print(f"{case} @ {rate}: ss-hybrid / ss-iterative downtime "
+                      f"{hy['downtime_outside_s'] / it['downtime_outside_s']:.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
