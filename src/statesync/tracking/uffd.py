@@ -187,9 +187,10 @@ class _UffdBackend(_Backend):
         if exc is not None and _calls_began(exc):
             _raise_injection_failed(pid, exc)
         if exc is not None and getattr(exc, "inject_info", {}).get("stage", -1) == 0:
+            hint = ("raise the process limit (ulimit -u) or free memory; "
+                    if e in (errno.EAGAIN, errno.ENOMEM) else "")
             raise TrackerUnavailable("uffd", f"could not start the injector task for pid {pid}: "
-                                             f"{msg} (errno {e}); raise the process limit "
-                                             "(ulimit -u) or free memory; it was left as it was")
+                                             f"{msg} (errno {e}); {hint}it was left as it was")
         if e == errno.EPERM:
             st = proc.status(pid)
             tracer = int(st.get("TracerPid", "0") or 0)
