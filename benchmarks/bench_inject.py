@@ -5,6 +5,9 @@
 - ``inject_uffd``    _core.inject_userfaultfd: the two calls an attach injects
 - ``attach_uffd``    Tracker(pid, method="uffd") then detach(): the injection, the
                      VMA registration, the arming scan, the baseline hashing
+- ``window``         of each inject_uffd, how long the target's signal mask and
+                     registers were ours (info["window_ns"]): a tracer dying inside
+                     it crashes the target (docs/tracking.md)
 
 The tracker's own size matters to how the injector is started (a CLONE_VM task
 costs the same whatever the tracker maps; a fork would copy its page tables), so
@@ -38,14 +41,17 @@ class Bench:
         self.addr = _core.find_syscall_insn(self.pid, vdso.start, vdso.end)
         self.pidfd = os.pidfd_open(self.pid)
         self.flags = os.O_CLOEXEC | os.O_NONBLOCK | _core.UFFD_USER_MODE_ONLY
+        self.windows = []   # ms the target's state was ours, per inject_uffd
 
     def inject_getpid(self):
         ret, _ = _core.inject_syscall(self.pid, self.addr, 39)
         assert ret == self.pid
 
     def inject_uffd(self):
-        fd, _ = _core.inject_userfaultfd(self.pid, self.pid, self.pidfd, self.addr, self.flags)
+        fd, info = _core.inject_userfaultfd(self.pid, self.pid, self.pidfd, self.addr, self.flags)
         os.close(fd)
+        if "window_ns" in info:
+            self.windows.append(info["window_ns"] / 1e6)
 
     def attach_uffd(self):
         Tracker(self.pid, method="uffd").detach()
@@ -84,6 +90,10 @@ def main(n=200):
             ts.sort()
             print(f"| {what} | {ts[0]:.3f} | {statistics.median(ts):.3f} | "
                   f"{ts[int(n * 0.9)]:.3f} |")
+        if b.windows:
+            w = sorted(b.windows)
+            print(f"| window (signals ours .. detached) | {w[0]:.3f} | "
+                  f"{statistics.median(w):.3f} | {w[int(len(w) * 0.9)]:.3f} |")
     finally:
         b.close()
 

@@ -90,6 +90,13 @@ static inline __attribute__((always_inline, no_sanitize_address)) long pt(long r
     return rsys(SYS_ptrace, req, tid, addr, (long)data, 0, 0);
 }
 
+INJECTOR static int64_t now_ns(void)
+{
+    struct timespec ts = {0, 0};
+    rsys(SYS_clock_gettime, CLOCK_MONOTONIC, (long)&ts, 0, 0, 0, 0);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 INJECTOR static long now_ms(void)
 {
     struct timespec ts = {0, 0};
@@ -406,6 +413,7 @@ INJECTOR static void inject(struct job *j)
         return;
     }
 
+    int64_t t_masked = now_ns();
     maybe_pause(j, SS_INJECT_PAUSE_MASKED);
     int64_t ret = 0;
     info->stage = ST_CALL;
@@ -440,6 +448,7 @@ INJECTOR static void inject(struct job *j)
     maybe_pause(j, SS_INJECT_PAUSE_PUT_BACK);
     int rr = put_back(j, &saved, saved_mask);
     info->restored = rr == 0;
+    info->window_ns = now_ns() - t_masked;
     if (info->held_stop)
         rsys(SYS_tgkill, j->tgid, j->tid, info->held_stop, 0, 0, 0);
     j->rc = rc ? rc : rr;

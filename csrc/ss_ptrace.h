@@ -52,6 +52,9 @@ struct ss_inject_info {
                               0 after a failure at or after SS_INJECT_STAGE_CALL: its
                               state may be damaged (e.g. it stayed in uninterruptible
                               sleep inside the injected call past a second timeout) */
+    int64_t window_ns;     /* how long the thread's signal mask and registers were
+                              ours: from blocking its signals to its detach (0 when
+                              not reached); a tracer dying inside it harmed the target */
 };
 
 #define SS_INJECT_STAGE_CALL 4

@@ -34,6 +34,7 @@ cdef extern from "ss_ptrace.h" nogil:
         int held_stop
         int stage
         int restored
+        int64_t window_ns
     int SS_INJECT_STAGE_CALL
     int SS_INJECT_PAUSE_STOPPED
     int SS_INJECT_PAUSE_MASKED
@@ -155,7 +156,8 @@ cdef dict _info_dict(ss_inject_info *info):
             "ncalls": info.ncalls, "was_in_syscall": bool(info.was_in_syscall),
             "orig_syscall": info.orig_syscall, "orig_ret": info.orig_ret,
             "forwarded_signals": info.forwarded_signals, "held_stop": info.held_stop,
-            "stage": info.stage, "restored": bool(info.restored)}
+            "stage": info.stage, "restored": bool(info.restored),
+            "window_ns": info.window_ns}
 
 
 def inject_userfaultfd(int pid, int tid, int pidfd, uint64_t syscall_addr, int flags,
