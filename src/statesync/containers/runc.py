@@ -95,7 +95,9 @@ def criu_log_error(log: Optional[str]) -> str:
     except OSError:
         return ""
     # CRIU's first error is the cause; the last is its summary ("Dumping FAILED.")
-    errs = [ln for ln in lines if "Error" in ln and "FAILED" not in ln]
+    # (CRIU goes on after failing to raise its own RLIMIT_NOFILE without CAP_SYS_RESOURCE)
+    errs = [ln for ln in lines if "Error" in ln and "FAILED" not in ln
+            and "Can't setup RLIMIT_NOFILE" not in ln]
     errs = errs or [ln for ln in lines if "Error" in ln]
     line = (errs[0] if errs else (lines or [""])[-1]).strip()
     if line.startswith("(") and ")" in line:
