@@ -157,7 +157,23 @@ def _check_migrate_args(a):
         except ValueError as exc:
             raise UsageError(one_line(exc), "--calibration") from None
     secret = _secret_arg(a)
-    check_pid(a.pid)
+    ref = a.container or a.target
+    if ref and a.pid:
+        raise UsageError("give --pid or a container (runc:NAME, podman:NAME), not both",
+                         "--container")
+    if ref and ref.isdigit():
+        a.pid, ref = int(ref), None
+    a.container = ref
+    if not ref and not a.pid:
+        raise UsageError("nothing to migrate: --pid PID, or a container as runc:NAME[@ROOT] "
+                         "or podman:NAME", "--pid")
+    if a.pid:
+        check_pid(a.pid)
+    from statesync.migration.target import check_criu_opts
+    try:
+        check_criu_opts(a.criu_opt)
+    except ValueError as exc:
+        raise UsageError(one_line(exc), "--criu-opt") from None
     targets = None
     if a.max_downtime or a.max_time:
         from statesync.planning.kpi import Targets
@@ -170,19 +186,14 @@ def _check_migrate_args(a):
 
 
 def _cmd_migrate(a) -> int:
-    from statesync.migration.api import Migration
-
     secret, targets = _check_migrate_args(a)
     json_to_stdout = a.json == "-"
     out = sys.stderr if json_to_stdout else sys.stdout
     printer = _Printer(a.quiet, out)
-    m = Migration(a.pid, a.to, strategy=a.strategy, secret=secret, tracker=a.tracker,
-                  compression=a.compression, targets=targets, xor=a.xor,
-                  max_rounds=a.max_rounds, io_timeout=a.io_timeout, scheduler=a.scheduler,
-                  progress=printer, link_rate=a.link_rate, work_dir=a.work_dir,
-                  calibration=a.calibration or None,
-                  abort_if="predicted_downtime" if a.abort_if else None,
-                  encryption=_encryption_arg(a), switchover=a.switchover)
+    try:
+        m = _migration(a, secret, targets, printer)
+    except ValueError as exc:
+        raise UsageError(one_line(exc), "--container" if a.container else "--pid") from None
     interrupted = []
 
     async def run():
@@ -194,7 +205,24 @@ def _cmd_migrate(a) -> int:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+    return _finish(a, m, run, interrupted, printer, out)
 
+
+def _migration(a, secret, targets, printer):
+    from statesync.migration.api import Migration
+    return Migration(a.pid or None, a.to, strategy=a.strategy, secret=secret,
+                     tracker=a.tracker, compression=a.compression, targets=targets, xor=a.xor,
+                     max_rounds=a.max_rounds, io_timeout=a.io_timeout, scheduler=a.scheduler,
+                     progress=printer, link_rate=a.link_rate, work_dir=a.work_dir,
+                     calibration=a.calibration or None,
+                     abort_if="predicted_downtime" if a.abort_if else None,
+                     encryption=_encryption_arg(a), switchover=a.switchover,
+                     container=a.container, tcp_established=a.tcp_established,
+                     service_ip=a.service_ip, service_dev=a.service_dev,
+                     criu_opts=a.criu_opt, network_lock=a.network_lock)
+
+
+def _finish(a, m, run, interrupted, printer, out) -> int:
     report, error = None, None
     try:
         report = asyncio.run(run())
@@ -213,6 +241,7 @@ def _cmd_migrate(a) -> int:
     if isinstance(error, MigrationCancelled) and interrupted:
         from statesync import proc
         names = ", ".join(signal.Signals(s).name for s in interrupted)
+        a.pid = m.pid
         st = proc.state(a.pid)
         runs = st is not None and st not in ("T", "t", "Z", "X")
         where = ("the source runs on" if runs else
@@ -259,10 +288,14 @@ def _cmd_receive(a) -> int:
     metrics = _ReceiverMetrics(a.metrics_listen) if a.metrics_listen else None
 
     async def main():
+        from statesync.migration.target import DestOptions
+        opts = DestOptions(rootfs=a.rootfs, runc_root=a.container_root, name=a.container_name,
+                           netns=a.container_netns, service_lower=a.service_lower)
         srv = DestinationServer(a.listen, images_dir, secret, once=not a.forever,
                                 restore=not a.no_restore, keep_images=a.keep_images,
                                 io_timeout=a.io_timeout,
-                                encryption=False if a.no_encryption else None)
+                                encryption=False if a.no_encryption else None,
+                                target_options=opts)
         if metrics is not None:
             metrics.wrap(srv)
         try:
@@ -335,7 +368,26 @@ def cli_register(sub) -> None:
                        "running `statesync receive`. Ctrl-C, SIGTERM and SIGHUP abort "
                        "safely: the process runs on at the source. Exit status 4: aborted, "
                        "the source runs; 5: failed and the source must be checked.")
-    p.add_argument("--pid", type=pid_arg, required=True, help="the process to migrate")
+    p.add_argument("target", nargs="?", default=None, metavar="TARGET",
+                   help="what to migrate: a pid, runc:NAME[@ROOT] (a runc container; ROOT "
+                   "its state directory, default /run/statesync/runc) or podman:NAME (a "
+                   "podman container under --runtime runc)")
+    p.add_argument("--pid", type=pid_arg, default=None, help="the process to migrate")
+    p.add_argument("--container", default=None, metavar="REF",
+                   help="a container to migrate: runc:NAME[@ROOT] or podman:NAME")
+    p.add_argument("--tcp-established", action="store_true",
+                   help="keep the target's established TCP connections (CRIU "
+                   "--tcp-established on dump and restore)")
+    p.add_argument("--service-ip", default=None, metavar="A.B.C.D[/LEN]",
+                   help="a container's service IP that moves with it (on macvlan "
+                   "--service-dev; docs/containers.md)")
+    p.add_argument("--service-dev", default="svc0", help="the service IP's interface "
+                   "(default svc0)")
+    p.add_argument("--network-lock", choices=["iptables", "nftables"], default=None,
+                   help="CRIU's network lock method for --tcp-established (default iptables)")
+    p.add_argument("--criu-opt", action="append", default=[], metavar="--OPTION[=VALUE]",
+                   help="a CRIU option for the dump and the restore, repeatable: "
+                   "--criu-opt=--shell-job --criu-opt=--ext-unix-sk")
     p.add_argument("--to", type=hostport, required=True, metavar="HOST:PORT",
                    help=f"the destination agent (statesync receive; port {DEFAULT_PORT} "
                    "by default there)")
@@ -408,6 +460,21 @@ def cli_register(sub) -> None:
     r.add_argument("--no-encryption", action="store_true", help=_NO_ENCRYPTION_HELP)
     r.add_argument("--metrics-listen", type=hostport, metavar="HOST:PORT",
                    help="serve Prometheus /metrics here (needs the 'metrics' extra)")
+    r.add_argument("--rootfs", type=input_dir, default=None,
+                   help="for containers: their root file system on this host (the lower "
+                   "dir of the restored container's overlay; the source's changes are "
+                   "replayed above it)")
+    r.add_argument("--container-root", default=None,
+                   help="runc state directory for restored containers (default "
+                   "/run/statesync/runc)")
+    r.add_argument("--container-name", default=None,
+                   help="name of the restored container (default: the source's)")
+    r.add_argument("--container-netns", default=None,
+                   help="network namespace (path or /run/netns name) the restored container "
+                   "joins (default: this agent's)")
+    r.add_argument("--service-lower", default=None,
+                   help="LAN interface the moved service IP's macvlan goes on (default: the "
+                   "source's name for it)")
     r.add_argument("--no-preflight", action="store_true",
                    help="skip the start-up check of CRIU, kernel and --images-dir")
     r.set_defaults(func=_cmd_receive)

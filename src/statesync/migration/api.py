@@ -60,7 +60,12 @@ async def serve_destination_async(listen: str = f"127.0.0.1:{DEFAULT_PORT}",
                                   io_timeout: float = 30.0, timeout: Optional[float] = None,
                                   ready: Optional[Callable[[int], None]] = None,
                                   log: Optional[Callable[[str], None]] = None,
-                                  encryption: Encryption = None) -> List[dict]:
+                                  encryption: Encryption = None,
+                                  rootfs: Optional[str] = None,
+                                  container_root: Optional[str] = None,
+                                  container_name: Optional[str] = None,
+                                  container_netns: Optional[str] = None,
+                                  service_lower: Optional[str] = None) -> List[dict]:
     """The destination agent as a coroutine (see :func:`serve_destination` for the
     arguments): serves on the running loop until one migration finished (``once``),
     ``timeout`` seconds passed (``asyncio.TimeoutError``) or the awaiting task is
@@ -69,9 +74,13 @@ async def serve_destination_async(listen: str = f"127.0.0.1:{DEFAULT_PORT}",
     ``log(message)`` receives the agent's log lines (default: stderr).
     For finer control (the port before serving, several servers on one loop) use
     :class:`~statesync.migration.destination.DestinationServer` directly."""
+    from statesync.migration.target import DestOptions
+    opts = DestOptions(rootfs=rootfs, runc_root=container_root, name=container_name,
+                       netns=container_netns, service_lower=service_lower)
     srv = await DestinationServer(listen, images_dir, secret, once=once, restore=restore,
                                   keep_images=keep_images, io_timeout=io_timeout,
-                                  log=log, encryption=encryption).start()
+                                  log=log, encryption=encryption,
+                                  target_options=opts).start()
     if ready:
         ready(srv.port)
     return await srv.serve(timeout)
@@ -83,7 +92,11 @@ def serve_destination(listen: str = f"127.0.0.1:{DEFAULT_PORT}", images_dir: str
                       timeout: Optional[float] = None,
                       ready: Optional[Callable[[int], None]] = None,
                       log: Optional[Callable[[str], None]] = None,
-                      encryption: Encryption = None) -> List[dict]:
+                      encryption: Encryption = None, rootfs: Optional[str] = None,
+                      container_root: Optional[str] = None,
+                      container_name: Optional[str] = None,
+                      container_netns: Optional[str] = None,
+                      service_lower: Optional[str] = None) -> List[dict]:
     """Run a destination agent until one migration finished (``once``) or forever.
 
     Listens on ``listen`` (``HOST:PORT``; loopback unless told otherwise), accepts
@@ -100,6 +113,15 @@ def serve_destination(listen: str = f"127.0.0.1:{DEFAULT_PORT}", images_dir: str
     must agree: a source with the other setting is refused. Invalid values raise
     ``ValueError`` before anything listens.
 
+    Containers (a source migrating ``runc:NAME`` / ``podman:NAME``): ``rootfs`` is
+    the container's root file system on this host (read-only lower dir of the restored
+    container's overlay; the source's changes travel and are replayed above it),
+    ``container_root`` runc's state directory here (default /run/statesync/runc),
+    ``container_name`` the restored container's name (default: the source's),
+    ``container_netns`` the network namespace it joins (path, or a name under
+    /run/netns; default: this agent's), ``service_lower`` the LAN interface the
+    service IP's macvlan goes on (default: the source's name for it).
+
     Blocking: runs a private event loop in the calling thread, so it works from any
     thread that does not itself run an event loop (there it raises ``RuntimeError``:
     use :func:`serve_destination_async`).
@@ -108,7 +130,9 @@ def serve_destination(listen: str = f"127.0.0.1:{DEFAULT_PORT}", images_dir: str
     wire.encryption_options(encryption)     # ValueError before anything starts
     return asyncio.run(serve_destination_async(
         listen, images_dir, secret, once=once, restore=restore, keep_images=keep_images,
-        io_timeout=io_timeout, timeout=timeout, ready=ready, log=log, encryption=encryption))
+        io_timeout=io_timeout, timeout=timeout, ready=ready, log=log, encryption=encryption,
+        rootfs=rootfs, container_root=container_root, container_name=container_name,
+        container_netns=container_netns, service_lower=service_lower))
 
 
 # --------------------------------------------------------------------------- source
@@ -146,16 +170,29 @@ class Migration:
     ``False`` and the migration completes normally.
     """
 
-    def __init__(self, pid: int, dest: str, strategy: str = "auto", targets=None,
-                 secret=None, *, tracker: str = "auto", compression: Optional[str] = "auto",
+    def __init__(self, pid: Union[int, str, None], dest: str, strategy: str = "auto",
+                 targets=None, secret=None, *, tracker: str = "auto",
+                 compression: Optional[str] = "auto",
                  xor: bool = False, max_rounds: int = 10, scheduler: str = "adaptive",
                  work_dir: Optional[str] = None, io_timeout: float = 30.0,
                  progress: Optional[Callable[[dict], None]] = None, criu_args=(),
                  link_rate: Optional[float] = None, costs: Optional[CriuCosts] = None,
                  netns: Optional[str] = None, dump_retries: int = 4,
                  calibration: Optional[str] = None, abort_if: Optional[str] = None,
-                 encryption: Encryption = None, switchover: str = "auto"):
+                 encryption: Encryption = None, switchover: str = "auto",
+                 container: Optional[str] = None, tcp_established: bool = False,
+                 service_ip: Optional[str] = None, service_dev: str = "svc0",
+                 criu_opts=(), network_lock: Optional[str] = None):
         wire.encryption_options(encryption)     # ValueError before the process is touched
+        from statesync.migration.target import source_target
+        tgt = source_target(pid, container, criu_opts=criu_opts, tcp_established=tcp_established,
+                            service_ip=service_ip, service_dev=service_dev,
+                            network_lock=network_lock)
+        pid = tgt.pid
+        tracker = tgt.tracker_method(tracker)
+        if tgt.lazy_problem() and switchover == "lazy":
+            tgt.notes.append(f"full switch-over instead of lazy: {tgt.lazy_problem()}")
+            switchover = "full"
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of "
                              f"{', '.join(STRATEGIES)}")
@@ -188,7 +225,9 @@ class Migration:
                                    max_rounds, targets, scheduler, work_dir, io_timeout,
                                    self._on_event, list(criu_args),
                                    link_rate / 8 if link_rate else None,
-                                   costs or CriuCosts(), netns, xor, encryption=encryption)
+                                   costs or CriuCosts(), netns, xor, encryption=encryption,
+                                   target=tgt)
+        self._agent.report.notes += tgt.notes
         self._agent.dump_retries = max(0, int(dump_retries))
         self._agent.switchover = switchover
         self._events: List[dict] = []
@@ -409,7 +448,8 @@ async def migrate_async(pid: int, dest: str, strategy: str = "auto", targets=Non
     return await Migration(pid, dest, strategy, targets, secret, **options).wait()
 
 
-def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=None, *,
+def migrate(pid: Union[int, str, None], dest: str, strategy: str = "auto", targets=None,
+            secret=None, *,
             tracker: str = "auto", compression: Optional[str] = "auto", xor: bool = False,
             max_rounds: int = 10,
             scheduler: str = "adaptive", work_dir: Optional[str] = None,
@@ -418,7 +458,10 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
             costs: Optional[CriuCosts] = None, netns: Optional[str] = None,
             dump_retries: int = 4, calibration: Optional[str] = None,
             abort_if: Optional[str] = None, encryption: Encryption = None,
-            switchover: str = "auto") -> Report:
+            switchover: str = "auto", container: Optional[str] = None,
+            tcp_established: bool = False, service_ip: Optional[str] = None,
+            service_dev: str = "svc0", criu_opts=(),
+            network_lock: Optional[str] = None) -> Report:
     """Live-migrate process ``pid`` (and its children) to the destination agent at
     ``dest`` (``HOST:PORT``; :func:`serve_destination` or ``statesync receive`` must be
     listening there). Returns a :class:`~statesync.migration.report.Report` (times in seconds,
@@ -478,8 +521,28 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
     ``work_dir``: the directory of the local CRIU dump at switch-over (a temporary
     directory is made in it and removed afterwards; default ``/dev/shm``, so the dump
     stays in memory: a disk there adds its write time to the downtime).
-    ``criu_args``: extra arguments for ``criu dump`` (after ``--leave-stopped``), e.g.
-    ``["--tcp-established"]`` for a process with open TCP connections.
+    ``criu_args``: extra arguments for ``criu dump`` only (after ``--leave-stopped``).
+    ``criu_opts``: CRIU options for the dump AND the restore (``["--shell-job",
+    "--ext-unix-sk", "--file-locks"]``; long options, ``--name`` or ``--name=value``),
+    carried to the destination in BEGIN; for a container they go into the CRIU config
+    file runc hands CRIU (org.criu.config).
+
+    Containers (docs/containers.md): ``pid`` may be ``"runc:NAME"``,
+    ``"runc:NAME@ROOT"`` (another runc state directory) or ``"podman:NAME"`` (a podman
+    container under ``--runtime runc``), or give ``container=`` that way and ``pid=None``.
+    Pre-copy tracks the container's processes from their host pids (uffd where its
+    seccomp filter allows userfaultfd, else hash: the report's notes say which), the
+    switch-over checkpoints through runc with CRIU leaving the tree stopped, and the
+    destination (``serve_destination(..., rootfs=DIR)`` / ``statesync receive --rootfs
+    DIR``) restores it through runc (podman: ``podman container restore --import``),
+    stopped until COMMIT. Lazy switch-overs fall back to full (a note says so).
+    ``tcp_established``: the container's TCP connections survive (runc containers in an
+    external network namespace); ``service_ip`` (``A.B.C.D[/len]``, on macvlan
+    ``service_dev``, default ``svc0``) moves with it: CRIU's network lock is replicated at
+    the destination before the IP appears there, lifted at COMMIT, and a gratuitous ARP
+    announces the move. A failure after such a dump rolls back by killing the frozen
+    container and restoring it here from its dump (never SIGCONT: the sockets are in
+    repair mode). ``network_lock``: CRIU's lock method (``"iptables"``, ``"nftables"``).
     ``costs``: a :class:`CriuCosts` (dump and restore cost priors in seconds and
     seconds per MiB of state) for the scheduler's downtime model; ``calibration``: a
     JSON file of :class:`CriuCosts` for this host, read before and refined after every
@@ -520,7 +583,9 @@ def migrate(pid: int, dest: str, strategy: str = "auto", targets=None, secret=No
                   work_dir=work_dir, io_timeout=io_timeout, progress=progress,
                   criu_args=criu_args, link_rate=link_rate, costs=costs, netns=netns,
                   dump_retries=dump_retries, calibration=calibration, abort_if=abort_if,
-                  encryption=encryption, switchover=switchover)
+                  encryption=encryption, switchover=switchover, container=container,
+                  tcp_established=tcp_established, service_ip=service_ip,
+                  service_dev=service_dev, criu_opts=criu_opts, network_lock=network_lock)
     return asyncio.run(m.wait())
 
 

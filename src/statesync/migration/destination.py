@@ -88,6 +88,7 @@ class _DestinationSession:
         self.result: dict = {"ok": False, "session": self.session, "encryption": chan.cipher}
         self.daemon: Optional["LazyPagesDaemon"] = None   # of a lazy switch-over
         self.pc: Any = None     # post-copy / hybrid: migration.postcopy.DestPostCopy
+        self.target: Any = None     # what is restored and how (target.py), set in _run
         self.record_path = records.record_path(server.state_base, "dest", self.session)
 
     def _record(self, state, **fields) -> None:
@@ -123,6 +124,8 @@ class _DestinationSession:
             kill_tree(self.restored_pid, self.restored_start)
             self.log(f"killed unconfirmed restored pid {self.restored_pid}")
             self.restored_pid = None
+        if self.target is not None:
+            self.target.drop(self)      # a container's runtime state, bundle, network
         for d in (self.tmp, self.final_dir):
             if d and os.path.exists(d):
                 shutil.rmtree(d, ignore_errors=True)
@@ -159,6 +162,13 @@ class _DestinationSession:
             "supervisor_start": self.server.supervisor_start,
             "keep_images": self.keep_images, "history": []})
         self.result["source_pid"] = begin.get("pid")
+        from statesync.migration.target import dest_target
+        try:
+            self.target = await asyncio.to_thread(dest_target, begin, self.server.target_options,
+                                                  self.images_dir, self.session)
+        except (StateSyncError, OSError) as exc:
+            await self.chan.send_json(wire.ERROR, {"error": str(exc)})
+            raise
         await self.chan.send_json(wire.READY, {"restore": self.restore})
         while True:
             mtype, payload = await self.chan.recv()
@@ -301,8 +311,11 @@ class _DestinationSession:
     async def _restore_stopped(self, final_dir: str, pidfile: str, lazy: bool) -> None:
         """``criu restore -d --leave-stopped`` (``--lazy-pages`` for a lazy set):
         sets restored_pid/start; the copy exists, stopped."""
+        if await self.target.restore(self, final_dir):   # a container: through its runtime
+            return
         args = ["restore", "-D", final_dir, "-o", "restore.log", "--pidfile", pidfile, "-d",
-                "--leave-stopped"] + (["--lazy-pages"] if lazy else [])
+                "--leave-stopped"] + (["--lazy-pages"] if lazy else []) \
+            + self.target.restore_args()
         p = criu_spawn(args, None, pdeathsig=True)
         fault("dest:restore")
         try:
@@ -413,6 +426,7 @@ class _DestinationSession:
                      restored_start=self.restored_start, lazy=self.daemon is not None,
                      filled=False, postcopy=self.pc is not None)
         fault("dest:commit_received")
+        await asyncio.to_thread(self.target.before_resume, self)
         resume_tree(self.restored_pid, self.restored_start)
         self.result.update(ok=True)
         copy, copy_start = self.restored_pid, self.restored_start
@@ -511,7 +525,9 @@ class DestinationServer:
                  restore: bool = True, keep_images: bool = False, io_timeout: float = 30.0,
                  log: Optional[Callable[[str], None]] = None, state_dir: Optional[str] = None,
                  hold: Optional[float] = None, handshake_timeout: float = 5.0,
-                 max_pending: int = 64, encryption=None):
+                 max_pending: int = 64, encryption=None, target_options=None):
+        # How containers are restored here (target.DestOptions: rootfs, runc root...).
+        self.target_options = target_options
         self.encrypt = bool(wire.encryption_options(encryption)["encrypt"])   # ValueError
         self.host, self.port = _parse_hostport(listen)
         self.images_dir = os.path.abspath(images_dir)

@@ -36,7 +36,10 @@ class _SourceAgent(SwitchOver):
                  progress: Optional[Callable[[dict], None]], criu_args: List[str],
                  link_rate_Bps: Optional[float], costs: "CriuCosts",
                  netns: Optional[str] = None, xor: bool = False,
-                 state_dir: Optional[str] = None, encryption=None):
+                 state_dir: Optional[str] = None, encryption=None, target=None):
+        from statesync.migration.target import PidTarget
+        # What is migrated and how it is dumped/restored/rolled back (target.py).
+        self.target = target or PidTarget(pid)
         self.pid = pid
         # The wire protocol's encryption setting (protocol.encryption_options: None/True/
         # "on", False/"off"/"none", or a cipher name); ValueError here, before any work.
@@ -58,7 +61,7 @@ class _SourceAgent(SwitchOver):
         self.work_dir = work_dir
         self.io_timeout = io_timeout
         self.progress = progress or (lambda ev: None)
-        self.criu_args = list(criu_args)
+        self.criu_args = list(criu_args) + self.target.dump_args()
         self.link_rate_Bps = link_rate_Bps
         self.costs = costs
         self.dump_retries = 4
@@ -365,7 +368,7 @@ class _SourceAgent(SwitchOver):
             self.switchover = "lazy"    # post-copy runs on the lazy switch-over only
         if self.switchover == "full":
             return False
-        why = lazy_unavailable()
+        why = self.target.lazy_problem() or lazy_unavailable()
         if why is None and self.mem.tracker is None:
             why = "no dirty-page tracker is attached"
         if why is None and not self.dest_restores:
@@ -445,7 +448,8 @@ class _SourceAgent(SwitchOver):
                                                    "codec": self.codec.name,
                                                    "session": self.session,
                                                    "io_timeout": self.io_timeout,
-                                                   "resolve_window": self.resolve_window})
+                                                   "resolve_window": self.resolve_window,
+                                                   **self.target.begin_fields()})
             mtype, payload = await self.chan.expect(wire.READY, wire.BUSY)
             if mtype == wire.BUSY:
                 from statesync.errors import DestinationBusy
@@ -495,8 +499,10 @@ class _SourceAgent(SwitchOver):
         if not self.decided and not self.committed:
             if self.frozen or getattr(self, "_criu", None) is not None:
                 self._wait_criu()
-                # The whole tree as CRIU froze it (walked now), not a list taken before.
-                resume_tree(self.pid, self.pid_start)
+                # A container dumped with its TCP connections is restored from its dump
+                # instead (target.py); else the whole tree as CRIU froze it (walked now).
+                if not self.target.rollback(self):
+                    resume_tree(self.pid, self.pid_start)
             self._record(S.ABORTED, peer_told=not self.final_sent)
         if self.chan is not None and not self.decided:
             # Best effort: a destination holding a stopped copy drops it at once. Not

@@ -36,7 +36,7 @@ from statesync.migration.common import (
 from statesync.migration.records import SourceState as S
 from statesync.migration.lazy import _LazyPagemap
 from statesync.migration.report import Report
-from statesync.migration.supervisor import kill_tree, resolve_with_peer, resume_tree
+from statesync.migration.supervisor import resolve_with_peer, resume_tree
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,6 +154,7 @@ class SwitchOver:
     shadow: Any
     mem: Any
     criu_args: List[str]
+    target: Any
     work_dir: Optional[str]
     dump_dir: Optional[str]
     dump_retries: int
@@ -193,7 +194,8 @@ class SwitchOver:
             if self.pc is not None:
                 self.pc.close()
             self._wait_criu()
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not self.target.keeps_dump(self):    # a rollback restores from it
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def _wait_criu(self) -> None:
         """A dump still running (cancelled while waiting for it) must finish before the
@@ -220,6 +222,8 @@ class SwitchOver:
                                  f"{what}; the source resumes", "switchover") from None
 
     async def _dump(self, tmp: str, netns) -> None:
+        if await self.target.dump(self, tmp):   # a container: through its runtime
+            return
         args = ["dump", "-t", str(self.pid), "-D", tmp, "-o", "dump.log",
                 "--leave-stopped"] + self.criu_args
         session = None
@@ -638,8 +642,7 @@ class SwitchOver:
         # The destination runs the service: now the stopped source copy goes, and is
         # gone when migrate() returns (SIGKILL of a pid-namespace init is asynchronous;
         # kill_tree waits). Off the event loop: the wait is a few milliseconds of polling.
-        await asyncio.get_running_loop().run_in_executor(
-            None, kill_tree, self.pid, self.pid_start)
+        await asyncio.get_running_loop().run_in_executor(None, self.target.drop_source, self)
         self.committed = True
         self._record(S.COMMITTED, peer_told=True)
         if dest_pid:
