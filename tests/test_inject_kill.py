@@ -21,9 +21,10 @@ from conftest import require
 from statesync import _core, proc
 from statesync.tracking import tracking_methods
 
-# Three threads computing an LCG chain each, their own signal masks, a SIGUSR1
-# handler, and a main thread blocked in read(stdin) that, per line, checks every
-# chain against an independent recomputation from the last checked point.
+# Three threads computing an LCG chain each, with their own signal masks, a SIGUSR1
+# handler, and a thread reading stdin that, per line, checks every chain against an
+# independent recomputation from the last checked point. The main thread (the one
+# injected into) is blocked in that read(2), or with "busy" computes chain 0.
 TARGET = r"""
 import json, signal, sys, threading, time
 M = (1 << 61) - 1
@@ -31,10 +32,13 @@ lock = threading.Lock()
 state = [[0, 1 + i] for i in range(3)]
 usr1 = [0]
 signal.signal(signal.SIGUSR1, lambda s, f: usr1.__setitem__(0, usr1[0] + 1))
+busy = sys.argv[1:] == ["busy"]
+started = threading.Barrier(3 if busy else 4)   # every thread's mask set before "ready"
 def step(x):
     return (x * 48271 + 11) % M
-def work(i):
+def setmask(i):
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGWINCH + i})
+def work(i):
     n, x = 0, 1 + i
     while True:
         for _ in range(500):
@@ -43,21 +47,35 @@ def work(i):
         with lock:
             state[i] = [n, x]
         time.sleep(0.001)
-for i in range(3):
-    threading.Thread(target=work, args=(i,), daemon=True).start()
+def worker(i):
+    setmask(i)
+    started.wait()
+    work(i)
 checked = [[0, 1 + i] for i in range(3)]
-print("ready", flush=True)
-for line in sys.stdin:
-    with lock:
-        snap = [list(s) for s in state]
-    ok = True
-    for i, (n, x) in enumerate(snap):
-        n0, x0 = checked[i]
-        for _ in range(n - n0):
-            x0 = step(x0)
-        ok = ok and x0 == x
-        checked[i] = [n, x]
-    print(json.dumps({"n": [s[0] for s in snap], "ok": ok, "usr1": usr1[0]}), flush=True)
+def serve():
+    for line in sys.stdin:
+        with lock:
+            snap = [list(s) for s in state]
+        ok = True
+        for i, (n, x) in enumerate(snap):
+            n0, x0 = checked[i]
+            for _ in range(n - n0):
+                x0 = step(x0)
+            ok = ok and x0 == x
+            checked[i] = [n, x]
+        print(json.dumps({"n": [s[0] for s in snap], "ok": ok, "usr1": usr1[0]}), flush=True)
+for i in range(1 if busy else 0, 3):
+    threading.Thread(target=worker, args=(i,), daemon=True).start()
+if busy:
+    setmask(0)
+started.wait()
+if busy:            # the main thread (the one injected into) computes
+    threading.Thread(target=serve, daemon=True).start()
+    print("ready", flush=True)
+    work(0)
+else:               # the main thread is blocked in read(2)
+    print("ready", flush=True)
+    serve()
 """
 
 # Forks one tracker per request "PID POINT MS FD"; answers with the tracker's pid.
@@ -100,8 +118,8 @@ def _env():
     return env
 
 
-def _start(code):
-    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+def _start(code, *args):
+    p = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
     assert p.stdout.readline().strip() == "ready"
     return p
@@ -227,15 +245,21 @@ def test_tracker_killed_inside_the_injection_leaves_the_target_whole():
     results = []
     try:
         assert factory.stdout.readline().strip() == "ready"
-        target = _start(TARGET)
         k = 0
-        for _ in range(rounds):
+        for rnd in range(rounds):
+            # odd rounds: the injected main thread is computing, not blocked in read
+            mode = ("busy",) if rnd % 2 else ()
+            if target is not None:
+                target.kill()
+                target.wait()
+            target = _start(TARGET, *mode)
             for point in POINTS:
                 if target.poll() is not None:      # (measuring a broken injector)
-                    target = _start(TARGET)
+                    target = _start(TARGET, *mode)
                 group = (k + k // len(POINTS)) % 2 == 1   # each point both ways
                 why = _one_kill(factory, target, point, group, r_fd, w_fd)
-                results.append((point, "pgrp" if group else "pid", why))
+                results.append((point + (" busy" if mode else ""),
+                                "pgrp" if group else "pid", why))
                 k += 1
     finally:
         for p in (factory, target):
