@@ -476,7 +476,10 @@ def migrate(pid: Union[int, str, None], dest: str, strategy: str = "auto", targe
 
     ``strategy``: ``cold`` (dump, send everything, restore), ``precopy`` (one live
     round, then switch over), ``iterative`` (live rounds until the scheduler says stop,
-    at most ``max_rounds``), ``auto`` (the scheduler's plan decides cold or iterative).
+    at most ``max_rounds``), ``hybrid`` (at most 3 rounds, then switch over before
+    convergence; what is still dirty is fetched after the resume: docs/postcopy.md),
+    ``postcopy`` (no pre-copy round, everything fetched after the resume), ``auto``
+    (the scheduler's plan decides cold, iterative or hybrid).
     ``targets``: a :class:`statesync.planning.kpi.Targets` (default: max downtime 1 s);
     the report says whether each was met (``Report.kpi``).
     ``abort_if``: ``None`` (default: the targets steer the scheduler only) or

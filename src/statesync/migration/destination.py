@@ -437,7 +437,8 @@ class _DestinationSession:
             await self.chan.send_json(wire.RESUMED, {"pid": self.result.get("pid"),
                                                      "session": self.session,
                                                      "lazy": self.daemon is not None})
-            self._record(D.RESUMED)
+            # (its fsync off the event loop: post-copy requests are served meanwhile)
+            await asyncio.to_thread(self._record, D.RESUMED)
             if self.daemon is not None:
                 await self._fill_then_confirm(copy, copy_start)
             fault("dest:after_resumed")

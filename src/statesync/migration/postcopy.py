@@ -45,13 +45,14 @@ from statesync.migration import protocol as wire
 from statesync.migration.common import fault
 from statesync.planning.scheduler import HYBRID_MAX_ROUNDS  # noqa: F401 (re-exported)
 
-BATCH = 32              # pages per PC_PAGES frame (128 KiB)
+BATCH = 32              # most pages per PC_PAGES frame (128 KiB)
 # Pages pushed and not yet acknowledged: what the link carries in WINDOW_S, within
 # [WINDOW_MIN, WINDOW_MAX]. A request waits behind at most this much bulk data
-# (1 Gbit/s: 122 pages, ~4 ms); the link stays busy as long as it exceeds the
-# bandwidth-delay product (the testbed's RTT is well under 1 ms).
+# (1 Gbit/s: 122 pages, ~4 ms). Measured on the hot case (bench_switchover): 1 ms
+# (32 pages) halved the push rate (the acknowledgement loop, not the link, set the
+# pace on two busy cores), 8 ms doubled a request's wait for no gain in push time.
 WINDOW_S = 0.004
-WINDOW_MIN, WINDOW_MAX = 32, 1024
+WINDOW_MIN, WINDOW_MAX = 16, 1024
 ACK_EVERY = 16          # the destination acknowledges every this many pages
 # a round that leaves more than this share of what it sent dirty again does not
 # converge (r = dirty rate / bandwidth >= ~0.65: the next round is as long)
@@ -197,6 +198,8 @@ class SourcePostCopy:
         self.on_acked = on_acked
         bw = float(link_rate_Bps or 125e6)
         self.window = int(min(WINDOW_MAX, max(WINDOW_MIN, bw * WINDOW_S / PAGE_SIZE)))
+        # at least two frames in flight, so the link never waits for an acknowledgement
+        self.batch = max(8, min(BATCH, self.window // 2))
         self.sent = np.zeros(self.n, dtype=bool)
         self.nsent = 0
         self.cursor = 0
@@ -275,7 +278,7 @@ class SourcePostCopy:
                     self.cursor += 1
                 end = self.cursor
                 ks_list: list = []
-                while end < self.n and len(ks_list) < BATCH:
+                while end < self.n and len(ks_list) < self.batch:
                     if not self.sent[end]:
                         ks_list.append(end)
                     end += 1

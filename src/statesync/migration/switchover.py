@@ -635,8 +635,14 @@ class SwitchOver:
 
     def _postcopy_acked(self) -> None:
         """Post-copy: the destination has every page; the record says so (the frozen
-        copy is still kept until FILLED: the pages must also be placed)."""
-        self._record(S.COMMITTING, postcopy_acked=True)
+        copy is still kept until FILLED: the pages must also be placed). Written in a
+        thread (no fsync on the event loop while requests may still come), and only
+        while the record is still COMMITTING."""
+        if self.record_path:
+            asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(records.transition, self.record_path, self.state_base,
+                                        "source", S.COMMITTING, expect=(S.COMMITTING,),
+                                        postcopy_acked=True))
 
     async def _finish_commit(self, dest_pid) -> None:
         # The destination runs the service: now the stopped source copy goes, and is
