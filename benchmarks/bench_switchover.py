@@ -453,7 +453,8 @@ def main(argv=None) -> int:
                     if "post_p99_s" in r:
                         extra = (f"  p99 pre {r['pre_p99_s'] * 1e3:6.2f} ms post "
                                  f"{r['post_p99_s'] * 1e3:7.2f} ms, degraded "
-                                 f"{r['degraded_s']:.2f} s, lost writes {r.get('lost_writes', '-')}")
+                                 f"{r['degraded_s']:.2f} s, lost writes "
+                                 f"{r.get('lost_writes', '-')}")
                     if r.get("remote_pages"):
                         extra += (f"  post-copy {int(r['remote_pages'])} pages, "
                                   f"{int(r['remote_faults'])} remote faults (p50 "
