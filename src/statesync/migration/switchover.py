@@ -336,6 +336,7 @@ class SwitchOver:
         t_freeze = max(t0, t_dumped - frozen_us / 1e6) if frozen_us else t0
         if self.lazy:
             t_freeze = self.t_stopped       # our SIGSTOP froze it, before CRIU ran
+        t_freeze = min(t_freeze, self.target.frozen_at or t_freeze)   # froze it before runc
         rep.phases["freeze"] = rep.criu_dump_stats.get("freezing_time", 0) / 1e6
         rep.phases["dump"] = t_dumped - t_freeze
         self._emit("phase", phase="final transfer", dump_s=dump_wall)

@@ -45,6 +45,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -121,6 +123,7 @@ class PidTarget:
         self.criu_opts = check_criu_opts(criu_opts)
         self.tcp_established = bool(tcp_established)
         self.dumped = False          # the dump finished (the tree is frozen by it)
+        self.frozen_at = 0.0         # monotonic time we froze the tree ourselves (0: CRIU did)
         self.notes: List[str] = []   # for the report
 
     @property
@@ -221,6 +224,9 @@ class ContainerTarget(PidTarget):
             self.lowers = self._overlay_lowers(st)
         if self.upper and not os.path.isdir(self.upper):
             self.upper = None
+        # cgroup v1 freezer of the container (None elsewhere: CRIU freezes as it likes)
+        fz = (st.get("cgroup_paths") or {}).get("freezer")
+        self.freezer = fz if fz and os.path.exists(os.path.join(fz, "freezer.state")) else None
         self.uffd_ok = runc.seccomp_allows(self.spec or self.container, "userfaultfd")
         # The service interface as it is now (not in the freeze): its MAC and lower link.
         self.mac = self.lower = None
@@ -287,10 +293,25 @@ class ContainerTarget(PidTarget):
         self.dump_dir = tmp
         agent.frozen = True     # from here the tree may be stopped: an abort resumes it
         fault("source:dump")
-        r = await agent._in_thread(
-            runc.checkpoint, self.container, tmp, leave_stopped=True,
-            tcp_established=self.tcp_established, network_lock=self.network_lock,
-            criu_options=_criu_conf_lines(self.criu_opts), timeout=300.0)
+        # Frozen by us first: CRIU then skips its cgroup-v1 freezer loop, whose first
+        # look comes 100 ms after it wrote FROZEN (criu/seize.c), and leaves the
+        # cgroup frozen, so we thaw it after the dump: the tree then stops on the
+        # SIGSTOP CRIU left pending (leave-stopped), as when CRIU thaws it itself.
+        self.frozen_at = time.monotonic()
+        freezer = await agent._in_thread(_freeze, self.freezer)
+        if not freezer:
+            self.frozen_at = 0.0
+        try:
+            r = await agent._in_thread(
+                runc.checkpoint, self.container, tmp, leave_stopped=True,
+                tcp_established=self.tcp_established, network_lock=self.network_lock,
+                criu_options=_criu_conf_lines(self.criu_opts), timeout=300.0)
+        except BaseException:
+            if freezer:     # CRIU resumed the tree; the abort resumes it too
+                _thaw(freezer, None)
+            raise
+        if freezer:
+            await agent._in_thread(_thaw, freezer, self.container)
         self.dumped = True
         await agent._in_thread(self._after_dump, tmp, r.log)
         return True
@@ -368,6 +389,59 @@ class ContainerTarget(PidTarget):
                 net.remove_network_lock(self.netns, self.lock)
             except Exception as exc:  # noqa: BLE001 - the migration is done; say what is left
                 agent.report.notes.append(f"CRIU's network lock left at the source: {exc}")
+
+
+def _freezer_state(path: str) -> str:
+    with open(os.path.join(path, "freezer.state")) as f:
+        return f.read().strip()
+
+
+def _freeze(path: Optional[str], timeout: float = 5.0) -> Optional[str]:
+    """Freeze the cgroup-v1 freezer at ``path`` and wait (polling every 0.5 ms, at most
+    ``timeout`` s) until FROZEN; returns the path, None when there is none or it did
+    not freeze in time (thawed again: CRIU then freezes it itself)."""
+    if not path:
+        return None
+    try:
+        with open(os.path.join(path, "freezer.state"), "w") as f:
+            f.write("FROZEN")
+        deadline = time.monotonic() + timeout
+        while _freezer_state(path) != "FROZEN":
+            if time.monotonic() > deadline:
+                _thaw(path, None)
+                return None
+            time.sleep(0.0005)
+    except OSError:
+        return None
+    return path
+
+
+def _thaw(path: str, container) -> None:
+    """Thaw the freezer; after a left-stopped dump wait (bounded) until the tree is
+    stopped by CRIU's pending SIGSTOP, and SIGSTOP it ourselves if it is not."""
+    try:
+        with open(os.path.join(path, "freezer.state"), "w") as f:
+            f.write("THAWED")
+    except OSError:
+        return
+    if container is None:
+        return
+    from statesync import proc
+    from statesync.containers import runc
+    try:
+        pids = runc.pids_of(container)
+    except ContainerError:
+        return
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        if all((proc.state(p) or "T") in ("T", "t", "Z", "X") for p in pids):
+            return
+        time.sleep(0.0005)
+    for p in pids:      # never let the dumped copy run on
+        try:
+            os.kill(p, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
 
 
 def _service_if(netns: Optional[str], dev: str):
@@ -575,9 +649,10 @@ class RuncDest(PidDest):
         return rr.pid
 
     def before_resume(self, sess) -> None:
-        from statesync.containers import net
+        """Lift the lock we put back after the restore: the rules as we inserted them
+        (one iptables-restore per family; no listing), CRIU's nft tables by name."""
         if self.lock:
-            net.remove_network_lock(self.netns, self.lock)
+            _lift_lock(self.netns, self.lock)
 
     def drop(self, sess) -> None:
         from statesync.containers import runc
@@ -661,6 +736,21 @@ class PodmanDest(RuncDest):
         w = getattr(self, "work", None)
         if w:
             shutil.rmtree(w, ignore_errors=True)
+
+
+def _lift_lock(netns: Optional[str], lock) -> None:
+    """Remove the lock rules :func:`statesync.containers.net.replicate_network_lock`
+    installed in ``netns`` (spelled as installed, so no listing is needed)."""
+    from statesync.containers import net
+    for _fam, rules, chains, prog in (("v4", lock.iptables, lock.chains.get("v4", []),
+                                      "iptables-restore"),
+                                     ("v6", lock.ip6tables, lock.chains.get("v6", []),
+                                      "ip6tables-restore")):
+        if rules or chains:
+            net._run(netns, [prog, "-w", "--noflush"], f"{prog} (unlock)",
+                     input=net._iptables_restore_input(chains, rules, delete=True))
+    for fam, name, _ in lock.nft_tables:
+        net._run(netns, ["nft", "delete", "table", fam, name], f"nft delete table {fam} {name}")
 
 
 def _bundle_from_spec(path: str, spec: dict, rootfs_dir: str, netns: str):
