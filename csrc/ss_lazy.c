@@ -473,8 +473,6 @@ static int serve_fault(struct daemon *d, size_t ti, uint64_t addr, uint64_t t0)
             wake(t->fd, addr, d->ps);
         } else if (src) {
             d->st->fault_copied++;
-            if (IS_REMOTE(t->row[i]))
-                d->st->remote_placed++;
         } else {
             d->st->fault_zero++;
         }
@@ -717,8 +715,6 @@ static int fill_run(struct daemon *d, struct task *t, size_t i, size_t k)
             d->st->prefetch_zero += got;
         else
             d->st->prefetch_copied += got;
-        if (remote)
-            d->st->remote_placed += got;
         i += got;
         k -= got;
         if (!err || k == 0)

@@ -144,7 +144,8 @@ struct ss_lazy_stats {
     uint64_t remote_faults;    /* faults that had to wait for a remote page */
     uint64_t remote_requested; /* page indices written to req_fd */
     uint64_t remote_supplied;  /* page indices read from supply_fd */
-    uint64_t remote_placed;    /* remote pages placed (by a supply, a fault or the fill) */
+    uint64_t remote_placed;    /* remote pages placed as they arrived (the others were
+                                * placed later by a fault or the fill: counted there) */
     uint64_t remote_exist;     /* remote pages found already present: left as they were */
     size_t lat_n;              /* entries written to opts.lat_ns */
     size_t rlat_n;             /* entries written to opts.rlat_ns */

@@ -216,3 +216,20 @@ def test_postcopy_wire_kinds_are_new():
     kinds = [wire.PC_REMOTE, wire.PC_REQUEST, wire.PC_PAGES, wire.PC_ACK]
     assert len(set(kinds)) == 4 and min(kinds) > wire.FILLED
     assert all(k in wire.NAMES for k in kinds)
+
+
+def test_postcopy_without_precopy_brings_the_exact_state(hbed):
+    """strategy postcopy: no pre-copy round, every lazy page travels after the resume
+    (requested or pushed); the restored workload's checksum is the one at the freeze."""
+    bed = hbed
+    _start_dest(bed)
+    bed.spawn(size="8M", rate=200.0)        # paused: its checksum is the state
+    src, report = _start_source(bed, "postcopy")
+    out, err = src.communicate(timeout=120)
+    assert src.returncode == 0, err.decode()[-3000:]
+    rep = json.load(open(report))
+    assert rep["rounds"] == [] and rep["strategy"] == "postcopy", rep
+    ps = rep["post_switch"]
+    assert ps["postcopy"] == 1.0 and ps["remote_pages"] >= 2048, ps   # the 8 MiB buffer
+
+    assert _finish(bed, "b") == "b"

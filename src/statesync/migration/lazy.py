@@ -144,7 +144,7 @@ class LazyStats:
 
     @property
     def pages_filled(self) -> int:
-        return self.fault_copied + self.prefetch_copied + self.prefetch_zero
+        return self.fault_copied + self.prefetch_copied + self.prefetch_zero + self.remote_placed
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__
