@@ -611,16 +611,22 @@ class RuncDest(PidDest):
     async def restore(self, sess, final_dir: str) -> bool:
         from statesync.migration import records
         from statesync.migration.common import fault
+        steps: Dict[str, float] = {}
+        sess.result["restore_steps_s"] = steps      # logged with the session's result
         try:
+            t0 = time.monotonic()
             await asyncio.to_thread(self._network_in, final_dir)
+            steps["network_in"] = time.monotonic() - t0
             fault("dest:restore")
-            pid = await asyncio.to_thread(self._restore, final_dir)
+            pid = await asyncio.to_thread(self._restore, final_dir, steps)
             if self.lock:
                 # Until COMMIT the copy must not talk: CRIU's unlock lifted the lock, so
                 # it goes back (else this kernel ACKs the client's data into a copy that
                 # an abort discards).
                 from statesync.containers import net
+                t0 = time.monotonic()
                 await asyncio.to_thread(net.replicate_network_lock, None, self.netns, self.lock)
+                steps["relock"] = time.monotonic() - t0
         except BaseException as exc:
             await asyncio.to_thread(self._network_out)
             if isinstance(exc, StateSyncError) and not isinstance(exc, MigrationError):
@@ -630,13 +636,15 @@ class RuncDest(PidDest):
         sess.restored_start = records.start_time(pid)
         return True
 
-    def _restore(self, final_dir: str) -> int:
+    def _restore(self, final_dir: str, steps: Dict[str, float]) -> int:
         from statesync.containers import rootfs, runc
         assert self.bundle is not None
+        t0 = time.monotonic()
         self.bundle.mount()
         tar = os.path.join(final_dir, ROOTFS_TAR)
         if os.path.exists(tar):     # the source's file system changes, replayed over ours
             rootfs.apply_diff_tar(tar, self.bundle.rootfs, self.info.get("deleted") or [])
+        steps["rootfs"] = time.monotonic() - t0
         self.restored = True
         rr = runc.restore(final_dir, self.bundle, self.name, root=self.root,
                           tcp_established=self.tcp_established, leave_stopped=True,
@@ -644,6 +652,12 @@ class RuncDest(PidDest):
                           criu_options=_criu_conf_lines(self.criu_opts),
                           work_dir=os.path.join(self.bundle.path, "restore-work"),
                           timeout=300.0)
+        steps["runc_restore"] = rr.wall_time
+        if rr.stats.get("restore_time"):
+            steps["criu_restore_time"] = rr.stats["restore_time"] / 1e6
+        stats = os.path.join(os.path.dirname(rr.log), "stats-restore")
+        if os.path.exists(stats):       # the engine reports CRIU's restore statistics
+            shutil.copyfile(stats, os.path.join(final_dir, "stats-restore"))
         if not rr.pid:
             raise ContainerError(self.name, f"runc restore left no init pid (log {rr.log})")
         return rr.pid
