@@ -24,6 +24,50 @@ from statesync.errors import MigrationError
 SECRET = b"containers-migrate-test-secret-0123456789"
 
 
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_criu_opts_are_checked_and_become_config_lines():
+    from statesync.migration import target
+    assert target.check_criu_opts(["--shell-job", "--ghost-limit=10M"]) == [
+        "--shell-job", "--ghost-limit=10M"]
+    for bad in (["shell-job"], ["-j"], ["--x y"]):
+        with pytest.raises(ValueError, match="--name"):
+            target.check_criu_opts(bad)
+    assert target._criu_conf_lines(["--shell-job", "--ghost-limit=10M"]) == [
+        "shell-job", "ghost-limit 10M"]
+
+
+def test_network_lock_travels_as_json():
+    from statesync.migration import target
+    lock = net.NetworkLock(iptables=["-A INPUT -s 1.2.3.4 -j DROP"],
+                           nft_tables=[("inet", "CRIU-1", "table inet CRIU-1 {}")],
+                           chains={"v4": ["CRIU"]})
+    import json
+    back = target._lock_from_json(json.loads(json.dumps(target._lock_to_json(lock))))
+    assert back == lock
+
+
+def test_targets_refuse_contradictions_in_one_line():
+    from statesync.migration import target
+    with pytest.raises(ValueError, match="not both"):
+        target.source_target(1, "runc:x")
+    with pytest.raises(ValueError, match="containers"):
+        target.source_target(1, service_ip="10.0.0.1")
+    with pytest.raises(MigrationError, match="upgrade statesync") as ei:
+        target.dest_target({"target": {"kind": "vm"}}, None, "/nonexistent", "s")
+    assert "\n" not in str(ei.value)
+    with pytest.raises(MigrationError, match="--rootfs"):
+        target.dest_target({"target": {"kind": "runc", "name": "x", "spec": {}}},
+                           target.DestOptions(), "/nonexistent", "s")
+    d = target.dest_target({"criu_opts": ["--file-locks"], "tcp_established": True},
+                           None, "/nonexistent", "s")
+    assert d.restore_args() == ["--tcp-established", "--file-locks"]
+
+
+# --------------------------------------------------------------------------- real runc
+
+
 class _Dest:
     """``statesync receive`` in host B's namespace, restoring containers under their own
     runc root (both "hosts" share this machine's /run)."""
@@ -147,11 +191,18 @@ def test_runc_container_migrates_through_migrate_with_precopy(cbed, rootfs):  # 
           + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in rep.phases.items()))
 
 
-def test_tcp_client_keeps_one_connection_through_migrate(cbed, rootfs):  # noqa: F811
+@pytest.mark.parametrize("network_lock", ["iptables", "nftables"])
+def test_tcp_client_keeps_one_connection_through_migrate(cbed, rootfs, criu_ok,  # noqa: F811
+                                                         network_lock):
     """A client in the client namespace holds ONE connection doing SET+GET every 5 ms
     while `statesync.migrate(..., tcp_established=True, service_ip=...)` moves the runc
-    container A -> B with pre-copy: no reset, every acknowledged write present, gap
-    measured from the client; the source's lock leftovers are gone."""
+    container A -> B with pre-copy, with CRIU's iptables rules or its nftables table as
+    the lock: no reset, every acknowledged write present, gap measured from the client;
+    no lock left on either host."""
+    from conftest import find_program, require
+    if network_lock == "nftables":
+        require(criu_ok.features.get("network_lock_nftables"), "CRIU lacks network-lock nftables")
+        require(find_program("nft"), "nft missing (scripts/setup-system.sh)")
     tb, lan_, names, bundles, d = cbed
     tag = f"ssct{os.getpid()}t"
     b, c, mk = _start_redis(tb, lan_, names, bundles, rootfs, tag)
@@ -162,7 +213,7 @@ def test_tcp_client_keeps_one_connection_through_migrate(cbed, rootfs):  # noqa:
         before = len(sess.acked)
         assert before > 10 and sess.error is None
         rep = _migrate(tb, f"runc:{c.name}", d, tcp_established=True,
-                       service_ip=f"{lan_.service_ip}/32")
+                       service_ip=f"{lan_.service_ip}/32", network_lock=network_lock)
         deadline = time.monotonic() + 10
         while len(sess.acked) < before + 100 and sess.error is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -177,8 +228,9 @@ def test_tcp_client_keeps_one_connection_through_migrate(cbed, rootfs):  # noqa:
     assert not net.network_lock_of(tb.ns_b), rep.notes
     pid = runc.pids_of(runc.Container(tag + "b", d.root))[0]
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{tb.ns_b}").st_ino
-    print(f"\nrunc+tcp via migrate: client gap {sess.gap_s * 1e3:.0f} ms, engine downtime "
-          f"{rep.downtime_s * 1e3:.0f} ms, {len(sess.acked)} writes acked, "
+    print(f"\nrunc+tcp via migrate ({network_lock} lock): client gap "
+          f"{sess.gap_s * 1e3:.0f} ms, engine downtime {rep.downtime_s * 1e3:.0f} ms, "
+          f"{len(sess.acked)} writes acked, "
           f"{len(rep.rounds)} rounds ({rep.tracker}); phases "
           + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in rep.phases.items()))
 
@@ -326,3 +378,52 @@ def test_podman_container_migrates_with_precopy(cbed, rootfs):  # noqa: F811
     finally:
         for n in (name, name + "b"):
             subprocess.run(["podman", "rm", "-f", "-t", "0", n], capture_output=True, timeout=60)
+
+
+def test_iperf3_test_running_across_migrate(cbed, rootfs):  # noqa: F811
+    """MOSE's first service through the engine: an iperf3 server in a runc container, a
+    client in the client namespace with a test RUNNING (control + data connection)
+    while `statesync.migrate(..., tcp_established=True, service_ip=...)` moves the
+    container A -> B with pre-copy: the test finishes against B, every byte sent
+    received."""
+    import json
+    from conftest import find_program, require
+    tb, lan_, names, bundles, d = cbed
+    require(find_program("iperf3"), "iperf3 missing on the host (scripts/setup-system.sh)")
+    require(os.path.exists(os.path.join(rootfs, "usr/bin/iperf3")), "rootfs lacks iperf3")
+    lan_.place_service("a")
+    tag = f"ssci{os.getpid()}m"
+    b = runc.make_bundle(os.path.join(tb.dir_a, "bundle"), rootfs,
+                         ["iperf3", "-s", "-B", lan_.service_ip, "-p", "5201"], netns=tb.ns_a)
+    bundles.append(b)
+    c = runc.run(b, tag)
+    names.append(c.name)
+    deadline = time.monotonic() + 10
+    ss = net.in_netns(tb.ns_a, ["ss", "-Hltn", "sport", "=", ":5201"])
+    while "5201" not in subprocess.run(ss, capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "iperf3 server not listening"
+        time.sleep(0.05)
+    d.start(tag + "b")
+    client = subprocess.Popen(net.in_netns(lan_.ns_client, [
+        "iperf3", "-c", lan_.service_ip, "-p", "5201", "-t", "4", "-b", "40M", "-J",
+        "--connect-timeout", "3000"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        assert client.poll() is None, client.communicate()
+        rep = _migrate(tb, f"runc:{c.name}", d, tcp_established=True,
+                       service_ip=f"{lan_.service_ip}/32")
+        out, err = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    rc, _, derr = d.finish()
+    assert rc == 0 and rep.ok, derr[-2000:]
+    assert client.returncode == 0, f"iperf3 client failed: {err.strip()[-300:]} {out[-300:]}"
+    res = json.loads(out)
+    assert "error" not in res, res.get("error")
+    sent = res["end"]["sum_sent"]["bytes"]
+    received = res["end"]["sum_received"]["bytes"]
+    assert sent > 0 and received == sent, (sent, received)
+    print(f"\niperf3 across migrate: {sent} bytes sent = received, engine downtime "
+          f"{rep.downtime_s * 1e3:.0f} ms")
