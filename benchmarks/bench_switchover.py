@@ -222,6 +222,7 @@ def run_statesync(tb, pid, port, lazy: bool, link_bps, strategy: str = "iterativ
             "phases": rep.phases, "state_mb": rep.state_pages * 4096 / 1e6,
             "final_pages": rep.final_pages, "post_switch_s": post,
             "switchover": getattr(rep, "switchover", ""), "rounds": len(rep.rounds),
+            "notes": list(rep.notes),
             "remote_pages": ps.get("remote_pages", 0.0),
             "remote_faults": ps.get("remote_faults", 0.0),
             "remote_fault_p50_ms": ps.get("remote_fault_p50_ns", 0.0) / 1e6,
@@ -455,6 +456,8 @@ def main(argv=None) -> int:
                                  f"{r['post_p99_s'] * 1e3:7.2f} ms, degraded "
                                  f"{r['degraded_s']:.2f} s, lost writes "
                                  f"{r.get('lost_writes', '-')}")
+                    if r.get("notes"):
+                        extra += "  notes: " + "; ".join(r["notes"])[:300]
                     if r.get("remote_pages"):
                         extra += (f"  post-copy {int(r['remote_pages'])} pages, "
                                   f"{int(r['remote_faults'])} remote faults (p50 "

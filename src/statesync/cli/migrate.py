@@ -393,7 +393,9 @@ def cli_register(sub) -> None:
                    "by default there)")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="cold: freeze and copy; precopy: one live round; iterative: live "
-                   "rounds until the scheduler stops; auto: the scheduler decides")
+                   "rounds until the scheduler stops; hybrid: at most 3 rounds, the rest "
+                   "fetched after the resume; postcopy: no round, everything fetched after "
+                   "the resume (docs/postcopy.md); auto: the scheduler decides")
     p.add_argument("--tracker", default="auto", choices=["auto", "uffd", "softdirty", "hash"],
                    help="dirty-page tracker")
     p.add_argument("--switchover", choices=["auto", "lazy", "full"], default="auto",
