@@ -219,10 +219,13 @@ def run_statesync(tb, pid, port, lazy: bool, link_bps, strategy: str = "iterativ
     ps = getattr(rep, "post_switch", None) or {}
     post = float(ps.get("push_s") or ps.get("fill_s", 0.0))
     return {"engine_downtime_s": rep.downtime_s, "t0": t0, "restored_pid": rep.restored_pid,
+            "total_s": rep.total_s,
             "phases": rep.phases, "state_mb": rep.state_pages * 4096 / 1e6,
             "final_pages": rep.final_pages, "post_switch_s": post,
             "switchover": getattr(rep, "switchover", ""), "rounds": len(rep.rounds),
             "notes": list(rep.notes),
+            "round_detail": [(r.pages, round(r.duration_s, 3), r.dirty_pages_after)
+                             for r in rep.rounds],
             "remote_pages": ps.get("remote_pages", 0.0),
             "remote_faults": ps.get("remote_faults", 0.0),
             "remote_fault_p50_ms": ps.get("remote_fault_p50_ns", 0.0) / 1e6,
@@ -373,6 +376,7 @@ def run_case(case: str, rate: str, mode: str, redis_mb: int, small_mb: int) -> d
                         time.sleep(1.5)
                         gap = obs.max_gap(res["t0"], time.monotonic())
                         res["downtime_outside_s"] = gap["gap_s"]
+                        res["gap_at_s"] = (gap["gap_start"] or res["t0"]) - res["t0"]
                         res.update(_beat_stats(obs.times, t_pre, gap))
                         c = workloads.WorkloadClient(wl.control, netns=tb.ns_b)
                         res["serving_after"] = bool(c.status())
@@ -456,13 +460,17 @@ def main(argv=None) -> int:
                                  f"{r['post_p99_s'] * 1e3:7.2f} ms, degraded "
                                  f"{r['degraded_s']:.2f} s, lost writes "
                                  f"{r.get('lost_writes', '-')}")
+                    if "gap_at_s" in r and "total_s" in r:
+                        extra += (f"  gap at {r['gap_at_s']:.2f} s of {r['total_s']:.2f} s, "
+                                  f"engine downtime {r['engine_downtime_s'] * 1e3:.0f} ms")
                     if r.get("notes"):
                         extra += "  notes: " + "; ".join(r["notes"])[:300]
                     if r.get("remote_pages"):
                         extra += (f"  post-copy {int(r['remote_pages'])} pages, "
                                   f"{int(r['remote_faults'])} remote faults (p50 "
                                   f"{r['remote_fault_p50_ms']:.1f} ms, p99 "
-                                  f"{r['remote_fault_p99_ms']:.1f} ms), rounds {r['rounds']}")
+                                  f"{r['remote_fault_p99_ms']:.1f} ms), rounds {r['rounds']} "
+                                  f"(pages, s, dirty after: {r['round_detail']})")
                     print(f"{case:6s} {rate:8s} {mode:14s} downtime (outside) "
                           f"{r['downtime_outside_s'] * 1e3:8.1f} ms  post-switch "
                           f"{r['post_switch_s']:6.2f} s{extra}  phases "
