@@ -427,3 +427,38 @@ def test_iperf3_test_running_across_migrate(cbed, rootfs):  # noqa: F811
     assert sent > 0 and received == sent, (sent, received)
     print(f"\niperf3 across migrate: {sent} bytes sent = received, engine downtime "
           f"{rep.downtime_s * 1e3:.0f} ms")
+
+
+def test_source_agent_killed_after_final_supervisor_restores_container(cbed, rootfs):  # noqa: F811
+    """`statesync migrate runc:NAME --tcp-established --service-ip IP` is SIGKILLed right
+    after FINAL (the destination restores its stopped copy): the source's supervisor
+    puts the service IP back, kills the frozen container and restores it from the dump
+    here (never SIGCONT), and tells B to drop its copy: the service runs on A only and
+    the client's ONE connection survives with every write."""
+    tb, lan_, names, bundles, d = cbed
+    tag = f"ssct{os.getpid()}s"
+    b, c, mk = _start_redis(tb, lan_, names, bundles, rootfs, tag, keys=500)
+    d.start(tag + "b")
+    sess = probe.RedisSession(mk, lan_.service_ip, 6379, interval=0.005, timeout=15.0).start()
+    env = dict(os.environ, STATESYNC_TEST_FAULT="source:after_final:kill")
+    try:
+        time.sleep(0.3)
+        before = len(sess.acked)
+        src = tb.python("a", ["migrate", f"runc:{c.name}", "--to", d.addr, "--secret-file",
+                              d.secret, "--strategy", "iterative", "--io-timeout", "5",
+                              "--calibration", "", "--quiet", "--tcp-established",
+                              "--service-ip", f"{lan_.service_ip}/32"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        src.wait(60)
+        assert src.returncode == -9, src.stderr.read().decode()[-2000:]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if runc.list_names(d.root) == [] and not net.network_lock_of(tb.ns_a) \
+                    and runc.exists(c) and len(sess.acked) > before + 50:
+                break
+            time.sleep(0.1)
+        _assert_rolled_back(tb, lan_, c, sess, before, mk)
+        assert runc.list_names(d.root) == []
+    finally:
+        sess.stop()
+    print(f"\nsource agent killed after FINAL: client gap {sess.gap_s * 1e3:.0f} ms")

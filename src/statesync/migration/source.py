@@ -408,6 +408,7 @@ class _SourceAgent(SwitchOver):
             "role": "source", "session": self.session, "state": S.PRECOPY.value,
             "pid": self.pid, "pid_start": self.pid_start, "dest": self.dest,
             "netns": self.netns, "encryption": self.encryption, "agent_pid": os.getpid(),
+            "target": self.target.record_info(),    # how to resume it (target.resume_source)
             "agent_start": records.start_time(os.getpid()),
             "supervisor_pid": self.supervisor.pid, "supervisor_start": self.supervisor.start,
             "io_timeout": self.io_timeout, "resolve_window": self.resolve_window,

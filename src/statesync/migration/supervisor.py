@@ -248,7 +248,7 @@ def settle_source(r: Dict, base: str, secret: Optional[bytes], window: float,
             return f"session {sess}: criu dump of pid {root} still running; left as is"
     msg = ""
     if st in (S.PRECOPY, S.FREEZING, S.FROZEN):
-        n = resume_tree(root, start)
+        n = _resume_source(r, log)
         # The agent may have sent FINAL: tell the destination (it answers "unknown"
         # for a session it never prepared).
         rec.transition(path, base, "source", S.ABORTED, peer_told=st == S.PRECOPY)
@@ -271,7 +271,7 @@ def settle_source(r: Dict, base: str, secret: Optional[bytes], window: float,
             msg = (f"session {sess}: destination runs it (pid {info.get('pid')}); killed the "
                    f"stopped source copy ({n} processes)")
         else:
-            n = resume_tree(root, start)
+            n = _resume_source(r, log)
             rec.transition(path, base, "source", S.ABORTED, peer_told=True)
             msg = (f"session {sess}: destination says {info.get('state')}; resumed pid {root} "
                    f"({n} processes) at the source")
@@ -289,6 +289,12 @@ def settle_source(r: Dict, base: str, secret: Optional[bytes], window: float,
     if r.get("state") in (S.COMMITTED, S.ABORTED) and r.get("peer_told", True):
         rec.remove(path)
     return msg or f"session {sess}: {r.get('state', 'gone')}, nothing to do"
+
+
+def _resume_source(r: Dict, log) -> int:
+    """resume_tree, or for a container the runtime's way (migration/target.py)."""
+    from statesync.migration.target import resume_source
+    return resume_source(r, log)
 
 
 def _drop_dump_dir(r: Dict) -> None:
@@ -435,7 +441,7 @@ def _deadline_watch(base: str, agent_pid: int, log) -> None:
                                   expect=(S.FROZEN, S.FREEZING),
                                   peer_told=False)
             if done is not None:
-                n = resume_tree(r.get("pid"), r.get("pid_start"))
+                n = _resume_source(r, log)
                 log(f"session {r['session']}: switch-over budget exceeded by the agent "
                     f"(pid {agent_pid}); resumed pid {r.get('pid')} ({n} processes)")
 

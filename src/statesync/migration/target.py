@@ -135,6 +135,10 @@ class PidTarget:
         return {"target": {"kind": self.kind}, "criu_opts": list(self.criu_opts),
                 "tcp_established": self.tcp_established}
 
+    def record_info(self) -> Dict[str, Any]:
+        """What the source's handoff record keeps for its supervisor (:func:`resume_source`)."""
+        return {"kind": self.kind}
+
     def dump_args(self) -> List[str]:
         """Extra arguments of the engine's own ``criu dump``."""
         return (["--tcp-established"] if self.tcp_established else []) + list(self.criu_opts)
@@ -272,6 +276,14 @@ class ContainerTarget(PidTarget):
     def dump_args(self) -> List[str]:
         return []
 
+    def record_info(self) -> Dict[str, Any]:
+        svc = ({"ip": self.service_ip, "dev": self.service_dev, "mac": self.mac,
+                "lower": self.lower} if self.service_ip else None)
+        return {"kind": self.kind, "name": self.container.name, "root": self.container.root,
+                "bundle": self.bundle, "netns": self.netns, "freezer": self.freezer,
+                "tcp": self.tcp_established, "service": svc, "network_lock": self.network_lock,
+                "criu_opts": list(self.criu_opts)}
+
     def tracker_method(self, asked: str) -> str:
         """uffd only where the container's seccomp filter allows userfaultfd (podman's
         default profile denies it): else hash. The report says why."""
@@ -389,6 +401,82 @@ class ContainerTarget(PidTarget):
                 net.remove_network_lock(self.netns, self.lock)
             except Exception as exc:  # noqa: BLE001 - the migration is done; say what is left
                 agent.report.notes.append(f"CRIU's network lock left at the source: {exc}")
+
+
+def _runc_checkpoints(name: str) -> List[int]:
+    """pids of ``runc ... checkpoint ... NAME`` processes still running."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if args and os.path.basename(args[0]) == "runc" and "checkpoint" in args \
+                and name in args:
+            out.append(int(d))
+    return out
+
+
+def resume_source(r: Dict[str, Any], log=None) -> int:
+    """The supervisor's (and ``statesync recover``'s) resume of a source copy whose
+    agent is gone, for the record ``r``: a process tree gets SIGCONT
+    (supervisor.resume_tree). A container also gets its freezer thawed and its
+    service IP back, and after a complete ``tcp_established`` dump it is killed and
+    restored here from the dump (SIGCONT would reset its connections). Returns the
+    number of processes resumed (1 for a restored container)."""
+    from statesync.migration.supervisor import resume_tree
+    t = r.get("target") or {}
+    root, start = r.get("pid"), r.get("pid_start")
+    if t.get("kind") not in ("runc", "podman"):
+        return resume_tree(root, start)
+    from statesync.containers import net, runc
+    say = log or (lambda m: None)
+    name = str(t.get("name") or "")
+    deadline = time.monotonic() + 120
+    while name and _runc_checkpoints(name) and time.monotonic() < deadline:
+        time.sleep(0.05)        # a checkpoint the agent started finishes first
+    fz = t.get("freezer")
+    if fz and os.path.exists(os.path.join(fz, "freezer.state")):
+        _thaw(fz, None)
+    svc, netns = t.get("service"), t.get("netns")
+    if svc:
+        try:
+            _service_if(netns, svc.get("dev") or "svc0")
+        except Exception:  # noqa: BLE001 - absent: put it back
+            try:
+                net.add_service_ip(netns, svc["ip"], svc.get("lower") or "",
+                                   dev=svc.get("dev") or "svc0", mac=svc.get("mac"))
+                say(f"service IP {svc['ip']} back on {svc.get('dev')}")
+            except Exception as exc:  # noqa: BLE001
+                say(f"could not put the service IP {svc.get('ip')} back: {exc}")
+    dump = str(r.get("dump_dir") or "")
+    log_path = os.path.join(dump, "dump.log") if dump else ""
+    complete = False
+    if t.get("tcp") and dump and os.path.exists(os.path.join(dump, "inventory.img")):
+        try:
+            with open(log_path, errors="replace") as f:
+                complete = "Dumping finished successfully" in f.read()
+        except OSError:
+            complete = False
+    if not complete or not t.get("bundle"):
+        return resume_tree(root, start)
+    c = runc.Container(name, str(t.get("root") or runc.DEFAULT_ROOT))
+    try:
+        runc.delete(c)
+        runc.restore(dump, t["bundle"], name, root=c.root, tcp_established=True,
+                     network_lock=t.get("network_lock"),
+                     criu_options=_criu_conf_lines(t.get("criu_opts") or []),
+                     work_dir=dump + "-rollback", timeout=120.0)
+    except ContainerError as exc:
+        say(f"local restore of container {name} from {dump} failed: {exc}")
+        return 0
+    finally:
+        shutil.rmtree(dump + "-rollback", ignore_errors=True)
+    say(f"container {name} restored here from its dump (TCP connections kept)")
+    return 1
 
 
 def _freezer_state(path: str) -> str:
@@ -805,6 +893,6 @@ def dest_target(begin: dict, options: Optional[DestOptions], base_dir: str,
     return cls(begin, options or DestOptions(), base_dir, session)
 
 
-__all__ = ["PidTarget", "ContainerTarget", "source_target", "DestOptions", "PidDest",
-           "RuncDest", "PodmanDest", "dest_target", "check_criu_opts", "TARGET_FILE",
+__all__ = ["PidTarget", "ContainerTarget", "source_target", "resume_source", "DestOptions",
+           "PidDest", "RuncDest", "PodmanDest", "dest_target", "check_criu_opts", "TARGET_FILE",
            "ROOTFS_TAR", "KINDS"]
