@@ -284,6 +284,7 @@ __all__ = [
     "MigrationCancelled", "UsageError", "PrerequisiteMissing",
     "ContainerError", "ContainerNotFound", "CheckpointArchiveError", "NetworkMoveError",
     "InDoubt", "DestinationBusy", "UnsafeDirectory",
+    "PostCopyLinkLost",
 ]
 
 
