@@ -25,7 +25,9 @@
  * and the kernel detaches a tracer's tracees when it exits. No attachment leaks.
  * What still kills the injector with its caller: an OOM kill of the caller (the
  * OOM killer kills every process sharing the victim's memory), a kill of the
- * whole cgroup, a SIGKILL of the injector itself (docs/tracking.md).
+ * whole cgroup, a SIGKILL of the injector itself (docs/tracking.md). For the OOM
+ * case, statesync-injector (csrc/injector_main.c) runs the injection in a process
+ * of its own mm; the Python tracker uses it by default.
  */
 #ifndef SS_PTRACE_H
 #define SS_PTRACE_H
