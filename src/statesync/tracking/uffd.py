@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import socket
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -40,10 +42,10 @@ if TYPE_CHECKING:
 TEST_PAUSE_ENV = "STATESYNC_TEST_INJECT_PAUSE"
 
 
-def _arm_test_pause() -> None:
+def _test_pause() -> Optional[Tuple[int, int, int]]:
     spec = os.environ.get(TEST_PAUSE_ENV)
     if not spec:
-        return
+        return None
     parts = spec.split(":")
     try:
         point = _core.INJECT_PAUSE_POINTS[parts[0]]
@@ -52,7 +54,114 @@ def _arm_test_pause() -> None:
     except (KeyError, IndexError, ValueError):
         raise ValueError(f"{TEST_PAUSE_ENV}={spec!r}: expected POINT:MS[:FD], POINT one of "
                          f"{', '.join(_core.INJECT_PAUSE_POINTS)}") from None
-    _core.inject_test_pause(point, ms, fd)
+    return point, ms, fd
+
+
+# Where each injection runs: "helper" (default when built) = the statesync-injector
+# program next to the module, a process of its own that nothing killing the tracker
+# takes along, an OOM kill included; "inprocess" = an injector task of this process
+# (clone CLONE_VM, its own thread group: survives SIGKILL of the tracker, not an OOM
+# kill of it). docs/tracking.md, "A tracker killed during the injection".
+INJECTOR_ENV = "STATESYNC_INJECTOR"
+_HELPER = os.path.join(os.path.dirname(os.path.abspath(_core.__file__)), "statesync-injector")
+
+
+def _helper() -> Optional[str]:
+    if os.environ.get(INJECTOR_ENV) == "inprocess":
+        return None
+    return _HELPER if os.access(_HELPER, os.X_OK) else None
+
+
+_INFO_INT = ("rc", "stage", "ncalls", "orig_syscall", "orig_ret", "forwarded_signals",
+             "held_stop", "window_ns")
+
+
+def _inject_userfaultfd(pid: int, tid: int, pidfd: int, addr: int, flags: int,
+                        timeout_ms: int) -> Tuple[int, dict]:
+    """_core.inject_userfaultfd's contract (fd, info; OSError with .inject_info), run in
+    the helper when there is one, else in-process. info["injector"] says which."""
+    pause = _test_pause()
+    helper = _helper()
+    if helper is not None:
+        try:
+            return _inject_via_helper(helper, pid, tid, addr, flags, timeout_ms, pause)
+        except _SpawnFailed:
+            pass   # (exec refused: a noexec mount...) the in-process injector then
+    if pause:
+        _core.inject_test_pause(*pause)
+    fd, info = _core.inject_userfaultfd(pid, tid, pidfd, addr, flags, timeout_ms)
+    info["injector"] = "inprocess"
+    return fd, info
+
+
+class _SpawnFailed(Exception):
+    pass
+
+
+def _inject_via_helper(helper: str, pid: int, tid: int, addr: int, flags: int,
+                       timeout_ms: int, pause: Optional[Tuple[int, int, int]]
+                       ) -> Tuple[int, dict]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    argv = [helper, str(pid), str(tid), str(addr), str(flags), str(timeout_ms)]
+    if pause:
+        argv += [str(v) for v in pause]
+    try:
+        try:
+            child = os.posix_spawn(helper, argv, os.environ,
+                                   file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)],
+                                   setsid=True, setsigmask=signal.valid_signals())
+        except OSError as exc:
+            raise _SpawnFailed(exc) from exc
+        finally:
+            theirs.close()
+        try:
+            # every wait of the injection is bounded by timeout_ms; a few of them
+            ours.settimeout(8 * timeout_ms / 1000 + 10)
+            try:
+                data, anc, _, _ = ours.recvmsg(1024, socket.CMSG_SPACE(4),
+                                               socket.MSG_CMSG_CLOEXEC)
+            except socket.timeout:
+                data, anc = b"", []
+        finally:
+            try:
+                os.waitpid(child, 0 if data else os.WNOHANG)
+            except ChildProcessError:
+                pass
+    finally:
+        ours.close()
+    fds = [int.from_bytes(d[:4], "little", signed=True) for lvl, typ, d in anc
+           if lvl == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS]
+    fields = dict(kv.split("=", 1) for kv in data.decode("ascii", "replace").split()
+                  if "=" in kv)
+    if not data or "rc" not in fields:
+        for fd in fds:
+            os.close(fd)
+        # (what it did is unknown: treated as begun and not put back, never retried)
+        raise _inject_error(errno.EIO, f"inject userfaultfd into pid {pid}: the injector "
+                                       "gave no answer",
+                            {"stage": _core.INJECT_STAGE_CALL, "restored": False,
+                             "injector": "helper"})
+    info: dict = {k: int(fields.get(k, "0")) for k in _INFO_INT}
+    rc = info.pop("rc")
+    info["was_in_syscall"] = fields.get("was_in_syscall") == "1"
+    info["restored"] = fields.get("restored") == "1"
+    info["ret"] = [int(x) for x in fields.get("ret", "").split(",") if x][:min(info["ncalls"], 4)]
+    info["injector"] = "helper"
+    if rc < 0:
+        for fd in fds:
+            os.close(fd)
+        raise _inject_error(-rc, f"inject userfaultfd into pid {pid}: {os.strerror(-rc)}", info)
+    if not fds:
+        raise _inject_error(errno.EIO, f"inject userfaultfd into pid {pid}: no descriptor "
+                                       "came back", info)
+    return fds[0], info
+
+
+def _inject_error(err: int, msg: str, info: dict) -> OSError:
+    """An OSError like _core.inject_userfaultfd's, with .inject_info."""
+    e = OSError(err, msg)
+    e.inject_info = info  # type: ignore[attr-defined]
+    return e
 
 
 def _calls_began(exc: Optional[OSError]) -> bool:
@@ -149,12 +258,11 @@ class _UffdBackend(_Backend):
             raise proc.os_error(pid, exc, "pidfd_open") from exc
         flags = os.O_CLOEXEC | os.O_NONBLOCK | _core.UFFD_USER_MODE_ONLY
         last: Optional[OSError] = None
-        _arm_test_pause()
         tids = [t for t in proc.threads(pid)
                 if proc.state(t, procfs=f"{proc.PROCFS}/{pid}/task") not in (None, "Z", "X", "D")]
         for tid in tids[:3] or [pid]:
             try:
-                self.uffd, self.inject_info = _core.inject_userfaultfd(
+                self.uffd, self.inject_info = _inject_userfaultfd(
                     pid, tid, self.pidfd, addr, flags, int(timeout * 1000))
                 break
             except OSError as exc:
