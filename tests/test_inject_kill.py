@@ -110,8 +110,11 @@ POINTS = ["stopped", "masked", "in_call", "after_call", "in_close", "put_back"]
 PAUSE_MS = 150
 
 
-def _env():
+def _env(injector=None):
     env = dict(os.environ)
+    env.pop("STATESYNC_INJECTOR", None)
+    if injector:
+        env["STATESYNC_INJECTOR"] = injector
     src = os.path.dirname(os.path.dirname(os.path.abspath(_core.__file__)))
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("STATESYNC_TEST_INJECT_PAUSE", None)
@@ -179,7 +182,15 @@ def _settle(target, timeout=10.0):
     return _threads(target.pid)
 
 
-def _one_kill(factory, target, point, group, r_fd, w_fd):
+def _comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _one_kill(factory, target, point, group, r_fd, w_fd, injector_mode):
     """One tracker killed at point. Returns None when the target came out whole,
     else what was wrong with it."""
     before = _threads(target.pid)
@@ -193,9 +204,16 @@ def _one_kill(factory, target, point, group, r_fd, w_fd):
     got = os.read(r_fd, 1)
     assert got == bytes([_core.INJECT_PAUSE_POINTS[point]]), got
     injector = int(proc.status(target.pid)["TracerPid"])
+    helper = int(proc.status(injector).get("PPid", 0) or 0)
+    if injector_mode == "helper":   # the tracer is the helper's injector task
+        assert _comm(helper).startswith("statesync-inje"), (injector, helper, _comm(helper))
+    else:                           # ... or the tracker's own
+        assert helper == tracker, (injector, helper, tracker)
     os.kill(target.pid, signal.SIGUSR1)      # must be held, then delivered
     if group:
         os.killpg(tracker, signal.SIGKILL)   # the tracker's whole process group
+        if injector_mode == "helper":
+            os.kill(helper, signal.SIGKILL)  # and the helper: its injector task lives on
     else:
         os.kill(tracker, signal.SIGKILL)
     after = _settle(target)
@@ -233,13 +251,17 @@ def _one_kill(factory, target, point, group, r_fd, w_fd):
     return None
 
 
-def test_tracker_killed_inside_the_injection_leaves_the_target_whole():
+@pytest.mark.parametrize("injector_mode", ["helper", "inprocess"])
+def test_tracker_killed_inside_the_injection_leaves_the_target_whole(injector_mode):
     require(tracking_methods()["uffd"][0], "uffd tracking unavailable")
     require(hasattr(_core, "inject_test_pause"), "the injector has no test hook")
+    if injector_mode == "helper":
+        from statesync.tracking import uffd
+        require(os.access(uffd._HELPER, os.X_OK), "the statesync-injector helper is not built")
     rounds = int(os.environ.get("STATESYNC_INJECT_KILL_ROUNDS", "3"))
     r_fd, w_fd = os.pipe()
     factory = subprocess.Popen([sys.executable, "-c", FACTORY], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True, env=_env(),
+                               stdout=subprocess.PIPE, text=True, env=_env(injector_mode),
                                pass_fds=(w_fd,), start_new_session=True)
     target = None
     results = []
@@ -257,7 +279,7 @@ def test_tracker_killed_inside_the_injection_leaves_the_target_whole():
                 if target.poll() is not None:      # (measuring a broken injector)
                     target = _start(TARGET, *mode)
                 group = (k + k // len(POINTS)) % 2 == 1   # each point both ways
-                why = _one_kill(factory, target, point, group, r_fd, w_fd)
+                why = _one_kill(factory, target, point, group, r_fd, w_fd, injector_mode)
                 results.append((point + (" busy" if mode else ""),
                                 "pgrp" if group else "pid", why))
                 k += 1
