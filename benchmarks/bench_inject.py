@@ -2,8 +2,12 @@
 
 - ``inject_getpid``  _core.inject_syscall(getpid) into the workload's main thread
                      (blocked in a read): seize, stop, one call, put back, detach
-- ``inject_uffd``    _core.inject_userfaultfd: the two calls an attach injects
-- ``attach_uffd``    Tracker(pid, method="uffd") then detach(): the injection, the
+- ``inject_uffd``    _core.inject_userfaultfd: the two calls an attach injects, by an
+                     injector task of this process
+- ``inject_uffd_helper`` the same through the statesync-injector helper (spawned per
+                     injection; what an attach uses when the helper is built)
+- ``attach_uffd``    Tracker(pid, method="uffd") then detach() (STATESYNC_INJECTOR
+                     selects helper or inprocess): the injection, the
                      VMA registration, the arming scan, the baseline hashing
 - ``window``         of each inject_uffd, how long the target's signal mask and
                      registers were ours (info["window_ns"]): a tracer dying inside
@@ -25,7 +29,7 @@ import pytest
 from conftest import require
 from statesync import _core, proc
 from statesync.testing import workloads
-from statesync.tracking import Tracker, tracking_methods
+from statesync.tracking import Tracker, tracking_methods, uffd
 
 TRACKER_MB = int(os.environ.get("BENCH_TRACKER_MB", "0"))
 _ballast = bytearray(TRACKER_MB << 20)
@@ -53,6 +57,11 @@ class Bench:
         if "window_ns" in info:
             self.windows.append(info["window_ns"] / 1e6)
 
+    def inject_uffd_helper(self):
+        fd, info = uffd._inject_via_helper(uffd._HELPER, self.pid, self.pid, self.addr,
+                                           self.flags, 2000, None)
+        os.close(fd)
+
     def attach_uffd(self):
         Tracker(self.pid, method="uffd").detach()
 
@@ -69,7 +78,8 @@ def bench():
     b.close()
 
 
-@pytest.mark.parametrize("what", ["inject_getpid", "inject_uffd", "attach_uffd"])
+@pytest.mark.parametrize("what", ["inject_getpid", "inject_uffd", "inject_uffd_helper",
+                                  "attach_uffd"])
 def test_inject_cost(benchmark, bench, what):
     benchmark(getattr(bench, what))
 
@@ -80,7 +90,10 @@ def main(n=200):
         print(f"tracker ballast {TRACKER_MB} MiB, {n} runs each, ms")
         print("| what | min | median | p90 |")
         print("|---|---|---|---|")
-        for what in ("inject_getpid", "inject_uffd", "attach_uffd"):
+        whats = ["inject_getpid", "inject_uffd", "attach_uffd"]
+        if os.access(uffd._HELPER, os.X_OK):
+            whats.insert(2, "inject_uffd_helper")
+        for what in whats:
             f = getattr(b, what)
             ts = []
             for _ in range(n):
