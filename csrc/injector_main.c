@@ -13,6 +13,7 @@
  * The exit status is 0 when the message was sent, 2 for bad arguments, 3 when the
  * send failed. */
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,12 +39,30 @@ static int num(const char *s, long long *out)
     return 0;
 }
 
+/* A tracker that made itself the OOM killer's favourite (oom_score_adj > 0) must not
+ * make us one: we hold the target's borrowed state for a millisecond and free almost
+ * nothing when killed. Lowering back to 0 needs no privilege (the floor is the
+ * inherited oom_score_adj_min, normally 0); a failure changes nothing. */
+static void not_the_oom_victim(void)
+{
+    char buf[16] = {0};
+    int fd = open("/proc/self/oom_score_adj", O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    if (read(fd, buf, sizeof buf - 1) > 0 && atoi(buf) > 0 && lseek(fd, 0, SEEK_SET) == 0 &&
+        write(fd, "0", 1) != 1) {
+        /* left as it was */
+    }
+    close(fd);
+}
+
 int main(int argc, char **argv)
 {
     sigset_t all;
     sigfillset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL); /* (also set by the spawner) */
     setsid();                             /* (fails harmlessly if the spawner did it) */
+    not_the_oom_victim();
     long long v[8] = {0, 0, 0, 0, 0, 0, 0, -1};
     if (argc != 6 && argc != 9) {
         fprintf(stderr, "usage: %s PID TID SYSCALL_ADDR FLAGS TIMEOUT_MS "
