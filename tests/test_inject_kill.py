@@ -309,3 +309,125 @@ def test_injector_that_cannot_start_is_a_one_line_error():
     msg = str(ei.value)
     assert "injector task" in msg and "ulimit -u" in msg and "\n" not in msg
     assert "job control" not in msg
+
+
+def _new_memcg(limit):
+    """A fresh memory cgroup (v1 or v2) below our own, limited to `limit` bytes with no
+    swap, or None when there is none we may create."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [ln.rstrip("\n").split(":", 2) for ln in f]
+    except OSError:
+        return None
+    name = f"statesync-inject-oom-{os.getpid()}"
+    for _, ctrls, path in lines:
+        if "memory" in ctrls.split(","):   # v1
+            d = os.path.join("/sys/fs/cgroup/memory" + path, name)
+            files = {"memory.limit_in_bytes": limit, "memory.memsw.limit_in_bytes": limit}
+            break
+    else:
+        v2 = [p for _, c, p in lines if c == ""]
+        if not v2:
+            return None
+        base = next((m for m in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+                     if os.path.exists(os.path.join(m, "cgroup.controllers"))), None)
+        if base is None:
+            return None
+        d = os.path.join(base + v2[0], name)
+        files = {"memory.max": limit, "memory.swap.max": 0}
+    try:
+        os.mkdir(d)
+        for k, v in files.items():
+            p = os.path.join(d, k)
+            if os.path.exists(p):
+                with open(p, "w") as f:
+                    f.write(str(v))
+        with open(os.path.join(d, next(iter(files)))) as f:
+            if int(f.read().split()[0]) > limit:
+                raise OSError("limit not taken")
+    except OSError:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+        return None
+    return d
+
+
+TRACKER_IN_CGROUP = r"""
+import os, sys, time
+cg, pid, spec, fd = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+with open("/proc/self/oom_score_adj", "w") as f:
+    f.write("1000")                      # the OOM killer's first choice
+from statesync.tracking import Tracker
+import statesync.tracking.uffd
+os.environ["STATESYNC_TEST_INJECT_PAUSE"] = spec
+t = Tracker(pid, method="uffd")
+os.write(fd, b"A")
+time.sleep(60)
+"""
+
+HOG = r"""
+import os, sys
+with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+keep = [bytearray(16 << 20) for _ in range(64)]   # 1 GiB: past any limit below
+"""
+
+
+def test_oom_kill_of_the_tracker_inside_the_injection_leaves_the_target_whole():
+    """The tracker, paused inside userfaultfd() in the target, is OOM-killed (its own
+    memory cgroup, oom_score_adj 1000, a hog allocating past the limit): with the
+    helper, the injection completes and the target runs on whole. (The in-process
+    injector task shares the tracker's memory and dies with it: SIGSEGV.)"""
+    from conftest import have_root
+    from statesync.tracking import uffd
+    require(tracking_methods()["uffd"][0], "uffd tracking unavailable")
+    require(os.access(uffd._HELPER, os.X_OK), "the statesync-injector helper is not built")
+    require(have_root(), "needs root for a memory cgroup")
+    cg = _new_memcg(256 << 20)
+    require(cg is not None, "needs a memory cgroup (v1 or v2) it may create below its own")
+    r_fd, w_fd = os.pipe()
+    target = tracker = hog = None
+    try:
+        target = _start(TARGET)
+        before = _threads(target.pid)
+        first = _ask(target)
+        tracker = subprocess.Popen(
+            [sys.executable, "-c", TRACKER_IN_CGROUP, cg, str(target.pid),
+             f"in_call:3000:{w_fd}", str(w_fd)],
+            env=_env("helper"), pass_fds=(w_fd,), start_new_session=True)
+        r, _, _ = select.select([r_fd], [], [], 30)
+        assert r and os.read(r_fd, 1) == bytes([_core.INJECT_PAUSE_POINTS["in_call"]])
+        hog = subprocess.Popen([sys.executable, "-c", HOG, cg], start_new_session=True)
+        tracker.wait(60)
+        assert tracker.returncode == -signal.SIGKILL, tracker.returncode
+        hog.wait(60)
+        after = _settle(target)
+        time.sleep(0.1)
+        assert after is not None and target.poll() is None, _death(target)
+        assert all(tr == "0" and s not in "tT" for s, tr, _ in after.values()), after
+        assert {t: b for t, (_, _, b) in after.items() if t in before} == \
+            {t: b for t, (_, _, b) in before.items() if t in after}
+        time.sleep(0.05)
+        now = _ask(target)
+        assert now and now["ok"] and all(b > a for a, b in zip(first["n"], now["n"]))
+        assert not _uffds(target.pid)
+    finally:
+        for p in (tracker, hog, target):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        os.close(r_fd)
+        os.close(w_fd)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.rmdir(cg)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
