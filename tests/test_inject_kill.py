@@ -431,3 +431,46 @@ def test_oom_kill_of_the_tracker_inside_the_injection_leaves_the_target_whole():
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+def test_helper_killed_inside_the_injection_is_one_error_and_harms_nothing(monkeypatch):
+    """SIGKILL of the helper itself (the tracker lives): its injector task finishes the
+    injection on its own; the tracker gets one InjectionFailed saying so."""
+    from statesync import errors
+    from statesync.tracking import Tracker, uffd
+    require(tracking_methods()["uffd"][0], "uffd tracking unavailable")
+    require(os.access(uffd._HELPER, os.X_OK), "the statesync-injector helper is not built")
+    target = _start(TARGET)
+    r_fd, w_fd = os.pipe()
+    monkeypatch.delenv("STATESYNC_INJECTOR", raising=False)
+    monkeypatch.setenv("STATESYNC_TEST_INJECT_PAUSE", f"in_call:300:{w_fd}")
+    os.set_inheritable(w_fd, True)
+    try:
+        before = _threads(target.pid)
+        first = _ask(target)
+        import threading
+
+        def kill_helper():
+            if select.select([r_fd], [], [], 30)[0]:
+                os.read(r_fd, 1)
+                inj = int(proc.status(target.pid)["TracerPid"])
+                os.kill(int(proc.status(inj)["PPid"]), signal.SIGKILL)
+        k = threading.Thread(target=kill_helper)
+        k.start()
+        with pytest.raises(errors.InjectionFailed) as ei:
+            Tracker(target.pid, method="uffd")
+        k.join()
+        msg = str(ei.value)
+        assert "without an answer" in msg and "\n" not in msg
+        after = _settle(target)
+        assert after is not None and target.poll() is None
+        assert {t: b for t, (_, _, b) in after.items() if t in before} == \
+            {t: b for t, (_, _, b) in before.items() if t in after}
+        now = _ask(target)
+        assert now and now["ok"] and all(b > a for a, b in zip(first["n"], now["n"]))
+        assert not _uffds(target.pid)
+    finally:
+        target.kill()
+        target.wait()
+        os.close(r_fd)
+        os.close(w_fd)

@@ -140,7 +140,7 @@ def _inject_via_helper(helper: str, pid: int, tid: int, addr: int, flags: int,
         raise _inject_error(errno.EIO, f"inject userfaultfd into pid {pid}: the injector "
                                        "gave no answer",
                             {"stage": _core.INJECT_STAGE_CALL, "restored": False,
-                             "injector": "helper"})
+                             "injector": "helper", "unanswered": True})
     info: dict = {k: int(fields.get(k, "0")) for k in _INFO_INT}
     rc = info.pop("rc")
     info["was_in_syscall"] = fields.get("was_in_syscall") == "1"
@@ -173,6 +173,11 @@ def _calls_began(exc: Optional[OSError]) -> bool:
 
 def _raise_injection_failed(pid: int, exc: OSError):
     info = getattr(exc, "inject_info", None) or {}
+    if info.get("unanswered"):
+        raise InjectionFailed(
+            pid, "the injector helper ended without an answer (killed?); its injector task "
+                 "finishes or rolls back the injection on its own, so the process should run "
+                 "on as it was: check it; not retried", False, info.get("stage", 0), exc)
     what = ("the injected call did not finish in time" if exc.errno == errno.ETIMEDOUT
             else f"the injection failed after its calls began: {exc.strerror} "
                  f"(errno {exc.errno})")
