@@ -462,3 +462,36 @@ def test_source_agent_killed_after_final_supervisor_restores_container(cbed, roo
     finally:
         sess.stop()
     print(f"\nsource agent killed after FINAL: client gap {sess.gap_s * 1e3:.0f} ms")
+
+
+def test_destination_agent_killed_in_restore_cleans_up_and_keeps_connection(
+        cbed, rootfs):  # noqa: F811
+    """The destination agent is SIGKILLed in its restore, after the lock copy and the
+    service IP reached B: the source rolls back locally, B's supervisor takes the IP and
+    the lock copy away and removes the bundle: the service runs on A only and the
+    client's ONE connection survives. (Killed after RESTORED, the source has decided
+    COMMIT: that is IN DOUBT, tests/test_handoff.py's ground.)"""
+    tb, lan_, names, bundles, d = cbed
+    tag = f"ssct{os.getpid()}d"
+    b, c, mk = _start_redis(tb, lan_, names, bundles, rootfs, tag, keys=500)
+    d.start(tag + "b", env={"STATESYNC_TEST_FAULT": "dest:restore:kill"})
+    sess = probe.RedisSession(mk, lan_.service_ip, 6379, interval=0.005, timeout=15.0).start()
+    try:
+        time.sleep(0.3)
+        before = len(sess.acked)
+        with pytest.raises(MigrationError) as ei:
+            _migrate(tb, f"runc:{c.name}", d, tcp_established=True,
+                     service_ip=f"{lan_.service_ip}/32")
+        assert ei.value.report.source_resumed
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if runc.list_names(d.root) == [] and not net.network_lock_of(tb.ns_b):
+                break
+            time.sleep(0.1)
+        assert not subprocess.run(net.in_netns(tb.ns_b, ["ip", "link", "show", lan_.svc_dev]),
+                                  capture_output=True).returncode == 0, "B kept the service IP"
+        _assert_rolled_back(tb, lan_, c, sess, before, mk)
+        assert runc.list_names(d.root) == []
+    finally:
+        sess.stop()
+    print(f"\ndestination agent killed in its restore: client gap {sess.gap_s * 1e3:.0f} ms")

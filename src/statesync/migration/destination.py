@@ -153,6 +153,7 @@ class _DestinationSession:
         # the one record write before RESTORED (each fsync in the freeze is downtime).
         final = os.path.join(self.images_dir, os.path.basename(self.tmp).replace(
             ".incoming-", "migrated-", 1))
+        from statesync.migration.target import dest_record_info
         records.write(self.record_path, {
             "role": "dest", "session": self.session, "state": D.RECEIVING.value,
             "source_pid": begin.get("pid"), "images_dir": self.images_dir, "tmp_dir": self.tmp,
@@ -160,7 +161,9 @@ class _DestinationSession:
             "agent_pid": os.getpid(), "agent_start": records.start_time(os.getpid()),
             "supervisor_pid": self.server.supervisor_pid,
             "supervisor_start": self.server.supervisor_start,
-            "keep_images": self.keep_images, "history": []})
+            "keep_images": self.keep_images, "history": [],
+            "target": dest_record_info(begin, self.server.target_options, self.images_dir,
+                                       self.session)})     # target.settle_dest_target
         self.result["source_pid"] = begin.get("pid")
         from statesync.migration.target import dest_target
         try:

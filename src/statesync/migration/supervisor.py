@@ -297,6 +297,11 @@ def _resume_source(r: Dict, log) -> int:
     return resume_source(r, log)
 
 
+def _settle_dest_target(r: Dict, log, committed: bool = False) -> None:
+    from statesync.migration.target import settle_dest_target
+    settle_dest_target(r, log, committed)
+
+
 def _drop_dump_dir(r: Dict) -> None:
     d = r.get("dump_dir")
     if d and os.path.basename(d).startswith("statesync-dump-"):
@@ -320,6 +325,7 @@ def settle_dest(r: Dict, base: str, log: Callable[[str], None] = _log_default) -
             except (OSError, ValueError):
                 pid = None
         n = kill_tree(pid, start)
+        _settle_dest_target(r, log)     # a container: runtime state, bundle, IP, lock copy
         drop_images(r)
         rec.transition(path, base, "dest", D.ABORTED)
         if pid:
@@ -337,6 +343,7 @@ def settle_dest(r: Dict, base: str, log: Callable[[str], None] = _log_default) -
         return (f"session {sess}: the lazy fill of pid {r.get('restored_pid')} did not finish: "
                 f"killed the incomplete copy ({n} processes); the source resumes its own")
     if st == D.COMMITTED:
+        _settle_dest_target(r, log, committed=True)     # a container: its lock copy lifted
         n = resume_tree(r.get("restored_pid"), r.get("restored_start"))
         rec.transition(path, base, "dest", D.RESUMED)
         drop_images(r)

@@ -361,6 +361,7 @@ class ContainerTarget(PidTarget):
             net.add_service_ip(self.netns, self.service_ip or "", self.lower or "",
                                dev=self.service_dev, mac=self.mac)
             self.ip_removed = False
+            announce_for_a_while(self.netns, self.service_dev, self.service_ip or "")
         if not (self.tcp_established and self.dumped):
             return False
         tmp = self.dump_dir
@@ -401,6 +402,27 @@ class ContainerTarget(PidTarget):
                 net.remove_network_lock(self.netns, self.lock)
             except Exception as exc:  # noqa: BLE001 - the migration is done; say what is left
                 agent.report.notes.append(f"CRIU's network lock left at the source: {exc}")
+
+
+def announce_for_a_while(netns: Optional[str], dev: str, ip: str, count: int = 20) -> None:
+    """Gratuitous ARPs from ``dev`` once a second for ``count`` seconds, from a detached
+    ``arping -U`` (it outlives us). After a rollback the destination may still hold the
+    service IP (and the switch its MAC's port) until its own cleanup ran; only a frame
+    from here sent after that moves the switch's entry back."""
+    import subprocess
+    from statesync.containers import net
+    addr = ip.split("/", 1)[0]
+    arping = shutil.which("arping", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if not arping:
+        net.announce(netns, dev, addr)
+        return
+    try:
+        subprocess.Popen(net.in_netns(netns, [arping, "-q", "-U", "-I", dev, "-c", str(count),
+                                              addr]),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        net.announce(netns, dev, addr)
 
 
 def _runc_checkpoints(name: str) -> List[int]:
@@ -449,6 +471,7 @@ def resume_source(r: Dict[str, Any], log=None) -> int:
             try:
                 net.add_service_ip(netns, svc["ip"], svc.get("lower") or "",
                                    dev=svc.get("dev") or "svc0", mac=svc.get("mac"))
+                announce_for_a_while(netns, svc.get("dev") or "svc0", svc["ip"])
                 say(f"service IP {svc['ip']} back on {svc.get('dev')}")
             except Exception as exc:  # noqa: BLE001
                 say(f"could not put the service IP {svc.get('ip')} back: {exc}")
@@ -657,8 +680,17 @@ class RuncDest(PidDest):
 
     @staticmethod
     def _netns_path(netns: Optional[str]) -> str:
+        """The netns path given, else ours: by its /run/netns name when it has one (a
+        path that outlives this agent, for its supervisor), else /proc/PID/ns/net."""
         if netns:
             return netns if "/" in netns else f"/run/netns/{netns}"
+        try:
+            ino = os.stat("/proc/self/ns/net").st_ino
+            for n in sorted(os.listdir("/run/netns")):
+                if os.stat(os.path.join("/run/netns", n)).st_ino == ino:
+                    return os.path.join("/run/netns", n)
+        except OSError:
+            pass
         return f"/proc/{os.getpid()}/ns/net"
 
     def _network_in(self, final_dir: str) -> None:
@@ -881,6 +913,95 @@ def _bundle_from_spec(path: str, spec: dict, rootfs_dir: str, netns: str):
     return b
 
 
+def dest_record_info(begin: dict, options: Optional[DestOptions], base_dir: str,
+                     session: str) -> Dict[str, Any]:
+    """What the destination's handoff record keeps for its supervisor
+    (:func:`settle_dest_target`): where a container would be restored."""
+    t = begin.get("target") or {}
+    kind = str(t.get("kind") or "pid")
+    if kind not in ("runc", "podman"):
+        return {"kind": kind}
+    from statesync.containers import runc
+    o = options or DestOptions()
+    return {"kind": kind, "name": o.name or str(t.get("name") or ""),
+            "root": o.runc_root or runc.DEFAULT_ROOT,
+            "netns": RuncDest._netns_path(o.netns),
+            "bundle": os.path.join(base_dir, f"bundle-{session}") if kind == "runc" else None}
+
+
+def _runc_restores(name: str) -> List[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if args and os.path.basename(args[0]) == "runc" and "restore" in args and name in args:
+            out.append(int(d))
+    return out
+
+
+def settle_dest_target(r: Dict[str, Any], log=None, committed: bool = False) -> None:
+    """The destination supervisor's cleanup of an unconfirmed container whose agent is
+    gone (record ``r``, before COMMIT): wait for a ``runc restore`` still running, then
+    the service IP and the lock copy go, the restored container is deleted and its
+    bundle removed. ``committed`` (COMMIT was received, the copy is resumed next): only
+    the lock copy is lifted. A process tree: nothing."""
+    t = r.get("target") or {}
+    if t.get("kind") not in ("runc", "podman"):
+        return
+    from statesync.containers import net, runc
+    say = log or (lambda m: None)
+    name, netns = str(t.get("name") or ""), t.get("netns")
+    if netns and not os.path.exists(netns):
+        netns = None        # the agent's /proc path: we (its supervisor) share its netns
+    deadline = time.monotonic() + 120
+    while name and _runc_restores(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    info: Dict[str, Any] = {}
+    for d in (r.get("final_dir"), r.get("tmp_dir")):
+        p = os.path.join(d, TARGET_FILE) if d else ""
+        if p and os.path.exists(p):
+            try:
+                with open(p) as f:
+                    info = json.load(f)
+            except (OSError, ValueError):
+                pass
+            break
+    if committed:
+        lock = _lock_from_json(info.get("lock"))
+        if lock:
+            try:
+                _lift_lock(netns, lock)
+            except Exception as exc:  # noqa: BLE001
+                say(f"could not lift the network lock of container {name}: {exc}")
+        return
+    svc = info.get("service")
+    if svc:
+        if net.remove_service_ip(netns, svc.get("dev") or "svc0"):
+            say(f"removed the service IP {svc.get('ip')} of the unconfirmed container {name}")
+    lock = _lock_from_json(info.get("lock"))
+    if lock:
+        try:
+            net.remove_network_lock(netns, lock)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+    try:
+        if t.get("kind") == "runc":
+            runc.delete(runc.Container(name, str(t.get("root") or runc.DEFAULT_ROOT)))
+        else:
+            from statesync.containers import podman
+            podman._podman(["rm", "-f", name], name, "podman rm", 60.0)
+    except ContainerError as exc:
+        say(f"could not remove the unconfirmed container {name}: {exc}")
+    if t.get("bundle"):
+        runc.Bundle(path=t["bundle"], rootfs=os.path.join(t["bundle"], "rootfs"),
+                    upper=os.path.join(t["bundle"], "upper")).remove()
+
+
 def dest_target(begin: dict, options: Optional[DestOptions], base_dir: str,
                 session: str) -> PidDest:
     """The destination's half for the target BEGIN describes."""
@@ -894,5 +1015,6 @@ def dest_target(begin: dict, options: Optional[DestOptions], base_dir: str,
 
 
 __all__ = ["PidTarget", "ContainerTarget", "source_target", "resume_source", "DestOptions",
+           "dest_record_info", "settle_dest_target",
            "PidDest", "RuncDest", "PodmanDest", "dest_target", "check_criu_opts", "TARGET_FILE",
            "ROOTFS_TAR", "KINDS"]
