@@ -49,4 +49,4 @@ bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
 
 clean:
-	rm -rf build $(VENV) src/statesync/_core.c src/statesync/*.so src/*.egg-info
+	rm -rf build $(VENV) src/statesync/_core.c src/statesync/*.so src/statesync/statesync-injector src/*.egg-info
