@@ -495,3 +495,55 @@ def test_destination_agent_killed_in_restore_cleans_up_and_keeps_connection(
     finally:
         sess.stop()
     print(f"\ndestination agent killed in its restore: client gap {sess.gap_s * 1e3:.0f} ms")
+
+
+def test_bare_process_tcp_rollback_restores_locally_keeping_connection(cbed, rootfs):  # noqa: F811
+    """A bare redis-server (own pid namespace, in host A's namespace, listening on A's
+    LAN address) with ONE client connection is migrated with ``tcp_established=True``;
+    B cannot restore it (A's address does not exist there): the source kills its frozen
+    tree and restores it from the dump here (never SIGCONT): the connection survives."""
+    from conftest import find_program, require
+    from statesync.testing.services import _find_process
+    require(find_program("redis-server"), "redis-server missing (scripts/setup-system.sh)")
+    tb, lan_, names, bundles, d = cbed
+    port = 6390
+    p = subprocess.Popen(net.in_netns(tb.ns_a, [
+        "unshare", "-p", "-f", "setsid", find_program("redis-server"),
+        "--port", str(port), "--bind", lan_.host_a, "--save", "", "--appendonly", "no",
+        "--protected-mode", "no", "--daemonize", "no", "--logfile", ""]),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    pid = None
+    sess = None
+    try:
+        mk = lambda: lan_.socket("client")  # noqa: E731
+        _wait_redis(mk, lan_.host_a, port)
+        pid = _find_process(p.pid, "redis-server")
+        assert pid
+        d.start("unused")
+        sess = probe.RedisSession(mk, lan_.host_a, port, interval=0.005, timeout=10.0).start()
+        time.sleep(0.3)
+        before = len(sess.acked)
+        with pytest.raises(MigrationError) as ei:
+            _migrate(tb, pid, d, tcp_established=True, switchover="full")
+        rep = ei.value.report
+        assert rep.source_resumed and any("rolled back" in n for n in rep.notes), rep.notes
+        import re
+        pid = int(re.search(r"as pid (\d+)", " ".join(rep.notes)).group(1))   # restored
+        deadline = time.monotonic() + 10
+        while len(sess.acked) < before + 50 and sess.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sess.stop()
+        assert sess.error is None, f"the client's connection broke: {sess.error!r}"
+        assert len(sess.acked) >= before + 50
+        assert sess.verify(mk()) == []
+        print(f"\nbare process tcp rollback: client gap {sess.gap_s * 1e3:.0f} ms")
+    finally:
+        if sess is not None:
+            sess.stop()
+        if pid:
+            from statesync.migration.supervisor import kill_tree
+            kill_tree(pid)
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+        p.wait()

@@ -528,7 +528,9 @@ def migrate(pid: Union[int, str, None], dest: str, strategy: str = "auto", targe
     ``criu_opts``: CRIU options for the dump AND the restore (``["--shell-job",
     "--ext-unix-sk", "--file-locks"]``; long options, ``--name`` or ``--name=value``),
     carried to the destination in BEGIN; for a container they go into the CRIU config
-    file runc hands CRIU (org.criu.config).
+    file runc hands CRIU (org.criu.config). ``tcp_established`` for a process: CRIU's
+    ``--tcp-established`` on dump and restore; a failure after the dump kills the
+    frozen tree and restores it here from the dump (never SIGCONT); no IP moves.
 
     Containers (docs/containers.md): ``pid`` may be ``"runc:NAME"``,
     ``"runc:NAME@ROOT"`` (another runc state directory) or ``"podman:NAME"`` (a podman

@@ -270,6 +270,7 @@ class SwitchOver:
             err = CriuError("the lazy dump holds more than one task; dumping again fully")
             err.retry = True  # type: ignore[attr-defined]
             raise err
+        self.target.dump_done(self, tmp, netns)     # a rollback may restore from this dump
 
     async def _stop_and_collect(self) -> None:
         """The lazy switch-over's freeze: stop the tree ourselves (SIGSTOP), take the

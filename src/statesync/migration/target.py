@@ -124,6 +124,8 @@ class PidTarget:
         self.tcp_established = bool(tcp_established)
         self.dumped = False          # the dump finished (the tree is frozen by it)
         self.frozen_at = 0.0         # monotonic time we froze the tree ourselves (0: CRIU did)
+        self.dump_dir: Optional[str] = None
+        self._netns_fd: Optional[int] = None
         self.notes: List[str] = []   # for the report
 
     @property
@@ -153,18 +155,57 @@ class PidTarget:
         """Dump through the runtime; False: the engine runs its own ``criu dump``."""
         return False
 
-    def dump_done(self) -> None:
+    def dump_done(self, agent, tmp: str, netns: Optional[str]) -> None:
+        """The engine's own dump of ``tmp`` finished (the tree is stopped by it). With
+        ``tcp_established`` keep what a local restore needs: the dump directory and the
+        process's network namespace (an fd: its /proc path dies with the tree)."""
         self.dumped = True
+        self.dump_dir = tmp
+        if self.tcp_established and netns and self._netns_fd is None:
+            try:
+                self._netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._netns_fd = None
 
     def keeps_dump(self, agent) -> bool:
         """Whether the dump directory must outlive the switch-over (a rollback
         restores from it)."""
-        return False
+        return self.tcp_established and self.dumped and not agent.committed
 
     def rollback(self, agent) -> bool:
         """Undo a dump after a failure before COMMIT; False: the caller resumes the
-        frozen tree with SIGCONT (right when no TCP connection was dumped)."""
-        return False
+        frozen tree with SIGCONT (right when no TCP connection was dumped). After a
+        ``tcp_established`` dump: kill the frozen tree and ``criu restore
+        --tcp-established`` it here from the same dump (its sockets are in repair
+        mode: SIGCONT would reset the connections)."""
+        if not (self.tcp_established and self.dumped and self.dump_dir):
+            return False
+        from statesync.migration import records
+        from statesync.migration.common import criu_result, criu_spawn
+        from statesync.migration.supervisor import kill_tree
+        tmp, fd = self.dump_dir, self._netns_fd
+        try:
+            kill_tree(agent.pid, agent.pid_start)
+            pidfile = os.path.join(tmp, "rollback.pid")
+            args = ["restore", "-D", tmp, "-o", "rollback.log", "--pidfile", pidfile, "-d",
+                    "--tcp-established"] + list(self.criu_opts)
+            netns = f"/proc/{os.getpid()}/fd/{fd}" if fd is not None else None
+            p = criu_spawn(args, netns, pdeathsig=False)
+            p.wait(120)
+            criu_result(p, os.path.join(tmp, "rollback.log"), f"local restore of pid {self.pid}")
+            with open(pidfile) as f:
+                pid = int(f.read().strip())
+            agent.pid = self.pid = pid
+            agent.pid_start = records.start_time(pid)
+            agent.report.notes.append(f"rolled back: pid tree killed and restored on this host "
+                                      f"from its dump as pid {pid} (TCP connections kept)")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if fd is not None:
+                os.close(fd)
+                self._netns_fd = None
+        self.dumped = False
+        return True
 
     def drop_source(self, agent) -> None:
         """At commit: the destination runs the service; remove the frozen source copy."""
@@ -238,7 +279,6 @@ class ContainerTarget(PidTarget):
             self.mac, self.lower = _service_if(self.netns, self.service_dev)
         self.lock: Any = None       # CRIU's network lock (containers.net.NetworkLock)
         self.ip_removed = False
-        self.dump_dir: Optional[str] = None
 
     def _overlay_lowers(self, st: dict) -> List[str]:
         """The overlay root's lower dirs, read from the mount table (statesync's bundles:
