@@ -273,7 +273,7 @@ static void run(int push)
         CHECK(st.rlat_n == st.remote_faults);
         CHECK(st.remote_exist >= 1);            /* OWN_PAGE was not overwritten */
         CHECK(st.remote_supplied == s.nr);
-        CHECK(st.left == 0 && st.lost_exited == 0 && st.unreachable == 0);
+        CHECK(st.left == 0 && st.unreachable == 0); /* the grandchild may exit early */
         CHECK(st.forks == 1);
         fprintf(stderr, "postcopy: %llu remote pages, %llu remote faults, %llu placed, "
                 "%llu exist, %llu requested\n", (unsigned long long)st.remote_pages,

@@ -352,7 +352,7 @@ class LazyPagesDaemon:
                  prefetch: bool = True, missing: str = "error",
                  accept_timeout: Optional[float] = 120.0, page_size: int = PAGE_SIZE,
                  max_latencies: int = 1 << 20, populate: bool = True,
-                 on_failure: str = "kill", remote=None):
+                 on_failure: str = "kill", remote=None, on_close=None):
         if missing not in ("error", "zero"):
             raise ValueError("missing must be 'error' or 'zero'")
         self.images_dir = os.path.abspath(os.fspath(images_dir))
@@ -366,6 +366,7 @@ class LazyPagesDaemon:
         # post-copy: (addrs, buffer, req_fd, supply_fd) of the pages still at the source
         # (see _core.lazy_serve and migration.postcopy); their rows become remote rows
         self.remote = remote
+        self.on_close = on_close        # called by close() once the C loop has stopped
         self._stores = self._build_stores(pages, missing)
         self._sock: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
@@ -649,6 +650,9 @@ class LazyPagesDaemon:
             except OSError:
                 pass
         self._close_sock()
+        if self.on_close is not None and (self._thread is None or not self._thread.is_alive()):
+            cb, self.on_close = self.on_close, None
+            cb()        # e.g. the post-copy pipes: nothing reads them any more
 
     def __enter__(self):
         return self.start() if self._thread is None else self

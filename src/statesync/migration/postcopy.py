@@ -383,7 +383,10 @@ class DestPostCopy:
         return cls(addrs, io_timeout)
 
     def daemon_kw(self) -> dict:
-        return {"remote": (self.remote, self.buf, self.req_w, self.sup_r)}
+        """LazyPagesDaemon arguments: the remote rows, and closing our pipes when the
+        daemon is closed (a session that fails before wait())."""
+        return {"remote": (self.remote, self.buf, self.req_w, self.sup_r),
+                "on_close": self.close_fds}
 
     def attach(self, chan) -> _Demux:
         """Start filing PC_PAGES and forwarding requests (before criu restore runs)."""
