@@ -65,6 +65,21 @@ def test_targets_refuse_contradictions_in_one_line():
     assert d.restore_args() == ["--tcp-established", "--file-locks"]
 
 
+def test_cli_migrate_names_what_is_wrong_in_one_line(tmp_path):
+    import sys
+    env = dict(os.environ, STATESYNC_SECRET="0123456789abcdef0123456789")
+    for args, rc, want in (
+            ([], 2, "nothing to migrate"),
+            (["runc:no-such-ctr@" + str(tmp_path)], 1, "no runc container under"),
+            (["runc:x", "--criu-opt=shell-job"], 2, "--name or --name=value"),
+            (["runc:x", "--pid", "1"], 2, "not both")):
+        r = subprocess.run([sys.executable, "-m", "statesync", "migrate", *args, "--to",
+                            "127.0.0.1:1"], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == rc, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and want in lines[0], (args, r.stderr)
+
+
 # --------------------------------------------------------------------------- real runc
 
 
