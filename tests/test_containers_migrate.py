@@ -203,7 +203,8 @@ def test_runc_container_migrates_through_migrate_with_precopy(cbed, rootfs):  # 
         assert f.read().endswith("changed-in-container\n")
     print(f"\nrunc container via migrate: downtime {rep.downtime_s * 1e3:.0f} ms, "
           f"{len(rep.rounds)} rounds, tracker {rep.tracker}; phases "
-          + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in rep.phases.items()))
+          + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in rep.phases.items())
+          + "; " + "; ".join(n for n in rep.notes if "steps" in n))
 
 
 @pytest.mark.parametrize("network_lock", ["iptables", "nftables"])

@@ -126,6 +126,7 @@ class PidTarget:
         self.frozen_at = 0.0         # monotonic time we froze the tree ourselves (0: CRIU did)
         self.dump_dir: Optional[str] = None
         self._netns_fd: Optional[int] = None
+        self.dump_steps: Dict[str, float] = {}
         self.notes: List[str] = []   # for the report
 
     @property
@@ -353,6 +354,8 @@ class ContainerTarget(PidTarget):
         freezer = await agent._in_thread(_freeze, self.freezer)
         if not freezer:
             self.frozen_at = 0.0
+        steps = self.dump_steps = {"freeze": time.monotonic() - self.frozen_at}
+        t0 = time.monotonic()
         try:
             r = await agent._in_thread(
                 runc.checkpoint, self.container, tmp, leave_stopped=True,
@@ -362,10 +365,19 @@ class ContainerTarget(PidTarget):
             if freezer:     # CRIU resumed the tree; the abort resumes it too
                 _thaw(freezer, None)
             raise
+        steps["runc_checkpoint"] = time.monotonic() - t0
+        if r.stats.get("frozen_time"):
+            steps["criu_frozen_time"] = r.stats["frozen_time"] / 1e6
+        t0 = time.monotonic()
         if freezer:
             await agent._in_thread(_thaw, freezer, self.container)
+        steps["thaw"] = time.monotonic() - t0
         self.dumped = True
+        t0 = time.monotonic()
         await agent._in_thread(self._after_dump, tmp, r.log)
+        steps["after_dump"] = time.monotonic() - t0
+        agent.report.notes.append("container dump steps (ms): " + ", ".join(
+            f"{k} {v * 1e3:.0f}" for k, v in steps.items()))
         return True
 
     def _after_dump(self, tmp: str, dump_log: str) -> None:
