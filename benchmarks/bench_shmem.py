@@ -3,10 +3,11 @@ freeze, statesync now (MemorySource(tree=True, shmem=True), the default) against
 root-only pre-copy it had before (tree=False, shmem=False: shared memory and
 children travel whole inside the freeze), and against the same buffer MAP_PRIVATE.
 
-A Python process (tests/test_memsource.py's _MIG_SHM) holds an N-page buffer,
-MAP_SHARED anonymous or MAP_PRIVATE, optionally with forked children holding 1 MiB
-of private memory each; 20 pages are written after round 0. One iterative migration
-per case over the 1 Gbit testbed link, uffd tracker; one run each (compare ratios).
+A Python process (tests/test_memsource.py's _MIG_SHM, set up by its mig_shm_bed)
+holds an N-page buffer, MAP_SHARED anonymous or MAP_PRIVATE, optionally with forked
+children holding 1 MiB of private memory each; 20 pages are written after round 0.
+One iterative migration per case over the 1 Gbit testbed link, uffd tracker; one run
+each (compare ratios).
 
     .venv/bin/python benchmarks/bench_shmem.py [--mb 32,512] [--children 3]
 """
@@ -22,10 +23,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 def one(kind, npages, children, before):
     import test_memsource as T
-    from test_migrate import Bed
-    from statesync import proc
     from statesync.migration import memsource, source
-    from statesync.testing.testbed import Testbed
     orig = source.MemorySource
     if before:
         # the root-only pre-copy statesync had before (the switch-over's call asks
@@ -33,30 +31,15 @@ def one(kind, npages, children, before):
         source.MemorySource = lambda pid, **kw: memsource.MemorySource(pid)  # type: ignore
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-shmem-"))
     try:
-        with Testbed("1gbit") as tb:
-            bed = Bed(tb, tmp)
-            p = None
-            try:
-                bed.start_dest(io_timeout=60.0)
-                p, pid, req = T._spawn_mig(bed, tmp, npages, kind, children)
+        with T.mig_shm_bed(tmp, npages, kind, children, io_timeout=60.0) as (bed, pid, req):
 
-                def hook(ev):
-                    if ev.get("event") == "round" and ev.get("round") == 0:
-                        req("w 10 30")
-                rep = bed.migrate(pid, strategy="iterative", max_rounds=3, tracker="uffd",
-                                  progress=hook, io_timeout=60.0)
-                bed.restored.append(rep.restored_pid)
-                return rep
-            finally:
-                if p is not None:
-                    for c in proc.descendants(p.pid):
-                        try:
-                            os.kill(c, 9)
-                        except ProcessLookupError:
-                            pass
-                    p.kill()
-                    p.wait()
-                bed.close()
+            def hook(ev):
+                if ev.get("event") == "round" and ev.get("round") == 0:
+                    req("w 10 30")
+            rep = bed.migrate(pid, strategy="iterative", max_rounds=3, tracker="uffd",
+                              progress=hook, io_timeout=60.0)
+            bed.restored.append(rep.restored_pid)
+            return rep
     finally:
         source.MemorySource = orig
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import find_program, free_port, require
 from statesync import criu, proc
-from statesync.testing import workloads
+from statesync.testing import scripted, workloads
 from statesync.errors import CriuError, NoSuchProcess
 
 
@@ -377,11 +377,7 @@ import hashlib, mmap, socket, sys
 m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_SHARED)
 for i in range(0, 64, 2):
     m[i * 4096:(i + 1) * 4096] = bytes([i + 1]) * 4096
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind("\0" + sys.argv[1]); s.listen()
-while True:
-    c, _ = s.accept()
-    cmd = c.recv(100).decode().split()
+''' + scripted.SERVE_LOOP + r'''
     if cmd[0] == "w":
         i = int(cmd[1]); m[i * 4096:i * 4096 + 8] = b"XXXXXXXX"
     c.sendall(hashlib.sha1(m).hexdigest().encode()); c.close()
@@ -391,30 +387,13 @@ while True:
 def test_shared_anonymous_memory_round_trip(criu_ok, tmp_path, reap):
     """MAP_SHARED anonymous memory lands in CRIU's pagemap-shmem-*.img; our writer keeps
     it whole and the restored process sees its last content."""
-    script = tmp_path / "shm.py"
-    script.write_text(_SHM_SERVER)
     name = f"statesync-criu-shm-{os.getpid()}"
 
     def req(x):
-        deadline = time.monotonic() + 20
-        while True:
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect("\0" + name)
-                break
-            except OSError:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        s.sendall(x.encode())
-        r = s.recv(100).decode()
-        s.close()
-        return r
+        return scripted.request(name, x, timeout=20)
 
-    p = subprocess.Popen(["unshare", "-p", "-f", "setsid", "/usr/bin/python3", str(script), name],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+    p = scripted.spawn_script(tmp_path / "shm.py", _SHM_SERVER, name,
+                              wrap=["unshare", "-p", "-f", "setsid"])
     outer = None
     try:
         req("h")

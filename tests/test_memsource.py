@@ -1,4 +1,5 @@
 """memsource.dumpable_pages: which pages round 0 sends (what CRIU would dump)."""
+import contextlib
 import mmap
 import os
 import tracemalloc
@@ -9,6 +10,7 @@ import pytest
 from statesync import NoSuchProcess
 from statesync._consts import PAGE_SIZE
 from statesync.migration.memsource import dumpable_pages
+from statesync.testing import scripted
 
 PS = PAGE_SIZE
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value; Python < 3.12 lacks it
@@ -82,11 +84,7 @@ pn[:] = b"N" * (16 * 4096)
 pn_addr = ctypes.addressof(ctypes.c_char.from_buffer(pn))
 libc = ctypes.CDLL(None)
 libc.mprotect(ctypes.c_void_p(pn_addr), ctypes.c_size_t(16 * 4096), 0)
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind("\0" + sys.argv[1]); s.listen()
-while True:
-    c, _ = s.accept()
-    cmd = c.recv(100).decode().split()
+''' + scripted.SERVE_LOOP + r'''
     if cmd[0] == "w":
         i = int(cmd[1]); m[i * 4096 + 100:i * 4096 + 108] = b"XXXXXXXX"
     c.sendall(hashlib.sha1(m).hexdigest().encode()); c.close()
@@ -101,36 +99,15 @@ def _shm_expected(i):
 
 class _ShmServer:
     def __init__(self, tmp_path, pidns):
-        import subprocess
-        script = tmp_path / "shm32.py"
-        script.write_text(_SHM32)
         self.name = f"statesync-memsource-shm-{os.getpid()}-{id(self)}"
         pre = ["unshare", "-p", "-f", "setsid"] if pidns else []
-        self.p = subprocess.Popen(pre + ["/usr/bin/python3", str(script), self.name],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        self.p = scripted.spawn_script(tmp_path / "shm32.py", _SHM32, self.name, wrap=pre)
         self.req("h")
         from statesync import proc
         self.pid = proc.descendants(self.p.pid)[0] if pidns else self.p.pid
 
     def req(self, x):
-        import socket
-        import time
-        deadline = time.monotonic() + 30
-        while True:
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect("\0" + self.name)
-                break
-            except OSError:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        s.sendall(x.encode())
-        r = s.recv(100).decode()
-        s.close()
-        return r
+        return scripted.request(self.name, x)
 
     def kill(self):
         from statesync import proc
@@ -286,41 +263,25 @@ while True:
 '''
 
 
+def _local_server(tmp_path, what, source):
+    """One of this file's scripts started as a child of the test (output not hidden)
+    and a function sending it one request."""
+    name = f"statesync-memsource-{what}-{os.getpid()}"
+    p = scripted.spawn_script(tmp_path / f"{what}.py", source, name, quiet=False)
+    return p, lambda x: scripted.request(name, x)
+
+
 def test_process_tree_children_forked_during_tracking_are_precopied(tmp_path):
     """tree=True: a child forked after the tracker attached becomes a space at the
     next collect (all its pages reported), its later writes are reported as its own
     keys, and the pages it still shares copy-on-write with its parent are listed as
     aliases (same PFN), so they need to travel once."""
-    import subprocess
     import time
-    import socket
     from conftest import have_root, require
     from statesync import proc
     from statesync.migration.memsource import MemorySource, addr_of, space_of
     require(have_root(), "PFNs in pagemap (COW aliases) need CAP_SYS_ADMIN")
-    script = tmp_path / "tree.py"
-    script.write_text(_TREE)
-    name = f"statesync-memsource-tree-{os.getpid()}"
-    p = subprocess.Popen(["/usr/bin/python3", str(script), name], stdin=subprocess.DEVNULL,
-                         start_new_session=True)
-
-    def req(x):
-        deadline = time.monotonic() + 30
-        while True:
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect("\0" + name)
-                break
-            except OSError:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        s.sendall(x.encode())
-        r = s.recv(100).decode()
-        s.close()
-        return r
-
+    p, req = _local_server(tmp_path, "tree", _TREE)
     ms = None
     try:
         req("w 0")
@@ -365,10 +326,7 @@ def test_process_tree_children_forked_during_tracking_are_precopied(tmp_path):
     finally:
         if ms is not None:
             ms.close()
-        for c in proc.descendants(p.pid):
-            os.kill(c, 9)
-        p.kill()
-        p.wait()
+        proc.kill_tree([], p, timeout=20)
 
 
 # --------------------------------------------------------------------------- migrations
@@ -389,11 +347,7 @@ for k in range(int(sys.argv[4])):          # children: private copies + the shar
         while True:
             time.sleep(0.05)
     kids.append(pid)
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind("\0" + sys.argv[1]); s.listen()
-while True:
-    c, _ = s.accept()
-    cmd = c.recv(100).decode().split()
+''' + scripted.SERVE_LOOP + r'''
     if cmd[0] == "w":
         for i in range(int(cmd[1]), int(cmd[2])):
             m[i * 4096 + 200:i * 4096 + 208] = os.urandom(8)
@@ -402,39 +356,41 @@ while True:
 
 
 def _spawn_mig(bed, tmp_path, npages, kind, children):
-    import subprocess
-    script = tmp_path / "mig_shm.py"
-    script.write_text(_MIG_SHM)
     name = f"statesync-mig-shm-{os.getpid()}-{kind}"
-    cmd = ["nsenter", f"--net=/run/netns/{bed.tb.ns_a}", "--", "unshare", "-p", "-f",
-           "setsid", "/usr/bin/python3", str(script), name, str(npages), kind, str(children)]
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+    wrap = ["nsenter", f"--net=/run/netns/{bed.tb.ns_a}", "--", "unshare", "-p", "-f",
+            "setsid"]
+    p = scripted.spawn_script(tmp_path / "mig_shm.py", _MIG_SHM, name, str(npages), kind,
+                              str(children), wrap=wrap)
 
     def req(x, side="a"):
-        import time
-        from statesync.testing.testbed import socket_in_netns
-        import socket
-        deadline = time.monotonic() + 30
-        while True:
-            s = socket_in_netns(bed.tb.ns(side), socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect("\0" + name)
-                break
-            except OSError:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        s.sendall(x.encode())
-        r = s.recv(100).decode()
-        s.close()
-        return r
+        return scripted.request(name, x, netns=bed.tb.ns(side))
 
     req("h")
     from statesync import proc
     unshare_child = proc.descendants(p.pid)
     return p, unshare_child[0], req
+
+
+@contextlib.contextmanager
+def mig_shm_bed(tmp_path, npages, kind, children, **dest_kw):
+    """A 1 Gbit testbed with a destination agent (``dest_kw`` for its start) and the
+    _MIG_SHM process in the source namespace: yields (bed, its pid, its request
+    function); kills the process tree and closes the bed on the way out. Also used by
+    benchmarks/bench_shmem.py."""
+    from test_migrate import Bed
+    from statesync import proc
+    from statesync.testing.testbed import Testbed
+    with Testbed("1gbit") as tb:
+        bed = Bed(tb, tmp_path)
+        p = None
+        try:
+            bed.start_dest(**dest_kw)
+            p, pid, req = _spawn_mig(bed, tmp_path, npages, kind, children)
+            yield bed, pid, req
+        finally:
+            if p is not None:
+                proc.kill_tree([], p, timeout=20)
+            bed.close()
 
 
 @pytest.mark.parametrize("children", [0, 3])
@@ -444,47 +400,31 @@ def test_migrate_shared_buffer_and_children_precopied(request, tmp_path, criu_ok
     iteratively, the shared pages and the children's pages travel in the pre-copy
     rounds: the final transfer holds only what changed since (a few written pages),
     and the restored process has the exact buffer."""
-    from test_migrate import Bed, _prereqs
-    from statesync.testing.testbed import Testbed
+    from test_migrate import _prereqs
     from statesync import proc
     _prereqs()
-    with Testbed("1gbit") as tb:
-        bed = Bed(tb, tmp_path)
-        p = None
-        try:
-            bed.start_dest()
-            p, pid, req = _spawn_mig(bed, tmp_path, 8192, "shared", children)
-            box = {}
+    with mig_shm_bed(tmp_path, 8192, "shared", children) as (bed, pid, req):
+        box = {}
 
-            def hook(ev):
-                if ev.get("event") == "round" and ev.get("round") == 0:
-                    req("w 10 30")                 # 20 pages written after round 0
-                if ev.get("event") == "phase" and ev.get("phase") == "dump":
-                    box["h"] = req("h")
-            rep = bed.migrate(pid, strategy="iterative", max_rounds=3, tracker="uffd",
-                              progress=hook)
-            assert rep.ok, rep.error
-            bed.restored.append(rep.restored_pid)
-            total = rep.state_pages
-            assert total >= 8192 + children * 256
-            precopied = rep.rounds[0].pages
-            assert precopied >= 8192 + children * 256, (precopied, total)
-            # what the freeze carried: far less than the buffer (before: all 8192)
-            assert rep.final_pages < 1500, rep.final_pages
-            assert req("h", "b") == box["h"]
-            if children:
-                kids = proc.descendants(rep.restored_pid)
-                assert len(kids) >= children
-        finally:
-            if p is not None:
-                for c in proc.descendants(p.pid):
-                    try:
-                        os.kill(c, 9)
-                    except ProcessLookupError:
-                        pass
-                p.kill()
-                p.wait()
-            bed.close()
+        def hook(ev):
+            if ev.get("event") == "round" and ev.get("round") == 0:
+                req("w 10 30")                 # 20 pages written after round 0
+            if ev.get("event") == "phase" and ev.get("phase") == "dump":
+                box["h"] = req("h")
+        rep = bed.migrate(pid, strategy="iterative", max_rounds=3, tracker="uffd",
+                          progress=hook)
+        assert rep.ok, rep.error
+        bed.restored.append(rep.restored_pid)
+        total = rep.state_pages
+        assert total >= 8192 + children * 256
+        precopied = rep.rounds[0].pages
+        assert precopied >= 8192 + children * 256, (precopied, total)
+        # what the freeze carried: far less than the buffer (before: all 8192)
+        assert rep.final_pages < 1500, rep.final_pages
+        assert req("h", "b") == box["h"]
+        if children:
+            kids = proc.descendants(rep.restored_pid)
+            assert len(kids) >= children
 
 
 _MEMFD = r'''
@@ -494,11 +434,7 @@ os.ftruncate(fd, 64 * 4096)
 m = mmap.mmap(fd, 64 * 4096)                 # MAP_SHARED of the memfd
 for i in range(64):
     m[i * 4096] = i + 1
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind("\0" + sys.argv[1]); s.listen()
-while True:
-    c, _ = s.accept()
-    cmd = c.recv(100).decode().split()
+''' + scripted.SERVE_LOOP + r'''
     if cmd[0] == "p":                          # through the descriptor: no page table
         os.pwrite(fd, b"Z" * 8, int(cmd[1]) * 4096 + 16)
     elif cmd[0] == "w":                        # through the mapping
@@ -511,35 +447,11 @@ def test_memfd_written_through_its_descriptor_is_reported(tmp_path):
     """A memfd's pages change through write(2) without any page table seeing it: the
     memory source notices its mtime moved, hashes it and reports exactly the changed
     page; mapped writes are reported as the object's offsets too."""
-    import subprocess
     import time
-    import socket
     from conftest import have_root, require
     from statesync.migration.memsource import MemorySource, addr_of, space_of
     require(have_root(), "reading shmem through /proc/PID/map_files needs CAP_SYS_ADMIN")
-    script = tmp_path / "memfd.py"
-    script.write_text(_MEMFD)
-    name = f"statesync-memsource-memfd-{os.getpid()}"
-    p = subprocess.Popen(["/usr/bin/python3", str(script), name], stdin=subprocess.DEVNULL,
-                         start_new_session=True)
-
-    def req(x):
-        deadline = time.monotonic() + 30
-        while True:
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect("\0" + name)
-                break
-            except OSError:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        s.sendall(x.encode())
-        r = s.recv(100).decode()
-        s.close()
-        return r
-
+    p, req = _local_server(tmp_path, "memfd", _MEMFD)
     ms = MemorySource(p.pid, shmem=True)
     try:
         req("w 0")
