@@ -329,6 +329,8 @@ class ContainerTarget(PidTarget):
         """uffd only where the container's seccomp filter allows userfaultfd (podman's
         default profile denies it): else hash. The report says why."""
         if self.uffd_ok:
+            self.notes.append(f"{self.label}: its seccomp filter lets userfaultfd through "
+                              f"(uffd tracking possible; Report.tracker says which ran)")
             return asked
         self.notes.append(f"{self.label}: its seccomp filter denies userfaultfd: tracked by "
                           f"hashing")
