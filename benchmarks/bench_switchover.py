@@ -387,7 +387,8 @@ def run_case(case: str, rate: str, mode: str, redis_mb: int, small_mb: int) -> d
             if case == "redis2g":
                 redis_mb = 1900                     # ~2 GB of state
             path = os.path.join(tb.root, "redis.sock")
-            srv = spawn_redis(path, netns=tb.ns_a)
+            srv = spawn_redis(path, netns=tb.ns_a,
+                              **({"maxmemory": "4gb"} if case == "redis2g" else {}))
             try:
                 c = srv.client
                 from bench_migrate import _load_redis  # noqa: E402 (benchmarks/ is on sys.path)
