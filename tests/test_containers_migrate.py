@@ -563,3 +563,59 @@ def test_bare_process_tcp_rollback_restores_locally_keeping_connection(cbed, roo
         if p.poll() is None:
             os.killpg(p.pid, 9)
         p.wait()
+
+
+def test_link_down_before_commit_resolved_commit_lifts_lock(cbed, rootfs,  # noqa: F811
+                                                            monkeypatch):
+    """The A-B link goes down after RESTORED, as the source decides COMMIT: COMMIT does
+    not reach B in time, B holds its stopped, locked copy; the source, IN DOUBT, asks
+    again once the link is back (RESOLVE commit): B resumes the container AND lifts its
+    lock copy: the client's ONE connection goes on against B."""
+    tb, lan_, names, bundles, d = cbed
+    tag = f"ssct{os.getpid()}r"
+    b, c, mk = _start_redis(tb, lan_, names, bundles, rootfs, tag, keys=500)
+    marker = os.path.join(tb.root, "fault-marker")
+    d.start(tag + "b", io_timeout=2.0)
+    monkeypatch.setenv("STATESYNC_TEST_FAULT", "source:after_restored:hold")
+    monkeypatch.setenv("STATESYNC_TEST_FAULT_FILE", marker)
+    sess = probe.RedisSession(mk, lan_.service_ip, 6379, interval=0.005, timeout=20.0).start()
+    box = {}
+
+    def run():
+        try:
+            box["rep"] = _migrate(tb, f"runc:{c.name}", d, tcp_established=True,
+                                  io_timeout=2.0, service_ip=f"{lan_.service_ip}/32")
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            box["exc"] = exc
+    import threading
+    t = threading.Thread(target=run)
+    try:
+        time.sleep(0.3)
+        before = len(sess.acked)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(marker):
+            assert time.monotonic() < deadline, "the source never got RESTORED"
+            time.sleep(0.01)
+        tb.set_link(False)
+        os.unlink(marker)
+        time.sleep(4.0)
+        tb.set_link(True)
+        t.join(60)
+        assert "exc" not in box, box.get("exc")
+        rc, _, err = d.finish(60)
+        assert "resolved_after_reconnect" in err, err[-2000:]
+        deadline = time.monotonic() + 10
+        while len(sess.acked) < before + 100 and sess.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sess.stop()
+        assert sess.error is None, f"the client's connection broke: {sess.error!r}"
+        assert len(sess.acked) >= before + 100
+        assert sess.verify(mk()) == []
+        assert not net.network_lock_of(tb.ns_b) and not net.network_lock_of(tb.ns_a)
+        assert not runc.exists(c) and runc.list_names(d.root) == [tag + "b"]
+    finally:
+        tb.set_link(True)
+        sess.stop()
+        t.join(60)
+    print(f"\nlink down before COMMIT, resolved commit: client gap {sess.gap_s * 1e3:.0f} ms")

@@ -470,6 +470,7 @@ class _DestinationSession:
         if outcome == "resumed":
             self.result.update(ok=True, resolved_after_reconnect=True)
             self.restored_pid = None
+            await asyncio.to_thread(self.target.after_resolved_commit, self)   # a lock copy
             return
         if outcome is None:
             raise MigrationError(f"no word from the source within {hold:.0f} s after "

@@ -695,6 +695,14 @@ class PidDest:
     def drop(self, sess) -> None:
         """After a failure or an abort before COMMIT (the tree is already killed)."""
 
+    def after_resolved_commit(self, sess) -> None:
+        """The source's RESOLVE said commit after the link broke: the server resumed the
+        copy (DestinationServer._apply); what :meth:`before_resume` does comes now."""
+        try:
+            self.before_resume(sess)
+        except Exception as exc:  # noqa: BLE001 - the copy runs; say what is left
+            sess.log(f"session {sess.session}: after the resolved commit: {exc}")
+
 
 class RuncDest(PidDest):
     """A runc container restored left stopped into a bundle made here from the
