@@ -377,6 +377,10 @@ def test_podman_container_migrates_with_precopy(cbed, rootfs):  # noqa: F811
     try:
         _wait(lambda: _exec(name, "redis-cli", "ping") == "PONG")
         _fill(name, 2000)
+        # file system changes: one file modified, one deleted
+        assert subprocess.run(["podman", "exec", name, "sh", "-c",
+                               "echo changed >> /etc/debian_version && rm /etc/issue"],
+                              capture_output=True, timeout=30).returncode == 0
         d.start(name + "b", netns=f"/run/netns/{tb.ns_b}")
         rep = _migrate(tb, f"podman:{name}", d, progress=on_event)
         rc, _, err = d.finish()
@@ -389,6 +393,9 @@ def test_podman_container_migrates_with_precopy(cbed, rootfs):  # noqa: F811
         assert name not in ps.split(), ps
         assert _exec(name + "b", "redis-cli", "get", "key1999") == "value1999"
         assert _exec(name + "b", "redis-cli", "dbsize") == "2000"
+        assert _exec(name + "b", "tail", "-n", "1", "/etc/debian_version") == "changed"
+        assert subprocess.run(["podman", "exec", name + "b", "test", "-e", "/etc/issue"],
+                              capture_output=True, timeout=30).returncode == 1
         print(f"\npodman via migrate: downtime {rep.downtime_s * 1e3:.0f} ms, "
               f"{len(rep.rounds)} rounds ({rep.tracker})")
     finally:

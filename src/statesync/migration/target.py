@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
@@ -901,11 +902,26 @@ class PodmanDest(RuncDest):
             config["spec"].setdefault("annotations", {})["org.criu.config"] = conf
         upper = None
         tar = os.path.join(final_dir, ROOTFS_TAR)
-        if os.path.exists(tar):
+        deleted = []
+        try:
+            with open(os.path.join(final_dir, TARGET_FILE)) as f:
+                deleted = list(json.load(f).get("deleted") or [])
+        except (OSError, ValueError):
+            pass
+        if os.path.exists(tar) or deleted:
             upper = os.path.join(work, "upper")
             os.makedirs(upper)
-            with tarfile.open(tar) as tf:
-                tf.extractall(upper, filter="tar")  # member names checked by the filter
+            if os.path.exists(tar):
+                with tarfile.open(tar) as tf:
+                    tf.extractall(upper, filter="tar")  # member names checked by the filter
+            for d in deleted:   # whiteouts again: write_archive turns them into deleted.files
+                rel = os.path.normpath(str(d)).lstrip("/")
+                if not rel or rel.startswith(".."):
+                    continue
+                p = os.path.join(upper, rel)
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                if not os.path.lexists(p):
+                    os.mknod(p, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
         meta = podman.PodmanMetadata(id=str(config.get("id") or ""), name=self.name,
                                      config=config, spec=spec,
                                      network_status=t.get("network_status"))
