@@ -162,6 +162,8 @@ def _start_redis(tb, lan_, names, bundles, rootfs_dir, tag, keys=2000):
     s.close()
     with open(os.path.join(b.rootfs, "etc/debian_version"), "a") as f:
         f.write("changed-in-container\n")
+    if os.path.exists(os.path.join(b.rootfs, "etc/issue")):
+        os.unlink(os.path.join(b.rootfs, "etc/issue"))      # a whiteout in the upper dir
     return b, c, mk
 
 
@@ -201,6 +203,8 @@ def test_runc_container_migrates_through_migrate_with_precopy(cbed, rootfs):  # 
     st = runc.state(restored)
     with open(os.path.join(st["bundle"], "rootfs", "etc/debian_version")) as f:
         assert f.read().endswith("changed-in-container\n")
+    assert not os.path.exists(os.path.join(st["bundle"], "rootfs", "etc/issue"))
+    assert os.path.exists(os.path.join(rootfs, "etc/issue"))      # the lower is untouched
     print(f"\nrunc container via migrate: downtime {rep.downtime_s * 1e3:.0f} ms, "
           f"{len(rep.rounds)} rounds, tracker {rep.tracker}; phases "
           + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in rep.phases.items())
