@@ -54,6 +54,8 @@ def test_targets_refuse_contradictions_in_one_line():
         target.source_target(1, "runc:x")
     with pytest.raises(ValueError, match="containers"):
         target.source_target(1, service_ip="10.0.0.1")
+    with pytest.raises(ValueError, match="not both"):
+        target.source_target("runc:x", "runc:y")
     with pytest.raises(MigrationError, match="upgrade statesync") as ei:
         target.dest_target({"target": {"kind": "vm"}}, None, "/nonexistent", "s")
     assert "\n" not in str(ei.value)
@@ -183,6 +185,9 @@ def test_runc_container_migrates_through_migrate_with_precopy(cbed, rootfs):  # 
     tag = f"ssct{os.getpid()}m"
     b, c, mk = _start_redis(tb, lan_, names, bundles, rootfs, tag)
     src_pid = runc.pids_of(c)[0]
+    import statesync
+    with pytest.raises(ValueError, match="lazy switch-over"):
+        statesync.Migration(f"runc:{c.name}", "127.0.0.1:1", strategy="hybrid", secret=SECRET)
     d.start(tag + "b")
     rep = _migrate(tb, f"runc:{c.name}", d, service_ip=f"{lan_.service_ip}/32")
     rc, out, err = d.finish()

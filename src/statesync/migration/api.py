@@ -190,6 +190,9 @@ class Migration:
                             network_lock=network_lock)
         pid = tgt.pid
         tracker = tgt.tracker_method(tracker)
+        if tgt.lazy_problem() and strategy in ("postcopy", "hybrid"):
+            raise ValueError(f"strategy {strategy!r} needs the lazy switch-over, and "
+                             f"{tgt.label}: {tgt.lazy_problem()}; use strategy='iterative'")
         if tgt.lazy_problem() and switchover == "lazy":
             tgt.notes.append(f"full switch-over instead of lazy: {tgt.lazy_problem()}")
             switchover = "full"
