@@ -233,3 +233,57 @@ def test_postcopy_without_precopy_brings_the_exact_state(hbed):
     assert ps["postcopy"] == 1.0 and ps["remote_pages"] >= 2048, ps   # the 8 MiB buffer
 
     assert _finish(bed, "b") == "b"
+
+
+def _wait_records_settled(bed, side, states, timeout=60.0):
+    from statesync.migration import records
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rs = records.all_records(bed.state, side)
+        if all(r["state"] in states for r in rs) and not any(
+                records.alive(r.get("supervisor_pid")) and r["state"] not in states for r in rs):
+            return rs
+        time.sleep(0.2)
+    return records.all_records(bed.state, side)
+
+
+def test_source_agent_killed_during_postcopy_supervisor_resumes_the_source(hbed):
+    """SIGKILL of the source agent after its first pushed batch: nobody pushes any
+    more, the destination's watchdog kills its incomplete copy (RESOLVE answers
+    pending until then, aborted after), and the source's supervisor resumes the
+    frozen, complete copy."""
+    bed = hbed
+    _start_dest(bed, forever=True)
+    bed.spawn(size="8M", rate=200.0)
+    src, _ = _start_source(bed, "postcopy", "source:postcopy:kill")
+    src.wait(90)
+    assert src.returncode != 0
+    assert _finish(bed, "a", timeout=60) == "a"
+
+
+def test_destination_agent_killed_during_postcopy(hbed):
+    """SIGKILL of the destination agent after the resume, post-copy running: its
+    daemon dies with it (the copy's missing pages would read as zeros), its supervisor
+    kills that copy; the source cannot reach the destination and stays frozen (IN
+    DOUBT) until `statesync recover`, with the destination agent back, resumes it."""
+    from statesync.migration import records
+    bed = hbed
+    _start_dest(bed, fault="dest:postcopy:kill")
+    bed.spawn(size="8M", rate=200.0)
+    src, _ = _start_source(bed, "postcopy")
+    out, err = src.communicate(timeout=90)
+    assert src.returncode != 0
+    rs = _wait_records_settled(bed, "source", ("in_doubt",))
+    assert [r["state"] for r in rs] == ["in_doubt"], rs
+    # the destination's supervisor killed the incomplete copy: only the frozen source
+    deadline = time.monotonic() + 30
+    while [s for _, s, _ in bed.copies()] != ["a"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [(s, st) for _, s, st in bed.copies()] in ([("a", "T")], [("a", "t")]), bed.copies()
+    _start_dest(bed)
+    r = subprocess.run(bed.tb.wrap("a", [sys.executable, "-m", "statesync", "recover",
+                                         "--secret-file", bed.secret_file, "--window", "20"]),
+                       capture_output=True, text=True, timeout=60, env=bed.env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _finish(bed, "a") == "a"
+    assert records.all_records(bed.state, "source") == []

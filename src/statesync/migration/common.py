@@ -130,8 +130,9 @@ def fault(point: str) -> None:
     test can take the link down or signal the agent at exactly this point. Points
     (docs/migrate.md): source:round0, source:round1, source:dump, source:frozen,
     source:final_transfer, source:after_final, source:after_restored,
-    source:after_commit; dest:restore, dest:after_restored, dest:commit_received,
-    dest:after_resumed. Unset (always, outside tests): a dictionary lookup."""
+    source:after_commit, source:postcopy (first pushed batch); dest:restore,
+    dest:after_restored, dest:commit_received, dest:after_resumed, dest:postcopy
+    (resumed, post-copy running). Unset (always, outside tests): a dictionary lookup."""
     spec = os.environ.get("STATESYNC_TEST_FAULT")
     if not spec:
         return

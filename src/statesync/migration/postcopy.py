@@ -455,6 +455,7 @@ class DestPostCopy:
         source stays silent for io_timeout with pages missing, or the channel fails,
         the daemon is cancelled (it kills the restored tree first) and this raises
         PostCopyLinkLost."""
+        fault("dest:postcopy")          # tests: resumed, post-copy running
         self.last_rx = max(self.last_rx, time.monotonic())
         t_end = time.monotonic() + timeout
         fut = asyncio.ensure_future(asyncio.to_thread(daemon.wait, timeout))

@@ -382,7 +382,10 @@ def settle_orphans(base: str, side: str, supervisor_pid: Optional[int] = None,
                 continue
             out.append(settle_source(r, base, secret, window, log))
         else:
-            if r.get("state") in (D.RESUMED, D.ABORTED):
+            # (a lazy or post-copy RESUMED whose fill never finished is not final:
+            # settle_dest kills that copy)
+            unfilled = r.get("lazy") and not r.get("filled")
+            if r.get("state") == D.ABORTED or (r.get("state") == D.RESUMED and not unfilled):
                 drop_images(r)
                 continue
             out.append(settle_dest(r, base, log))
