@@ -92,10 +92,10 @@ def criu_spawn(args: List[str], netns: Optional[str], pdeathsig: bool,
     """Start ``criu ARGS`` (in network namespace ``netns``) without waiting. It runs in
     its own session, so a terminal's SIGINT/SIGHUP reaches only the agent, which then
     aborts in order. ``pdeathsig``: CRIU gets SIGKILL when the calling thread's process
-    dies (``setpriv --pdeathsig``): right for a restore (CRIU's restored root has its
-    own death signal on CRIU, and the tree stays stopped anyway), wrong for a dump
-    (killed inside its parasite, CRIU can leave the target crashed): a dump outlives
-    its agent, whose supervisor waits for it and then resumes the tree. Call it from
+    dies (``setpriv --pdeathsig``). The agents pass False for dump and restore: killed
+    inside its parasite a dump can leave the target crashed, and a restore killed
+    while it holds the restored tasks lets them run unrecorded; the supervisor waits
+    for either to end instead (docs/migrate.md, "Agent death"). Call it from
     the event loop's thread: the death signal is bound to the thread that forks."""
     from statesync.criu import driver
     criu = driver._criu_or_raise()

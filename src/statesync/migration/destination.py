@@ -319,7 +319,10 @@ class _DestinationSession:
         args = ["restore", "-D", final_dir, "-o", "restore.log", "--pidfile", pidfile, "-d",
                 "--leave-stopped"] + (["--lazy-pages"] if lazy else []) \
             + self.target.restore_args()
-        p = criu_spawn(args, None, pdeathsig=True)
+        # Not killed with this agent: CRIU killed while it holds the restored tasks
+        # (between their sigreturn and its SIGSTOP + detach) lets them run, before it
+        # wrote the pid file. The supervisor waits for it and kills what it restored.
+        p = criu_spawn(args, None, pdeathsig=False)
         fault("dest:restore")
         try:
             await asyncio.to_thread(p.wait, 300.0)

@@ -316,7 +316,9 @@ def settle_dest(r: Dict, base: str, log: Callable[[str], None] = _log_default) -
     sess, st = r["session"], r.get("state")
     if st in (D.RECEIVING, D.RESTORING, D.PREPARED):
         if r.get("final_dir"):
-            wait_criu_gone(["restore", "-D", r["final_dir"]], 30.0)
+            # a restore outlives its agent (destination._restore_stopped): as long as
+            # the agent itself would have waited for it
+            wait_criu_gone(["restore", "-D", r["final_dir"]], 300.0)
         pid, start = r.get("restored_pid"), r.get("restored_start")
         if not pid and r.get("pidfile"):
             try:
