@@ -145,19 +145,12 @@ class Bed:
 
 def _kill_supervisors(state_dir):
     """Supervisors that a test left (ours only: their argv names our state dir)."""
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
+    from statesync.testing.workloads import processes_with
+    for pid in processes_with(state_dir.encode(), contains=b"supervisor"):
         try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if state_dir.encode() in args and any(b"supervisor" in a for a in args):
-            try:
-                os.kill(int(d), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture

@@ -504,12 +504,12 @@ def spawn(size="64M", rate: float = 1000.0, *, pattern: str = "uniform", fill: s
                     args=cmd)
 
 
-def copies(control: str) -> List[int]:
-    """pids of every running workload process (any host, any namespace of this kernel)
-    whose command line names ``control``: the original and any restored copy. Tests
-    use it to check that a migration leaves exactly one copy."""
+def processes_with(*needles: bytes, exe: Optional[bytes] = None,
+                   contains: Optional[bytes] = None) -> List[int]:
+    """pids of the processes (this kernel, any namespace) whose command line holds
+    every one of ``needles`` as a whole argument; with ``exe``, whose argv[0]'s base
+    name contains ``exe``; with ``contains``, one of whose arguments contains it."""
     out: List[int] = []
-    want = control.encode()
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -518,9 +518,20 @@ def copies(control: str) -> List[int]:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if b"python" in os.path.basename(args[0]) and want in args:
+        if exe is not None and exe not in os.path.basename(args[0]):
+            continue
+        if contains is not None and not any(contains in a for a in args):
+            continue
+        if all(n in args for n in needles):
             out.append(int(d))
     return out
+
+
+def copies(control: str) -> List[int]:
+    """pids of every running workload process (any host, any namespace of this kernel)
+    whose command line names ``control``: the original and any restored copy. Tests
+    use it to check that a migration leaves exactly one copy."""
+    return processes_with(control.encode(), exe=b"python")
 
 
 def _wait_child_pid(popen: subprocess.Popen, cmd, timeout: float) -> int:
