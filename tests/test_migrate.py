@@ -456,6 +456,33 @@ def test_fault_source_dump_fails(bed):
     _expect_abort(bed, "precopy", "dump", held)
 
 
+def test_lazy_dump_failing_once_is_retried_lazily(bed, tmp_path):
+    """A lazy dump that fails after CRIU seized the tree (here its post-dump action
+    script fails, the first time only) leaves the tree as CRIU found it: stopped by the
+    engine, the final collect still exact. The engine dumps lazily once more instead of
+    falling back to a full switch-over (which writes every page inside the freeze),
+    and says so; the restored state is the state at the freeze."""
+    from statesync.migration.switchover import lazy_unavailable
+    require(lazy_unavailable() is None, f"lazy switch-over: {lazy_unavailable()}")
+    bed.start_dest()
+    bed.spawn(size="6M", rate=400)
+    mark = tmp_path / "failed-once"
+    script = tmp_path / "fail-once.sh"
+    script.write_text('#!/bin/sh\n[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0\n'
+                      f'[ -e {mark} ] && exit 0\ntouch {mark}\nexit 1\n')
+    script.chmod(0o755)
+    src, box = bed.client("a"), {}
+    rep = bed.migrate(strategy="iterative", switchover="lazy", tracker="uffd",
+                      criu_args=["--action-script", str(script)],
+                      progress=_pause_at_dump(src, box))
+    bed.restored.append(rep.restored_pid)
+    assert mark.exists(), "the action script never ran"
+    assert rep.ok and rep.switchover == "lazy", rep.notes
+    assert any("lazy dump failed once, retried" in n for n in rep.notes), rep.notes
+    assert bed.python_procs_with_control() == [rep.restored_pid]
+    assert bed.client("b").checksum() == box["sum"], "restored memory differs from the freeze"
+
+
 def test_destination_refuses_wrong_secret(bed):
     bed.start_dest()
     bed.spawn(size="2M", paused=True)

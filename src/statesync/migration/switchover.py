@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Tuple
 
 import numpy as np
 
-from statesync import criu
+from statesync import criu, proc
 from statesync.criu import driver
 from statesync.criu import images as _img
 from statesync.criu.images import PE_PRESENT
@@ -254,10 +254,21 @@ class SwitchOver:
         except CriuError as exc:
             if not self.lazy:
                 raise
-            # CRIU resumed the tree. A lazy dump can fail where a full one works (its
-            # parasite splices every lazy page into pipes): dump again, fully.
-            self._fall_back_to_full(f"the lazy dump failed "
-                                    f"({(exc.log_tail or str(exc)).strip().splitlines()[-2:]})")
+            why = (exc.log_tail or str(exc)).strip().splitlines()[-2:]
+            if not getattr(self, "_lazy_retried", False) and self._tree_stopped():
+                # CRIU put the tree back as it found it: stopped by us, the final
+                # collect still exact (nothing ran since). One more lazy dump costs a
+                # dump; the full one instead writes every page in the freeze (seconds
+                # for GBs).
+                self._lazy_retried = True
+                self.report.notes.append(f"the lazy dump failed once, retried with the tree "
+                                         f"still stopped: {why}")
+                for name in os.listdir(tmp):  # noqa: ASYNC240 (tmpfs)
+                    os.unlink(os.path.join(tmp, name))
+                return await self._dump(tmp, netns)
+            # A lazy dump can fail where a full one works (its parasite splices every
+            # lazy page into pipes): dump again, fully.
+            self._fall_back_to_full(f"the lazy dump failed ({why})")
             exc.retry = True  # type: ignore[attr-defined]
             raise
         if session and not driver.lazy_session_ended(session[0]):
@@ -271,6 +282,12 @@ class SwitchOver:
             err.retry = True  # type: ignore[attr-defined]
             raise err
         self.target.dump_done(self, tmp, netns)     # a rollback may restore from this dump
+
+    def _tree_stopped(self) -> bool:
+        """Every process of the tree (walked now) is in a stop (SIGSTOP / group stop)."""
+        from statesync.migration.supervisor import tree
+        pids = tree(self.pid)
+        return bool(pids) and all(proc.state(p) in ("T", "t") for p in pids)
 
     async def _stop_and_collect(self) -> None:
         """The lazy switch-over's freeze: stop the tree ourselves (SIGSTOP), take the
