@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -357,6 +357,28 @@ def descendants(pid: int, procfs: str = PROCFS) -> List[int]:
                     seen.add(c)
                     out.append(c)
                     todo.append(c)
+    return out
+
+
+def find_by_cmdline(match: Callable[[List[str]], bool], procfs: str = PROCFS) -> List[int]:
+    """pids of the processes whose command line (``/proc/PID/cmdline`` split at NULs,
+    decoded as UTF-8 with replacement; ``[]`` for kernel threads) satisfies
+    ``match(args)``. A snapshot: processes may come and go meanwhile."""
+    out: List[int] = []
+    for d in os.listdir(procfs):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"{procfs}/{d}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        parts = raw.split(b"\0")
+        if parts and parts[-1] == b"":
+            parts.pop()         # the NUL that ends the last argument
+        args = [a.decode("utf-8", "replace") for a in parts]
+        if args and match(args):
+            out.append(int(d))
     return out
 
 

@@ -144,20 +144,12 @@ def kill_tree(root: Optional[int], start: Optional[int] = None, timeout: float =
 def criu_running(*needles: str) -> List[int]:
     """pids of criu processes (or nsenter/setpriv wrappers about to exec it) whose
     command line holds every one of ``needles`` as an argument."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                args = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")]
-        except OSError:
-            continue
-        if not any(os.path.basename(a) == "criu" or a.endswith("/criu") for a in args):
-            continue
-        if all(n in args for n in needles) and _state(int(d)) not in ("Z", "X", None):
-            out.append(int(d))
-    return out
+    from statesync import proc
+
+    def match(args: List[str]) -> bool:
+        return (any(os.path.basename(a) == "criu" or a.endswith("/criu") for a in args)
+                and all(n in args for n in needles))
+    return [p for p in proc.find_by_cmdline(match) if _state(p) not in ("Z", "X", None)]
 
 
 def wait_criu_gone(needles, timeout: float) -> bool:

@@ -480,21 +480,11 @@ def announce_for_a_while(netns: Optional[str], dev: str, ip: str, count: int = 2
         net.announce(netns, dev, addr)
 
 
-def _runc_checkpoints(name: str) -> List[int]:
-    """pids of ``runc ... checkpoint ... NAME`` processes still running."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                args = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")]
-        except OSError:
-            continue
-        if args and os.path.basename(args[0]) == "runc" and "checkpoint" in args \
-                and name in args:
-            out.append(int(d))
-    return out
+def _runc_running(verb: str, name: str) -> List[int]:
+    """pids of ``runc ... VERB ... NAME`` processes still running."""
+    from statesync import proc
+    return proc.find_by_cmdline(lambda a: os.path.basename(a[0]) == "runc" and verb in a
+                                and name in a)
 
 
 def resume_source(r: Dict[str, Any], log=None) -> int:
@@ -513,7 +503,7 @@ def resume_source(r: Dict[str, Any], log=None) -> int:
     say = log or (lambda m: None)
     name = str(t.get("name") or "")
     deadline = time.monotonic() + 120
-    while name and _runc_checkpoints(name) and time.monotonic() < deadline:
+    while name and _runc_running("checkpoint", name) and time.monotonic() < deadline:
         time.sleep(0.05)        # a checkpoint the agent started finishes first
     fz = t.get("freezer")
     if fz and os.path.exists(os.path.join(fz, "freezer.state")):
@@ -1007,21 +997,6 @@ def dest_record_info(begin: dict, options: Optional[DestOptions], base_dir: str,
             "bundle": os.path.join(base_dir, f"bundle-{session}") if kind == "runc" else None}
 
 
-def _runc_restores(name: str) -> List[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                args = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")]
-        except OSError:
-            continue
-        if args and os.path.basename(args[0]) == "runc" and "restore" in args and name in args:
-            out.append(int(d))
-    return out
-
-
 def settle_dest_target(r: Dict[str, Any], log=None, committed: bool = False) -> None:
     """The destination supervisor's cleanup of an unconfirmed container whose agent is
     gone (record ``r``, before COMMIT): wait for a ``runc restore`` still running, then
@@ -1037,7 +1012,7 @@ def settle_dest_target(r: Dict[str, Any], log=None, committed: bool = False) -> 
     if netns and not os.path.exists(netns):
         netns = None        # the agent's /proc path: we (its supervisor) share its netns
     deadline = time.monotonic() + 120
-    while name and _runc_restores(name) and time.monotonic() < deadline:
+    while name and _runc_running("restore", name) and time.monotonic() < deadline:
         time.sleep(0.05)
     info: Dict[str, Any] = {}
     for d in (r.get("final_dir"), r.get("tmp_dir")):

@@ -509,22 +509,16 @@ def processes_with(*needles: bytes, exe: Optional[bytes] = None,
     """pids of the processes (this kernel, any namespace) whose command line holds
     every one of ``needles`` as a whole argument; with ``exe``, whose argv[0]'s base
     name contains ``exe``; with ``contains``, one of whose arguments contains it."""
-    out: List[int] = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if exe is not None and exe not in os.path.basename(args[0]):
-            continue
-        if contains is not None and not any(contains in a for a in args):
-            continue
-        if all(n in args for n in needles):
-            out.append(int(d))
-    return out
+    from statesync import proc
+    want = [n.decode() for n in needles]
+    ex = exe.decode() if exe is not None else None
+    part = contains.decode() if contains is not None else None
+
+    def match(args: List[str]) -> bool:
+        return ((ex is None or ex in os.path.basename(args[0]))
+                and (part is None or any(part in a for a in args))
+                and all(n in args for n in want))
+    return proc.find_by_cmdline(match)
 
 
 def copies(control: str) -> List[int]:
