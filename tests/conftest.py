@@ -80,3 +80,31 @@ def criu_ok():
     info = criu.check()
     require(info.ok, f"needs a working CRIU >= 4: {info.reasons.get('criu')}")
     return info
+
+
+def pid_gone(pid):
+    """Reaped, or a zombie whose threads have all exited (its files are closed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            zombie = f.read().split(") ")[-1].startswith("Z")
+        return zombie and len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def reap():
+    """Restored pids to SIGKILL at teardown; waits until they are gone, so the next
+    restore of the same images can bind the workload's control socket again."""
+    import signal
+    import time
+    pids = []
+    yield pids
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + 10
+        while not pid_gone(p) and time.monotonic() < deadline:
+            time.sleep(0.01)

@@ -21,18 +21,6 @@ from statesync.testing import scripted, workloads
 from statesync.errors import CriuError, NoSuchProcess
 
 
-@pytest.fixture
-def reap():
-    """Restored pids to SIGKILL at teardown."""
-    pids = []
-    yield pids
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def test_check_reports_version_and_features(criu_ok):
     assert criu_ok.version_tuple >= (4, 0)
     assert os.access(criu_ok.path, os.X_OK)

@@ -11,7 +11,6 @@ mremaps, munmaps and MADV_DONTNEEDs while pages are still missing.
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import pid_gone, require
 from statesync import criu, proc
 from statesync.migration import lazy
 from statesync.migration.lazy import LazyPagesDaemon, LazyPagesError, lazy_restore
@@ -41,32 +40,6 @@ def lazy_ok(criu_ok):
     ok, why = _uffd_ok()
     require(ok, f"userfaultfd with fork/remap/remove/unmap events: {why}")
     return criu_ok
-
-
-def _gone(pid):
-    """Reaped, or a zombie whose threads have all exited (its files are closed)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            zombie = f.read().split(") ")[-1].startswith("Z")
-        return zombie and len(os.listdir(f"/proc/{pid}/task")) <= 1
-    except OSError:
-        return True
-
-
-@pytest.fixture
-def reap():
-    """Restored pids to SIGKILL at teardown; waits until they are gone, so the next
-    restore of the same images can bind the workload's control socket again."""
-    pids = []
-    yield pids
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-        deadline = time.monotonic() + 10
-        while not _gone(p) and time.monotonic() < deadline:
-            time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +287,7 @@ def test_fork_mremap_munmap_dontneed_during_fill(lazy_ok, tmp_path, reap, prefet
             d.wait(60)
         assert ei.value.unfilled and ei.value.errno == errno.ECANCELED
         assert ei.value.killed and ei.value.restored_pid == rr.pid
-        assert _gone(rr.pid)
+        assert pid_gone(rr.pid)
         st = ei.value.stats
     assert st.forks >= 1 and st.removes >= 1 and st.unmaps >= 1 and st.remaps >= 1, st
     assert st.unreachable == 0
