@@ -49,7 +49,7 @@ def test_network_lock_travels_as_json():
 
 
 def test_targets_refuse_contradictions_in_one_line():
-    from statesync.migration import target
+    from statesync.migration import target, target_dest
     with pytest.raises(ValueError, match="not both"):
         target.source_target(1, "runc:x")
     with pytest.raises(ValueError, match="containers"):
@@ -57,13 +57,13 @@ def test_targets_refuse_contradictions_in_one_line():
     with pytest.raises(ValueError, match="not both"):
         target.source_target("runc:x", "runc:y")
     with pytest.raises(MigrationError, match="upgrade statesync") as ei:
-        target.dest_target({"target": {"kind": "vm"}}, None, "/nonexistent", "s")
+        target_dest.dest_target({"target": {"kind": "vm"}}, None, "/nonexistent", "s")
     assert "\n" not in str(ei.value)
     with pytest.raises(MigrationError, match="--rootfs"):
-        target.dest_target({"target": {"kind": "runc", "name": "x", "spec": {}}},
-                           target.DestOptions(), "/nonexistent", "s")
-    d = target.dest_target({"criu_opts": ["--file-locks"], "tcp_established": True},
-                           None, "/nonexistent", "s")
+        target_dest.dest_target({"target": {"kind": "runc", "name": "x", "spec": {}}},
+                                target_dest.DestOptions(), "/nonexistent", "s")
+    d = target_dest.dest_target({"criu_opts": ["--file-locks"], "tcp_established": True},
+                                None, "/nonexistent", "s")
     assert d.restore_args() == ["--tcp-established", "--file-locks"]
 
 

@@ -288,7 +288,7 @@ def _cmd_receive(a) -> int:
     metrics = _ReceiverMetrics(a.metrics_listen) if a.metrics_listen else None
 
     async def main():
-        from statesync.migration.target import DestOptions
+        from statesync.migration.target_dest import DestOptions
         opts = DestOptions(rootfs=a.rootfs, runc_root=a.container_root, name=a.container_name,
                            netns=a.container_netns, service_lower=a.service_lower)
         srv = DestinationServer(a.listen, images_dir, secret, once=not a.forever,

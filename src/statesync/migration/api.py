@@ -74,7 +74,7 @@ async def serve_destination_async(listen: str = f"127.0.0.1:{DEFAULT_PORT}",
     ``log(message)`` receives the agent's log lines (default: stderr).
     For finer control (the port before serving, several servers on one loop) use
     :class:`~statesync.migration.destination.DestinationServer` directly."""
-    from statesync.migration.target import DestOptions
+    from statesync.migration.target_dest import DestOptions
     opts = DestOptions(rootfs=rootfs, runc_root=container_root, name=container_name,
                        netns=container_netns, service_lower=service_lower)
     srv = await DestinationServer(listen, images_dir, secret, once=once, restore=restore,

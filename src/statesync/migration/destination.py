@@ -153,7 +153,7 @@ class _DestinationSession:
         # the one record write before RESTORED (each fsync in the freeze is downtime).
         final = os.path.join(self.images_dir, os.path.basename(self.tmp).replace(
             ".incoming-", "migrated-", 1))
-        from statesync.migration.target import dest_record_info
+        from statesync.migration.target_dest import dest_record_info
         records.write(self.record_path, {
             "role": "dest", "session": self.session, "state": D.RECEIVING.value,
             "source_pid": begin.get("pid"), "images_dir": self.images_dir, "tmp_dir": self.tmp,
@@ -163,9 +163,9 @@ class _DestinationSession:
             "supervisor_start": self.server.supervisor_start,
             "keep_images": self.keep_images, "history": [],
             "target": dest_record_info(begin, self.server.target_options, self.images_dir,
-                                       self.session)})     # target.settle_dest_target
+                                       self.session)})     # target_dest.settle_dest_target
         self.result["source_pid"] = begin.get("pid")
-        from statesync.migration.target import dest_target
+        from statesync.migration.target_dest import dest_target
         try:
             self.target = await asyncio.to_thread(dest_target, begin, self.server.target_options,
                                                   self.images_dir, self.session)
@@ -534,7 +534,7 @@ class DestinationServer:
                  log: Optional[Callable[[str], None]] = None, state_dir: Optional[str] = None,
                  hold: Optional[float] = None, handshake_timeout: float = 5.0,
                  max_pending: int = 64, encryption=None, target_options=None):
-        # How containers are restored here (target.DestOptions: rootfs, runc root...).
+        # How containers are restored here (target_dest.DestOptions: rootfs, runc root...).
         self.target_options = target_options
         self.encrypt = bool(wire.encryption_options(encryption)["encrypt"])   # ValueError
         self.host, self.port = _parse_hostport(listen)

@@ -290,7 +290,7 @@ def _resume_source(r: Dict, log) -> int:
 
 
 def _settle_dest_target(r: Dict, log, committed: bool = False) -> None:
-    from statesync.migration.target import settle_dest_target
+    from statesync.migration.target_dest import settle_dest_target
     settle_dest_target(r, log, committed)
 
 
