@@ -608,7 +608,8 @@ class DestinationServer:
 
     async def start(self):
         self.dir_fd = check_private_dir(self.images_dir)
-        self.sweep_stale()
+        # blocking (waits for a dead agent's criu restore): off the event loop
+        await asyncio.to_thread(self.sweep_stale)
         self.supervisor = Supervisor.spawn("dest", self.state_base, None)
         self.supervisor_pid, self.supervisor_start = self.supervisor.pid, self.supervisor.start
         if not self.encrypt:

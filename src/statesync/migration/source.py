@@ -394,14 +394,19 @@ class _SourceAgent(SwitchOver):
         if self.record_path:
             records.transition(self.record_path, self.state_base, "source", state, **fields)
 
-    def _start_handoff(self) -> None:
-        """Sweep what dead agents left, start our supervisor, write our record."""
-        base = self.work_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
-        swept = sweep_dump_dirs(base)
+    async def _start_handoff(self) -> None:
+        """Sweep what dead agents left, start our supervisor, write our record. The
+        sweep blocks (it may wait for a dead agent's criu dump, ask a destination with
+        RESOLVE): it runs in a worker thread, off the event loop."""
+        def sweep():
+            base = self.work_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+            swept = sweep_dump_dirs(base)
+            return swept, settle_orphans(self.state_base, "source", None, self.secret, 0.0)
+
+        swept, lines = await self._in_thread(sweep)
         if swept:
             self.report.notes.append(f"removed dump directories of dead agents: {', '.join(swept)}")
-        for line in settle_orphans(self.state_base, "source", None, self.secret, 0.0):
-            self.report.notes.append(line)
+        self.report.notes += lines
         self.supervisor = Supervisor.spawn("source", self.state_base, self.secret)
         self.record_path = records.record_path(self.state_base, "source", self.session)
         records.write(self.record_path, {
@@ -443,7 +448,7 @@ class _SourceAgent(SwitchOver):
             self.chan = await wire.Channel.client(reader, writer, self.secret, self.io_timeout,
                                                   **self.wire_options)
             self.report.encryption = self.chan.cipher
-            self._start_handoff()
+            await self._start_handoff()
             await self.chan.send_json(wire.BEGIN, {"pid": self.pid, "page_size": PAGE_SIZE,
                                                    "strategy": self.strategy,
                                                    "codec": self.codec.name,

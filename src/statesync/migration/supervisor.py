@@ -205,6 +205,9 @@ def resolve_with_peer(dest: str, netns: Optional[str], secret: bytes, session: s
                       log: Callable[[str], None] = _log_default,
                       encryption=None) -> Optional[Dict]:
     """Ask until the destination answers or ``window`` seconds passed; None then.
+    Blocking, with a private event loop per attempt: call it from a thread that runs
+    no event loop (the supervisor, ``statesync recover``, the agents' start-up sweeps,
+    which run in a worker thread).
     ``encryption``: the migration's setting (a destination with encryption off refuses
     an encrypting peer, and vice versa)."""
     deadline = time.monotonic() + window
